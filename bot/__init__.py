@@ -1,0 +1,1 @@
+"""tunebot's Slack side: configuration, app, listeners, rendering, CLI."""

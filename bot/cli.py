@@ -1,0 +1,130 @@
+"""`tunebot` on the command line: the same workflow as in Slack, with a terminal.
+
+Exit codes: 0 when no finding is an error, 1 when any is, 2 when the file
+cannot be opened or the arguments are wrong (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.config import ConfigError, Settings
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or an unreadable file: one line for stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, not usage + traceback
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tunebot", description="Fine-tune LLMs from Slack, or from here.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text in (
+        ("validate", "check a chat JSONL training file: every problem, with its line"),
+        ("estimate", "tokens and training cost of a chat JSONL file"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("file", help="chat fine-tuning JSONL file")
+        p.add_argument("--model", help="model to estimate (default: TUNEBOT_DEFAULT_MODEL)")
+        p.add_argument("--epochs", default="auto", help="1..25, or auto (OpenAI's rule)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    serve = sub.add_parser("serve", help="run the Slack bot")
+    serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        settings = Settings.from_env(env)
+        if args.command in ("validate", "estimate"):
+            return _check_file(args, settings)
+        if args.command == "serve":
+            from bot.serve import serve
+
+            return serve(settings, http=args.http, host=args.host, port=args.port)
+    except (UsageError, ConfigError) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def _check_file(args: argparse.Namespace, settings: Settings) -> int:
+    from bot import render
+    from trainers import pricing
+    from trainers.data import validate
+
+    try:
+        epochs = pricing.parse_epochs(args.epochs)
+    except ValueError as exc:
+        raise UsageError(f"tunebot {args.command}: {exc}") from None
+    prices = _price_table(settings)
+    model_name = args.model or settings.default_model
+    try:
+        model = prices.resolve(model_name)
+    except pricing.UnknownModel as exc:
+        raise UsageError(f"tunebot {args.command}: {exc}") from None
+
+    path = Path(args.file)
+    if path.is_dir():
+        raise UsageError(f"tunebot {args.command}: {path} is a folder, not a file")
+    try:
+        with open(path, "rb"):
+            pass
+        report = validate(
+            path,
+            context_tokens=model.context,
+            max_file_bytes=settings.max_file_bytes,
+            encoding=model.encoding,
+        )
+    except OSError as exc:
+        raise UsageError(f"tunebot {args.command}: cannot open {path}: {exc.strerror}") from None
+
+    counts = report.token_counts
+    costs = pricing.cost_table(counts, prices, model.name, epochs)
+    local = pricing.local_estimates(counts)
+    if args.json:
+        out = {
+            "file": str(path),
+            "examples": report.examples,
+            "valid_examples": report.valid_examples,
+            "findings": [f.to_dict() for f in report.findings],
+            "tokens": report.tokens.to_dict(),
+            **costs.to_dict(),
+            "local": [e.to_dict() for e in local],
+        }
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    elif args.command == "validate":
+        print(render.validation_report(path.name, report, costs, local).text)
+    else:
+        print(render.estimate_summary(path.name, report, costs, local).text)
+    return EXIT_FINDINGS if report.has_errors else EXIT_OK
+
+
+def _price_table(settings: Settings):
+    from trainers.pricing import PriceTable
+
+    if settings.prices_file is None:
+        return PriceTable()
+    try:
+        return PriceTable.from_file(settings.prices_file)
+    except ValueError as exc:
+        raise ConfigError(f"TUNEBOT_PRICES: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

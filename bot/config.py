@@ -1,0 +1,110 @@
+"""Settings: the one place that reads the environment.
+
+`Settings.from_env(mapping)` takes an explicit mapping (os.environ in
+production, a dict in tests) and returns a frozen dataclass. Every field has a
+default; lists are comma-separated; money is USD; an unset budget means no cap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_SLACK_API_URL = "https://slack.com/api/"
+
+
+class ConfigError(ValueError):
+    """A setting has a value tunebot cannot use; the message names the variable."""
+
+
+def _meta(env: str, help: str) -> dict:
+    return {"env": env, "help": help}
+
+
+@dataclass(frozen=True)
+class Settings:
+    slack_bot_token: str = field(default="", metadata=_meta("SLACK_BOT_TOKEN", "Bot token, xoxb-…"))
+    slack_app_token: str = field(
+        default="", metadata=_meta("SLACK_APP_TOKEN", "App-level token, xapp-… (Socket Mode)")
+    )
+    slack_signing_secret: str = field(
+        default="", metadata=_meta("SLACK_SIGNING_SECRET", "Signing secret (HTTP mode)")
+    )
+    slack_api_url: str = field(
+        default=DEFAULT_SLACK_API_URL,
+        metadata=_meta("SLACK_API_URL", "Slack Web API base URL"),
+    )
+    openai_api_key: str = field(default="", metadata=_meta("OPENAI_API_KEY", "OpenAI API key"))
+    openai_base_url: str = field(
+        default="", metadata=_meta("OPENAI_BASE_URL", "OpenAI API base URL (default: OpenAI's)")
+    )
+    home: Path = field(
+        default=Path("~/.tunebot").expanduser(),
+        metadata=_meta("TUNEBOT_HOME", "Folder for the database, datasets and artifacts"),
+    )
+    max_file_mb: int = field(
+        default=512,
+        metadata=_meta("TUNEBOT_MAX_FILE_MB", "Largest training file accepted, in MiB"),
+    )
+    channels: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("TUNEBOT_CHANNELS", "Channel ids the bot serves; empty: every channel"),
+    )
+    prices_file: Path | None = field(
+        default=None,
+        metadata=_meta("TUNEBOT_PRICES", "JSON file overriding the training price table"),
+    )
+    default_model: str = field(
+        default="gpt-4o-mini-2024-07-18",
+        metadata=_meta("TUNEBOT_DEFAULT_MODEL", "Model estimated and trained when none is named"),
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(f.name, f.metadata["env"], raw.strip())
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
+
+    def serves(self, channel: str | None) -> bool:
+        return not self.channels or channel in self.channels
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, help) for every setting: the README's table."""
+        rows = []
+        for f in fields(cls):
+            default = f.default
+            shown = "" if default in ("", (), None) else str(default)
+            rows.append((f.metadata["env"], shown, f.metadata["help"]))
+        return rows
+
+
+def _parse(name: str, env: str, raw: str) -> object:
+    if name == "home":
+        return Path(raw).expanduser()
+    if name == "prices_file":
+        return Path(raw).expanduser()
+    if name == "channels":
+        return tuple(c.strip() for c in raw.split(",") if c.strip())
+    if name == "max_file_mb":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{env} must be a whole number of MiB, not {raw!r}") from None
+        if value < 1:
+            raise ConfigError(f"{env} must be at least 1, not {value}")
+        return value
+    if name == "slack_api_url" and not raw.endswith("/"):
+        return raw + "/"
+    return raw

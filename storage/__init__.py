@@ -1,0 +1,38 @@
+"""SQLite and content-addressed files under TUNEBOT_HOME. Knows nothing of Slack."""
+
+from storage.blobs import BlobNotFound, BlobStore, BlobTooLarge
+from storage.db import (
+    DECISIONS,
+    MIGRATIONS,
+    RUN_STATUSES,
+    Approval,
+    AuditEntry,
+    Dataset,
+    Eval,
+    NotFound,
+    Run,
+    RunEvent,
+    SchemaTooNew,
+    Store,
+)
+from storage.lock import HomeLock, HomeLocked
+
+__all__ = [
+    "DECISIONS",
+    "MIGRATIONS",
+    "RUN_STATUSES",
+    "Approval",
+    "AuditEntry",
+    "BlobNotFound",
+    "BlobStore",
+    "BlobTooLarge",
+    "Dataset",
+    "Eval",
+    "HomeLock",
+    "HomeLocked",
+    "NotFound",
+    "Run",
+    "RunEvent",
+    "SchemaTooNew",
+    "Store",
+]

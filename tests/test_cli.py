@@ -1,0 +1,133 @@
+"""`tunebot validate` / `estimate` as a user runs them: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+GOOD = {
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."},
+    ]
+}
+
+
+def run(*args, env=None):
+    cmd = [sys.executable, "-m", "bot.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "good.jsonl"
+    rows = [
+        dict(
+            GOOD,
+            messages=[
+                *GOOD["messages"][:1],
+                {"role": "user", "content": f"Q{i}?"},
+                GOOD["messages"][2],
+            ],
+        )
+        for i in range(20)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{nope\n")
+    return path
+
+
+def test_json_output_has_the_contracted_shape(good_file):
+    out = run("validate", str(good_file), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["examples"] == data["valid_examples"] == 20
+    assert data["findings"] == []
+    assert set(data["tokens"]) == {"total", "min", "max", "mean", "p50", "p95", "exact"}
+    assert data["estimate"]["model"] == "gpt-4o-mini-2024-07-18"
+    assert data["estimate"]["epochs"] == 5  # 20 examples: 100 // 20
+    assert data["estimate"]["billed_tokens"] == 5 * data["tokens"]["total"]
+    assert len(data["estimates"]) == 4
+    assert any("2027-01-06" in n for n in data["notices"])
+
+
+def test_errors_exit_1_with_every_finding(bad_file):
+    out = run("validate", str(bad_file), "--json", "--model", "gpt-4o", "--epochs", "2")
+    assert out.returncode == 1
+    data = json.loads(out.stdout)
+    codes = {(f["line"], f["code"]) for f in data["findings"]}
+    assert {(2, "invalid_json"), (0, "too_few_examples")} <= codes
+    assert data["estimate"] == {
+        "model": "gpt-4o-2024-08-06",
+        "epochs": 2,
+        "billed_tokens": 2 * data["tokens"]["total"],
+        "cost_usd": round(2 * data["tokens"]["total"] / 1e6 * 25, 4),
+    }
+
+
+def test_human_report_groups_findings(bad_file):
+    out = run("validate", str(bad_file))
+    assert out.returncode == 1
+    assert "invalid_json ×1 — line 2" in out.stdout
+    assert "gpt-4o-mini-2024-07-18" in out.stdout
+
+
+def test_estimate_prints_the_cost_table(good_file):
+    out = run("estimate", str(good_file), "--model", "gpt-4.1-mini")
+    assert out.returncode == 0
+    assert "gpt-4.1-mini-2025-04-14" in out.stdout and "◀" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["validate", "/no/such/file.jsonl"], "cannot open"),
+        (["validate", "{good}", "--epochs", "zero"], "epochs"),
+        (["validate", "{good}", "--model", "gpt-9"], "unknown model"),
+        (["validate"], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["estimate", "{dir}"], "is a folder"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(good_file, args, needle):
+    args = [a.format(good=good_file, dir=good_file.parent) for a in args]
+    out = (
+        run(*args, "--json")
+        if args[0] in ("validate", "estimate") and len(args) > 1
+        else run(*args)
+    )
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_settings_exit_2(good_file):
+    import os
+
+    env = {**os.environ, "TUNEBOT_MAX_FILE_MB": "lots"}
+    out = run("validate", str(good_file), env=env)
+    assert out.returncode == 2 and "TUNEBOT_MAX_FILE_MB" in out.stderr
+
+
+def test_max_file_setting_flags_large_files(good_file):
+    import os
+
+    env = {**os.environ, "TUNEBOT_MAX_FILE_MB": "1"}
+    big = good_file.parent / "big.jsonl"
+    big.write_text(good_file.read_text() * 800)  # a little over 1 MiB
+    out = run("validate", str(big), "--json", env=env)
+    assert out.returncode == 1
+    assert {"line": 0, "severity": "error", "code": "file_too_large"}.items() <= json.loads(
+        out.stdout
+    )["findings"][0].items()

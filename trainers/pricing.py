@@ -1,0 +1,351 @@
+"""What a fine-tuning run will cost: OpenAI's price table, epochs, local GPU time.
+
+Billed tokens = epochs x sum over valid examples of min(tokens, context): an
+example longer than the model's training context is truncated and billed at
+the limit. Prices are USD per 1M training tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# OpenAI stops accepting new self-serve fine-tuning jobs on this day.
+OPENAI_FINE_TUNING_CUTOFF = dt.date(2027, 1, 6)
+
+DEFAULT_EPOCHS = 3
+MIN_EXAMPLE_PASSES = 100
+MAX_EXAMPLE_PASSES = 25_000
+MAX_EPOCHS = 25
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    name: str
+    training_per_1m: float
+    context: int
+    encoding: str = "o200k_base"
+    aliases: tuple[str, ...] = ()
+    retired: str | None = None  # why it can no longer be trained, when it cannot
+
+    @property
+    def trainable(self) -> bool:
+        return self.retired is None
+
+
+DEFAULT_PRICES: tuple[ModelPrice, ...] = (
+    ModelPrice("gpt-4o-mini-2024-07-18", 3.00, 65_536, aliases=("gpt-4o-mini",)),
+    ModelPrice("gpt-4.1-mini-2025-04-14", 5.00, 65_536, aliases=("gpt-4.1-mini",)),
+    ModelPrice("gpt-4.1-2025-04-14", 25.00, 65_536, aliases=("gpt-4.1",)),
+    ModelPrice("gpt-4o-2024-08-06", 25.00, 65_536, aliases=("gpt-4o",)),
+    ModelPrice(
+        "gpt-4.1-nano-2025-04-14",
+        1.50,
+        65_536,
+        aliases=("gpt-4.1-nano",),
+        retired="gpt-4.1-nano fine-tuning is retired; use gpt-4o-mini-2024-07-18",
+    ),
+    ModelPrice(
+        "gpt-3.5-turbo-0125",
+        8.00,
+        16_385,
+        encoding="cl100k_base",
+        aliases=("gpt-3.5-turbo", "gpt-3.5-turbo-1106", "gpt-3.5-turbo-0613"),
+        retired="gpt-3.5-turbo fine-tuning is retired; use gpt-4o-mini-2024-07-18",
+    ),
+)
+
+DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
+
+
+class UnknownModel(ValueError):
+    """A model name that is not in the price table."""
+
+
+class RetiredModel(ValueError):
+    """A model that OpenAI no longer fine-tunes."""
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    models: tuple[ModelPrice, ...] = DEFAULT_PRICES
+
+    def resolve(self, name: str) -> ModelPrice:
+        """The model for a dated snapshot or a short name (`gpt-4o-mini`)."""
+        key = name.strip().lower()
+        for model in self.models:
+            if key == model.name or key in model.aliases:
+                return model
+        known = ", ".join(m.name for m in self.trainable())
+        raise UnknownModel(f"unknown model {name!r}; trainable models: {known}")
+
+    def trainable(self) -> list[ModelPrice]:
+        return [m for m in self.models if m.trainable]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PriceTable:
+        """Defaults overridden (or extended) by a JSON file.
+
+        Format: {"models": {"<name>": {"training_per_1m": 3.0, "context": 65536,
+        "aliases": ["short"], "encoding": "o200k_base", "retired": null}}}.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read price file {path}: {exc}") from exc
+        entries = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            raise ValueError(f"price file {path} needs an object {{'models': {{name: {{...}}}}}}")
+        models = {m.name: m for m in DEFAULT_PRICES}
+        for name, fields in entries.items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"price file {path}: {name!r} must map to an object")
+            base = models.get(name) or ModelPrice(name, 0.0, 65_536)
+            models[name] = _override(base, fields, f"price file {path}: {name}")
+        return cls(tuple(models.values()))
+
+
+def _override(base: ModelPrice, fields: Mapping[str, object], where: str) -> ModelPrice:
+    allowed = {"training_per_1m", "context", "encoding", "aliases", "retired"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}; known: {sorted(allowed)}")
+    changes: dict[str, object] = dict(fields)
+    if "training_per_1m" in changes:
+        price = changes["training_per_1m"]
+        if not isinstance(price, int | float) or price < 0:
+            raise ValueError(f"{where}: training_per_1m must be a number >= 0")
+        changes["training_per_1m"] = float(price)
+    if "context" in changes and (not isinstance(changes["context"], int) or changes["context"] < 1):
+        raise ValueError(f"{where}: context must be a positive integer")
+    if "aliases" in changes:
+        changes["aliases"] = tuple(str(a).lower() for a in changes["aliases"])  # type: ignore[union-attr]
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def auto_epochs(n_examples: int) -> int:
+    """OpenAI's default: 3 epochs, kept within 100..25,000 example passes."""
+    if n_examples <= 0:
+        return DEFAULT_EPOCHS
+    if DEFAULT_EPOCHS * n_examples < MIN_EXAMPLE_PASSES:
+        return min(MAX_EPOCHS, MIN_EXAMPLE_PASSES // n_examples)
+    if DEFAULT_EPOCHS * n_examples > MAX_EXAMPLE_PASSES:
+        return max(1, MAX_EXAMPLE_PASSES // n_examples)
+    return DEFAULT_EPOCHS
+
+
+def parse_epochs(value: str | int | None) -> int | None:
+    """`auto` (or None) -> None; otherwise an integer 1..25, or ValueError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        epochs = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"epochs must be a whole number 1..{MAX_EPOCHS} or 'auto', not {value!r}"
+        ) from None
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise ValueError(f"epochs must be between 1 and {MAX_EPOCHS}, not {epochs}")
+    return epochs
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    epochs: int
+    epochs_auto: bool
+    billed_tokens: int
+    cost_usd: float
+    truncated_examples: int
+    notices: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "epochs": self.epochs,
+            "billed_tokens": self.billed_tokens,
+            "cost_usd": round(self.cost_usd, 4),
+        }
+
+
+def openai_notices(today: dt.date) -> list[str]:
+    days = (OPENAI_FINE_TUNING_CUTOFF - today).days
+    if days > 0:
+        return [
+            f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_FINE_TUNING_CUTOFF} "
+            f"({days} day{'s' if days != 1 else ''} from today); "
+            "provider=local trains open models on your own GPU."
+        ]
+    return [
+        f"OpenAI no longer accepts new fine-tuning jobs (since {OPENAI_FINE_TUNING_CUTOFF}); "
+        "use provider=local."
+    ]
+
+
+def estimate(
+    token_counts: Iterable[int],
+    model: ModelPrice,
+    epochs: int | None = None,
+    *,
+    today: dt.date | None = None,
+) -> Estimate:
+    """The cost of training `model` on examples with these token counts.
+
+    `epochs=None` means auto (OpenAI's rule). `today` is injectable so the
+    cutoff notice can be tested; it defaults to the UTC date.
+    """
+    counts = list(token_counts)
+    chosen = auto_epochs(len(counts)) if epochs is None else epochs
+    clipped = sum(min(c, model.context) for c in counts)
+    truncated = sum(1 for c in counts if c > model.context)
+    billed = chosen * clipped
+    notices = openai_notices(today or dt.datetime.now(dt.UTC).date())
+    if model.retired:
+        notices.insert(0, model.retired)
+    if truncated:
+        notices.append(
+            f"{truncated} example(s) exceed {model.name}'s {model.context:,}-token context: "
+            "truncated, and billed at the limit."
+        )
+    return Estimate(
+        model=model.name,
+        epochs=chosen,
+        epochs_auto=epochs is None,
+        billed_tokens=billed,
+        cost_usd=billed / 1_000_000 * model.training_per_1m,
+        truncated_examples=truncated,
+        notices=tuple(notices),
+    )
+
+
+# --- local GPU time ---------------------------------------------------------
+
+# Training throughput (tokens per second, forward + backward) for LoRA in bf16
+# on one 80 GB data-centre GPU (A100/H100 class), batch 4 x grad-accum 2, no
+# packing. Rough planning figures: about 6 x params FLOPs per token at 25-35 %
+# utilisation of ~300 TFLOPs, rounded down. QLoRA (4-bit base) runs at about
+# 60 % of that, for the dequantisation work.
+_LOCAL_THROUGHPUT = (  # (max params in billions, tokens/s)
+    (0.5, 30_000.0),
+    (1.5, 14_000.0),
+    (4.0, 6_000.0),
+    (9.0, 2_800.0),
+    (15.0, 1_500.0),
+    (35.0, 650.0),
+    (80.0, 280.0),
+)
+QLORA_SPEED = 0.6
+
+
+@dataclass(frozen=True)
+class LocalEstimate:
+    params_billions: float
+    epochs: int
+    tokens: int
+    tokens_per_second: float
+    gpu_hours: float
+    qlora: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "params_billions": self.params_billions,
+            "qlora": self.qlora,
+            "epochs": self.epochs,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "gpu_hours": round(self.gpu_hours, 4),
+        }
+
+    def describe(self) -> str:
+        mode = "QLoRA" if self.qlora else "LoRA"
+        return (
+            f"~{_hours(self.gpu_hours)} of one 80 GB GPU for {mode} on a "
+            f"{self.params_billions:g}B model, {self.epochs} epoch(s) "
+            f"(assumes ~{self.tokens_per_second:,.0f} tokens/s)"
+        )
+
+
+def _hours(hours: float) -> str:
+    if hours < 1 / 60:
+        return "under a minute"
+    if hours < 1:
+        return f"{math.ceil(hours * 60)} min"
+    return f"{hours:.1f} h"
+
+
+def local_estimate(
+    token_counts: Iterable[int],
+    *,
+    params_billions: float = 1.0,
+    epochs: int = DEFAULT_EPOCHS,
+    max_length: int = 2048,
+    qlora: bool = False,
+) -> LocalEstimate:
+    """GPU-hours for a LoRA run: tokens x epochs / an assumed throughput."""
+    if params_billions <= 0:
+        raise ValueError("params_billions must be positive")
+    tokens = sum(min(c, max_length) for c in token_counts) * epochs
+    speed = next((s for limit, s in _LOCAL_THROUGHPUT if params_billions <= limit), 120.0)
+    if qlora:
+        speed *= QLORA_SPEED
+    return LocalEstimate(
+        params_billions=params_billions,
+        epochs=epochs,
+        tokens=tokens,
+        tokens_per_second=speed,
+        gpu_hours=tokens / speed / 3600,
+        qlora=qlora,
+    )
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """The chosen model's estimate, the same for every trainable model, and notices."""
+
+    selected: Estimate
+    estimates: tuple[Estimate, ...]
+    notices: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "estimate": self.selected.to_dict(),
+            "estimates": [e.to_dict() for e in self.estimates],
+            "notices": list(self.notices),
+        }
+
+
+def cost_table(
+    token_counts: Iterable[int],
+    prices: PriceTable,
+    model: str,
+    epochs: int | None = None,
+    *,
+    today: dt.date | None = None,
+) -> CostTable:
+    """Estimates for `model` and every trainable model; raises UnknownModel."""
+    counts = list(token_counts)
+    chosen = prices.resolve(model)
+    selected = estimate(counts, chosen, epochs, today=today)
+    others = tuple(
+        selected if m.name == chosen.name else estimate(counts, m, epochs, today=today)
+        for m in prices.trainable()
+    )
+    return CostTable(selected, others, selected.notices)
+
+
+# Sizes shown in reports: a small model, a typical 8B, and 70B in 4-bit.
+REPORT_SIZES = ((1.0, False), (8.0, False), (70.0, True))
+
+
+def local_estimates(
+    token_counts: Iterable[int], epochs: int = DEFAULT_EPOCHS, max_length: int = 2048
+) -> list[LocalEstimate]:
+    counts = list(token_counts)
+    return [
+        local_estimate(counts, params_billions=p, epochs=epochs, max_length=max_length, qlora=q)
+        for p, q in REPORT_SIZES
+    ]
