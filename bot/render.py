@@ -21,6 +21,7 @@ MAX_CODES_SHOWN = 12
 class Message:
     text: str
     blocks: list[dict] = field(default_factory=list)
+    in_channel: bool = False  # as a command's answer: for everyone, not just the caller
 
     def to_kwargs(self) -> dict:
         return {"text": self.text, "blocks": self.blocks}
@@ -184,3 +185,81 @@ def estimate_summary(
         parts.append("Notices:\n" + "\n".join(f"• {n}" for n in costs.notices))
     text = "\n".join(parts)
     return Message(text, [_section(text)])
+
+
+def note(text: str) -> Message:
+    return Message(text, [_section(text)])
+
+
+def help_text(unknown: str | None = None) -> Message:
+    from bot.commands import help_lines
+
+    lines = help_lines()
+    head = f"I don't know `{unknown}`. " if unknown else ""
+    text = (
+        f"{head}Drop a .jsonl chat training file in this channel and I'll check it and price it "
+        "in its thread. Commands:\n" + "\n".join(f"• {line}" for line in lines)
+    )
+    return Message(text, [_section(text)])
+
+
+def datasets_list(datasets: Sequence) -> Message:
+    if not datasets:
+        return Message("No datasets in this channel yet: drop a .jsonl file here.", in_channel=True)
+    lines = []
+    for d in datasets:
+        if d.examples is None:
+            state = "still being checked"
+        else:
+            state = (
+                f"{d.valid_examples:,}/{d.examples:,} valid, {_plural(d.errors or 0, 'error')}, "
+                f"{d.tokens_total or 0:,} tokens"
+            )
+        lines.append(
+            f"• {d.id} — {d.name} by <@{d.user}>, {d.created_at:%Y-%m-%d %H:%M} UTC: {state}"
+        )
+    text = "Datasets in this channel (newest first):\n" + "\n".join(lines)
+    return Message(text, [_section(text)], in_channel=True)
+
+
+def runs_list(runs: Sequence) -> Message:
+    if not runs:
+        text = "No training runs in this channel yet: `/finetune train` starts one."
+        return Message(text, [_section(text)], in_channel=True)
+    lines = [
+        f"• {r.id} — {r.provider} {r.model} on {r.dataset_id}: {r.status} (by <@{r.requested_by}>)"
+        for r in runs
+    ]
+    text = "Training runs in this channel (newest first):\n" + "\n".join(lines)
+    return Message(text, [_section(text)], in_channel=True)
+
+
+def run_status(run) -> Message:
+    text = (
+        f"{run.id}: {run.status} — {run.provider} {run.model} on {run.dataset_id}, "
+        f"requested by <@{run.requested_by}> at {run.created_at:%Y-%m-%d %H:%M} UTC"
+    )
+    if run.error:
+        text += f"\nError: {run.error}"
+    return Message(text, [_section(text)], in_channel=True)
+
+
+def home_view(datasets: Sequence, runs: Sequence) -> dict:
+    """The App Home tab: the latest datasets and runs."""
+    blocks: list[dict] = [
+        {"type": "header", "text": {"type": "plain_text", "text": "tunebot"}},
+        _section(
+            "Drop a .jsonl chat training file into a channel I'm in: I check it and price it "
+            "in its thread. `/finetune help` lists the commands."
+        ),
+    ]
+    if datasets:
+        lines = [
+            f"• {d.id} {d.name}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid"
+            for d in datasets
+        ]
+        blocks.append(_section("*Latest datasets*\n" + "\n".join(lines)))
+    if runs:
+        lines = [f"• {r.id} {r.provider} {r.model}: {r.status}" for r in runs]
+        blocks.append(_section("*Latest runs*\n" + "\n".join(lines)))
+    return {"type": "home", "blocks": blocks}

@@ -74,9 +74,10 @@ def test_tools_make_the_count_approximate_never_zero():
 
 def test_memo_stays_bounded():
     counter = TokenCounter()
-    counter.MEMO_LIMIT = 10
-    counts = counter.count_many([f"string {i}" for i in range(100)])
-    assert len(counts) == 100 and len(counter._memo) <= 10
+    counter.MEMO_LIMIT_CHARS = 100
+    counts = counter.count_many([f"string {i:03d}" for i in range(100)])
+    assert counts == [counter.count("string 000")] * 100
+    assert sum(map(len, counter._memo)) <= 100 + len("string 000")
 
 
 def test_importing_the_validator_does_not_import_torch():

@@ -117,14 +117,15 @@ class TokenStats:
     def of(cls, counts: array, exact: bool) -> TokenStats:
         if not counts:
             return cls(exact=exact)
-        ordered = sorted(counts)
-        n = len(ordered)
-        total = sum(ordered)
+        import numpy as np
+
+        ordered = np.sort(np.frombuffer(counts, dtype=np.int64))
+        total = int(ordered.sum())
         return cls(
             total=total,
-            min=ordered[0],
-            max=ordered[-1],
-            mean=total / n,
+            min=int(ordered[0]),
+            max=int(ordered[-1]),
+            mean=total / len(ordered),
             p50=_nearest_rank(ordered, 50),
             p95=_nearest_rank(ordered, 95),
             exact=exact,
@@ -142,9 +143,9 @@ class TokenStats:
         }
 
 
-def _nearest_rank(ordered: list[int], pct: int) -> int:
+def _nearest_rank(ordered, pct: int) -> int:
     rank = max(1, -(-pct * len(ordered) // 100))  # ceil(pct/100 * n)
-    return ordered[rank - 1]
+    return int(ordered[rank - 1])
 
 
 @dataclass

@@ -132,7 +132,9 @@ class TokenCounter:
     bounded so that memory stays flat on files of unique strings.
     """
 
-    MEMO_LIMIT = 50_000
+    # Bounded by characters, not entries: a file of unique 1 KB answers would
+    # otherwise hold tens of MB per process for strings that never repeat.
+    MEMO_LIMIT_CHARS = 1_000_000
 
     def __init__(self, encoding: str = "o200k_base", backend: str = "auto") -> None:
         if backend not in ("auto", "quicktok", "tiktoken"):
@@ -144,6 +146,7 @@ class TokenCounter:
         self._tiktoken = None if self._quick is not None else tiktoken_encoding(encoding)
         self.backend = "quicktok" if self._quick is not None else "tiktoken"
         self._memo: dict[str, int] = {}
+        self._memo_chars = 0
 
     def count(self, text: str) -> int:
         return self.count_many([text])[0]
@@ -155,9 +158,11 @@ class TokenCounter:
         for text in texts:
             n = memo.get(text)
             if n is None:
-                if len(memo) >= self.MEMO_LIMIT:
+                if self._memo_chars > self.MEMO_LIMIT_CHARS:
                     memo.clear()
+                    self._memo_chars = 0
                 n = memo[text] = count(text)
+                self._memo_chars += len(text)
             out.append(n)
         return out
 

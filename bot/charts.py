@@ -1,0 +1,33 @@
+"""PNG charts for the thread. matplotlib is imported inside each function: it
+is slow to import and only the bot's worker threads need it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+
+def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = None) -> bytes:
+    """Histogram of tokens per example; a dashed line marks the model's context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.2), dpi=110)
+    ax = fig.add_subplot()
+    if counts:
+        ax.hist(counts, bins=min(50, max(5, len(set(counts)))), color="#4a7bd0", edgecolor="white")
+        if limit and max(counts) > limit * 0.8:
+            ax.axvline(limit, color="#c0392b", linestyle="--", label=f"context {limit:,}")
+            ax.legend(loc="upper right", frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no valid examples", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,0 +1,112 @@
+"""The /finetune grammar: `train d3 provider=local epochs=3 suffix="support bot"`.
+
+Words and `key=value` options; values with spaces go in double quotes (Slack's
+curly quotes count too); Slack's HTML escaping (&amp; &lt; &gt;) is undone.
+Parsing is pure: it never touches Slack or the database.
+"""
+
+from __future__ import annotations
+
+import html
+import shlex
+from dataclasses import dataclass, field
+
+
+class CommandError(ValueError):
+    """The text is not a valid command; the message says what to type instead."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    usage: str
+    summary: str
+    options: tuple[str, ...] = ()
+    max_args: int = 0
+
+
+# Later subcommands (train, cancel, eval, audit, …) add their Spec here.
+SPECS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec("help", "help", "this list"),
+        Spec("datasets", "datasets", "the datasets uploaded in this channel"),
+        Spec(
+            "validate",
+            "validate [dataset]",
+            "post a dataset's validation report again (default: the latest here)",
+            max_args=1,
+        ),
+        Spec(
+            "estimate",
+            "estimate [dataset] [model=…] [epochs=N|auto]",
+            "training cost and GPU time for a dataset",
+            options=("model", "epochs"),
+            max_args=1,
+        ),
+        Spec("runs", "runs", "training runs in this channel"),
+        Spec("status", "status [run]", "where a run is (default: the latest here)", max_args=1),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: tuple[str, ...] = ()
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str | None:
+        """The dataset or run the command names, if any."""
+        return self.args[0] if self.args else None
+
+
+def _unescape(text: str) -> str:
+    text = html.unescape(text)
+    return (
+        text.replace("\u201c", '"')
+        .replace("\u201d", '"')
+        .replace("\u2018", "'")
+        .replace("\u2019", "'")
+    )
+
+
+def parse(text: str) -> Command:
+    """Parse /finetune's text. An empty or unknown subcommand means help.
+
+    Raises CommandError for unbalanced quotes, unknown options and extra words.
+    """
+    try:
+        words = shlex.split(_unescape(text or ""), posix=True)
+    except ValueError:
+        raise CommandError(
+            "a quote is not closed; put values with spaces in double quotes"
+        ) from None
+    if not words:
+        return Command("help")
+    name = words[0].lower()
+    spec = SPECS.get(name)
+    if spec is None:
+        return Command("help", (name,))  # the help text says the word was not understood
+    args: list[str] = []
+    options: dict[str, str] = {}
+    for word in words[1:]:
+        key, eq, value = word.partition("=")
+        if eq:
+            key = key.lower()
+            if key not in spec.options:
+                valid = ", ".join(f"{o}=" for o in spec.options) or "none"
+                raise CommandError(f"`{name}` has no option `{key}`; valid options: {valid}")
+            if not value:
+                raise CommandError(f"`{key}=` needs a value, e.g. `{key}=…`")
+            options[key] = value
+        else:
+            args.append(word)
+    if len(args) > spec.max_args:
+        raise CommandError(f"too many words after `{name}`: usage is `/finetune {spec.usage}`")
+    return Command(name, tuple(args), options)
+
+
+def help_lines() -> list[str]:
+    return [f"/finetune {s.usage} — {s.summary}" for s in SPECS.values()]

@@ -1,0 +1,80 @@
+"""Thin Slack listeners: parse, ack fast, hand off to the workflow.
+
+Registered in one place (`register`). Nothing here waits on the network or
+the CPU: downloads, validation and uploads are the workflow's jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from slack_bolt import Ack, App, BoltContext
+
+from bot import render
+from bot.commands import CommandError, parse
+from bot.workflow import FileDrop, UserError, Workflow
+
+log = logging.getLogger("tunebot")
+
+COMMAND = "/finetune"
+EVENTS = ("message", "file_shared", "app_home_opened")
+
+
+def register(app: App, workflow: Workflow) -> None:
+    def on_finetune(ack: Ack, command: dict[str, Any]) -> None:
+        channel, user = command.get("channel_id", ""), command.get("user_id", "")
+        try:
+            message = workflow.command(parse(command.get("text", "")), channel, user)
+        except (CommandError, UserError) as exc:
+            message = render.error(getattr(exc, "summary", str(exc)), getattr(exc, "detail", None))
+        except Exception as exc:  # the ack must still go out: Slack shows a bare error otherwise
+            message = workflow.unexpected(exc, f"answering /finetune {command.get('text', '')!r}")
+        log.info("%s %s by %s in %s", COMMAND, command.get("text", "") or "(help)", user, channel)
+        ack(
+            response_type="in_channel" if message.in_channel else "ephemeral",
+            text=message.text,
+            blocks=message.blocks or None,
+        )
+
+    def on_message(event: dict[str, Any], body: dict[str, Any]) -> None:
+        if event.get("subtype") != "file_share" or not event.get("files"):
+            return  # plain chat: nothing to do
+        if not workflow.first_delivery(body.get("event_id")):
+            return
+        for file in event["files"]:
+            workflow.file_dropped(
+                FileDrop(
+                    file_id=file["id"],
+                    channel=event.get("channel", ""),
+                    user=event.get("user"),
+                    thread_ts=event.get("thread_ts") or event.get("ts"),
+                    file=file,
+                )
+            )
+
+    def on_file_shared(event: dict[str, Any], body: dict[str, Any], context: BoltContext) -> None:
+        if event.get("user_id") and event.get("user_id") == context.bot_user_id:
+            return  # our own uploads (charts)
+        if not workflow.first_delivery(body.get("event_id")):
+            return
+        workflow.file_dropped(
+            FileDrop(
+                file_id=event["file_id"],
+                channel=event.get("channel_id", ""),
+                user=event.get("user_id"),
+            )
+        )
+
+    def on_home_opened(event: dict[str, Any]) -> None:
+        if event.get("tab") == "home":
+            workflow.refresh_home(event["user"])
+
+    def on_error(error: Exception, body: dict[str, Any]) -> None:
+        workflow.unexpected(error, f"handling a {body.get('type', 'Slack')} request")
+
+    app.command(COMMAND)(on_finetune)
+    app.event("message")(on_message)
+    app.event("file_shared")(on_file_shared)
+    app.event("app_home_opened")(on_home_opened)
+    app.error(on_error)

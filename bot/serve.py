@@ -1,0 +1,157 @@
+"""`tunebot serve`: Socket Mode by default, or HTTP on a threaded server.
+
+HTTP mode serves Events, slash commands and interactivity on /slack/events
+(signature checked by Bolt) and GET /healthz. Each request gets its own
+thread, so a slow client never holds up Slack's 3-second acks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socketserver
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from bot.config import Settings
+
+log = logging.getLogger("tunebot")
+
+EVENTS_PATH = "/slack/events"
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one log line per event is ours
+        log.debug("http %s", format % args)
+
+
+def wsgi_app(app) -> Callable:
+    from slack_bolt.adapter.wsgi import SlackRequestHandler
+
+    bolt = SlackRequestHandler(app, path=EVENTS_PATH)
+
+    def route(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+        if path == "/healthz" and method == "GET":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == EVENTS_PATH and method == "POST":
+            return bolt(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return route
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("slack_bolt", "slack_sdk"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> int:
+    print(f"tunebot serve: {message}", file=sys.stderr)
+    return 2
+
+
+def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
+    from slack_bolt.error import BoltError
+    from slack_sdk.errors import SlackApiError
+
+    from bot.app import create_app, make_client
+    from bot.workflow import Workflow
+    from storage import BlobStore, HomeLock, HomeLocked, Store
+
+    if not settings.slack_bot_token:
+        return _fail("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…)")
+    if http and not settings.slack_signing_secret:
+        return _fail("SLACK_SIGNING_SECRET is not set; HTTP mode needs it to verify requests")
+    if not http and not settings.slack_app_token:
+        return _fail("SLACK_APP_TOKEN is not set; set it for Socket Mode, or use --http")
+    if not http and not settings.slack_app_token.startswith("xapp-"):
+        return _fail("SLACK_APP_TOKEN must be an app-level token (xapp-…)")
+
+    configure_logging()
+    lock = HomeLock(settings.home)
+    try:
+        lock.acquire()
+    except HomeLocked as exc:
+        return _fail(str(exc))
+    store = Store.in_home(settings.home)
+    workflow = Workflow(settings, store, BlobStore(settings.home / "blobs"), make_client(settings))
+    try:
+        try:
+            app = create_app(settings, workflow)
+        except (BoltError, SlackApiError) as exc:
+            return _fail(f"Slack refused SLACK_BOT_TOKEN: {_slack_reason(exc)}")
+        except OSError as exc:
+            return _fail(f"cannot reach Slack at {settings.slack_api_url}: {exc}")
+        _stop_on_sigterm()
+        if http:
+            return _serve_http(app, host, port)
+        return _serve_socket_mode(app, settings)
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    finally:
+        workflow.close()
+        store.close()
+        lock.release()
+
+
+def _serve_http(app, host: str, port: int) -> int:
+    try:
+        server = make_server(
+            host, port, wsgi_app(app), server_class=ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        return _fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    with server:
+        log.info("listening on http://%s:%d", host, server.server_address[1])
+        server.serve_forever(poll_interval=0.2)
+    return 0
+
+
+def _serve_socket_mode(app, settings: Settings) -> int:
+    from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+    handler = SocketModeHandler(app, settings.slack_app_token)
+    try:
+        handler.connect()
+    except Exception as exc:  # the SDK raises several types for a refused token
+        return _fail(f"Slack refused SLACK_APP_TOKEN: {_slack_reason(exc)}")
+    log.info("connected to Slack over Socket Mode")
+    try:
+        threading.Event().wait()
+    finally:
+        handler.close()
+    return 0
+
+
+def _slack_reason(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if response is not None and hasattr(response, "get"):
+        return str(response.get("error") or exc)
+    text = str(exc)
+    for reason in ("invalid_auth", "not_authed", "account_inactive", "token_revoked"):
+        if reason in text:
+            return reason
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds to serve(), which closes the store and releases the lock
+
+
+def _stop_on_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)

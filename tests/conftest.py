@@ -1,0 +1,131 @@
+"""Shared fixtures: a fake Slack on 127.0.0.1 and the real bot serving HTTP."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from wsgiref.simple_server import make_server
+
+import pytest
+
+from bot.app import create_app, make_client
+from bot.config import Settings
+from bot.serve import ThreadingWSGIServer, _QuietHandler, wsgi_app
+from bot.workflow import Workflow
+from storage import BlobStore, Store
+from tests.fakes.signing import event_body, post_signed, slash_command_body
+from tests.fakes.slack_api import FakeSlack
+
+SECRET = "test-signing-secret"
+
+SYSTEM = {"role": "system", "content": "You are a concise support assistant."}
+
+
+def training_file(n: int = 12, *, bad_lines: int = 0) -> bytes:
+    rows = [
+        {
+            "messages": [
+                SYSTEM,
+                {"role": "user", "content": f"How do I reset device {i}?"},
+                {
+                    "role": "assistant",
+                    "content": f"Hold the power button of device {i} for ten seconds.",
+                },
+            ]
+        }
+        for i in range(n)
+    ]
+    lines = [json.dumps(r) for r in rows] + ["{not json"] * bad_lines
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture(scope="session")
+def validation_pool() -> Iterator[ProcessPoolExecutor]:
+    """One worker process for the whole session: it loads the tokenizer once."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    yield pool
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    with FakeSlack() as fake:
+        yield fake
+
+
+@dataclass
+class RunningBot:
+    url: str
+    settings: Settings
+    workflow: Workflow
+    store: Store
+    slack: FakeSlack
+
+    def post(self, body: str | bytes, **kwargs) -> tuple[int, str, float]:
+        return post_signed(self.url + "/slack/events", body, SECRET, **kwargs)
+
+    def command(self, text: str, **kwargs) -> tuple[int, dict | str]:
+        status, body, _ = self.post(slash_command_body(text, **kwargs))
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
+
+    def event(self, event: dict, event_id: str, headers: dict | None = None) -> int:
+        return self.post(event_body(event, event_id=event_id), headers=headers)[0]
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until every job the bot has started has finished."""
+        assert self.workflow.drain(timeout), "bot jobs still running"
+
+
+@pytest.fixture
+def make_bot(tmp_path, slack, validation_pool):
+    started: list[tuple[ThreadingWSGIServer, Workflow, Store]] = []
+
+    def start(**overrides) -> RunningBot:
+        settings = Settings(
+            slack_bot_token=slack.bot_token,
+            slack_signing_secret=SECRET,
+            slack_api_url=slack.base_url,
+            home=tmp_path / "home",
+        )
+        settings = replace(settings, **overrides)
+        store = Store.in_home(settings.home)
+        workflow = Workflow(
+            settings,
+            store,
+            BlobStore(settings.home / "blobs"),
+            make_client(settings),
+            validation_pool=validation_pool,
+        )
+        app = create_app(settings, workflow)
+        server = make_server(
+            "127.0.0.1",
+            0,
+            wsgi_app(app),
+            server_class=ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        started.append((server, workflow, store))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        return RunningBot(url, settings, workflow, store, slack)
+
+    yield start
+    for server, workflow, store in started:
+        server.shutdown()
+        server.server_close()
+        workflow.jobs.shutdown(wait=True)
+        store.close()
+
+
+@pytest.fixture
+def bot(make_bot) -> RunningBot:
+    return make_bot()

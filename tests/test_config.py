@@ -1,0 +1,50 @@
+"""bot.config: the one reader of the environment, and the README's table of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, Settings
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_defaults_from_an_empty_mapping():
+    s = Settings.from_env({})
+    assert s.max_file_mb == 512 and s.channels == () and s.slack_api_url == "https://slack.com/api/"
+    assert s.serves("C123")
+
+
+def test_values_are_parsed():
+    s = Settings.from_env(
+        {
+            "TUNEBOT_CHANNELS": " C1, C2 ,,",
+            "TUNEBOT_MAX_FILE_MB": "64",
+            "TUNEBOT_HOME": "/srv/tunebot",
+            "SLACK_API_URL": "http://127.0.0.1:9/api",
+        }
+    )
+    assert s.channels == ("C1", "C2") and s.serves("C2") and not s.serves("C3")
+    assert s.max_file_bytes == 64 * 2**20
+    assert s.home == Path("/srv/tunebot")
+    assert s.slack_api_url == "http://127.0.0.1:9/api/"
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().max_file_mb = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-1"])
+def test_bad_numbers_name_the_variable(value):
+    with pytest.raises(ConfigError, match="TUNEBOT_MAX_FILE_MB"):
+        Settings.from_env({"TUNEBOT_MAX_FILE_MB": value})
+
+
+def test_readme_documents_every_setting():
+    readme = README.read_text()
+    for env, _, _ in Settings.documented():
+        assert f"| `{env}` |" in readme, env
