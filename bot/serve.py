@@ -25,6 +25,7 @@ EVENTS_PATH = "/slack/events"
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the default backlog of 5 resets bursts of Slack deliveries
 
 
 class _QuietHandler(WSGIRequestHandler):
