@@ -31,3 +31,23 @@ def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = No
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def loss_curve(steps: Sequence[int], losses: Sequence[float], *, title: str) -> bytes:
+    """Training loss by step, from the job's metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.2), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, color="#4a7bd0", linewidth=1.5)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

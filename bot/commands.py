@@ -44,8 +44,29 @@ SPECS: dict[str, Spec] = {
             options=("model", "epochs"),
             max_args=1,
         ),
+        Spec(
+            "train",
+            "train [dataset] provider=openai|local model=… epochs=N|auto lr_mult=… batch=… "
+            "suffix=… eval=<dataset>|split=0.1",
+            "ask for a training run (paid runs need approval)",
+            options=("provider", "model", "epochs", "lr_mult", "batch", "suffix", "eval", "split"),
+            max_args=1,
+        ),
         Spec("runs", "runs", "training runs in this channel"),
         Spec("status", "status [run]", "where a run is (default: the latest here)", max_args=1),
+        Spec("cancel", "cancel <run>", "stop a run or withdraw a request", max_args=1),
+        Spec(
+            "audit",
+            "audit [run]",
+            "who asked, approved, rejected or overrode what, and when",
+            max_args=1,
+        ),
+        Spec(
+            "forget",
+            "forget <dataset>",
+            "delete a dataset's file here and its copies on OpenAI",
+            max_args=1,
+        ),
     )
 }
 

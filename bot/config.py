@@ -61,6 +61,55 @@ class Settings:
         metadata=_meta("TUNEBOT_DEFAULT_MODEL", "Model estimated and trained when none is named"),
     )
 
+    default_provider: str = field(
+        default="local",
+        metadata=_meta(
+            "TUNEBOT_DEFAULT_PROVIDER", "Provider when /finetune train names none: local or openai"
+        ),
+    )
+    approvers: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "TUNEBOT_APPROVERS", "Slack user ids and user-group ids who may approve paid runs"
+        ),
+    )
+    required_approvals: int = field(
+        default=1, metadata=_meta("TUNEBOT_REQUIRED_APPROVALS", "Approvals a paid run needs")
+    )
+    two_approvals_above_usd: float | None = field(
+        default=None,
+        metadata=_meta(
+            "TUNEBOT_TWO_APPROVALS_ABOVE_USD", "Estimates above this need at least 2 approvals"
+        ),
+    )
+    max_run_usd: float | None = field(
+        default=None,
+        metadata=_meta("TUNEBOT_MAX_RUN_USD", "Largest estimate one run may have; unset: no cap"),
+    )
+    monthly_budget_usd: float | None = field(
+        default=None,
+        metadata=_meta(
+            "TUNEBOT_MONTHLY_BUDGET_USD", "Spend allowed per calendar month (UTC); unset: no cap"
+        ),
+    )
+    approval_ttl_hours: float = field(
+        default=24.0, metadata=_meta("TUNEBOT_APPROVAL_TTL_HOURS", "Hours before a request expires")
+    )
+    local_needs_approval: bool = field(
+        default=False,
+        metadata=_meta("TUNEBOT_LOCAL_NEEDS_APPROVAL", "Whether local runs need approval too"),
+    )
+    poll_seconds: float = field(
+        default=30.0,
+        metadata=_meta("TUNEBOT_POLL_SECONDS", "Seconds between polls of running jobs"),
+    )
+    progress_seconds: float = field(
+        default=10.0,
+        metadata=_meta(
+            "TUNEBOT_PROGRESS_SECONDS", "Least seconds between edits of a progress message"
+        ),
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -90,21 +139,46 @@ class Settings:
         return rows
 
 
+_LISTS = {"channels", "approvers"}
+_INTS = {"max_file_mb": 1, "required_approvals": 1}  # name -> least value
+_FLOATS = {"approval_ttl_hours", "poll_seconds", "progress_seconds"}
+_MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd"}
+_BOOLS = {"local_needs_approval"}
+_CHOICES = {"default_provider": ("local", "openai")}
+
+
 def _parse(name: str, env: str, raw: str) -> object:
-    if name == "home":
+    if name in ("home", "prices_file"):
         return Path(raw).expanduser()
-    if name == "prices_file":
-        return Path(raw).expanduser()
-    if name == "channels":
+    if name in _LISTS:
         return tuple(c.strip() for c in raw.split(",") if c.strip())
-    if name == "max_file_mb":
+    if name in _INTS:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(f"{env} must be a whole number of MiB, not {raw!r}") from None
-        if value < 1:
-            raise ConfigError(f"{env} must be at least 1, not {value}")
+            raise ConfigError(f"{env} must be a whole number, not {raw!r}") from None
+        if value < _INTS[name]:
+            raise ConfigError(f"{env} must be at least {_INTS[name]}, not {value}")
         return value
+    if name in _FLOATS or name in _MONEY:
+        try:
+            value = float(raw.removeprefix("$").replace(",", ""))
+        except ValueError:
+            raise ConfigError(f"{env} must be a number, not {raw!r}") from None
+        if value < 0 or (name in _FLOATS and value == 0) or value != value:
+            raise ConfigError(f"{env} must be a positive number, not {raw!r}")
+        return value
+    if name in _BOOLS:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env} must be true or false, not {raw!r}")
+    if name in _CHOICES:
+        if raw.lower() not in _CHOICES[name]:
+            raise ConfigError(f"{env} must be one of {', '.join(_CHOICES[name])}, not {raw!r}")
+        return raw.lower()
     if name == "slack_api_url" and not raw.endswith("/"):
         return raw + "/"
     return raw

@@ -19,6 +19,7 @@ log = logging.getLogger("tunebot")
 
 COMMAND = "/finetune"
 EVENTS = ("message", "file_shared", "app_home_opened")
+ACTIONS = ("approve_run", "reject_run", "override_secret")
 
 
 def register(app: App, workflow: Workflow) -> None:
@@ -70,6 +71,50 @@ def register(app: App, workflow: Workflow) -> None:
         if event.get("tab") == "home":
             workflow.refresh_home(event["user"])
 
+    def on_decision(ack: Ack, body: dict[str, Any], action: dict[str, Any], client) -> None:
+        ack()
+        user, run_id = body["user"]["id"], action.get("value", "")
+        channel = (body.get("channel") or {}).get("id", "")
+        decision = {
+            "approve_run": "approve",
+            "reject_run": "reject",
+            "override_secret": "override_secret",
+        }[action["action_id"]]
+        if decision == "reject" and workflow.runs.click_refusal(run_id, user) is None:
+            # The reason comes from a modal; its trigger expires in 3 s, so open it now.
+            client.views_open(trigger_id=body["trigger_id"], view=render.reject_modal(run_id))
+            return
+        workflow.submit(
+            f"recording {user}'s {decision} of {run_id}",
+            lambda: _tell(channel, user, workflow.runs.decide(run_id, user, decision)),
+            channel,
+            None,
+        )
+
+    def on_reject_reason(ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
+        ack()
+        user, run_id = body["user"]["id"], view.get("private_metadata", "")
+        reason = (
+            (view.get("state", {}).get("values", {}).get("reason") or {}).get("reason") or {}
+        ).get("value")
+        run = workflow.store.find_run(run_id)
+        channel = run.channel if run else ""
+        workflow.submit(
+            f"recording {user}'s rejection of {run_id}",
+            lambda: _tell(
+                channel, user, workflow.runs.decide(run_id, user, "reject", reason=reason)
+            ),
+            channel,
+            None,
+        )
+
+    def _tell(channel: str, user: str, refusal: str | None) -> None:
+        """A refused click is answered to the clicker alone."""
+        if refusal and channel:
+            workflow.client.chat_postEphemeral(
+                channel=channel, user=user, text=f"⚠️ Not counted: {refusal}."
+            )
+
     def on_error(error: Exception, body: dict[str, Any]) -> None:
         workflow.unexpected(error, f"handling a {body.get('type', 'Slack')} request")
 
@@ -77,4 +122,7 @@ def register(app: App, workflow: Workflow) -> None:
     app.event("message")(on_message)
     app.event("file_shared")(on_file_shared)
     app.event("app_home_opened")(on_home_opened)
+    for action_id in ACTIONS:
+        app.action(action_id)(on_decision)
+    app.view("reject_reason")(on_reject_reason)
     app.error(on_error)

@@ -187,8 +187,8 @@ def estimate_summary(
     return Message(text, [_section(text)])
 
 
-def note(text: str) -> Message:
-    return Message(text, [_section(text)])
+def note(text: str, *, in_channel: bool = False) -> Message:
+    return Message(text, [_section(text)], in_channel=in_channel)
 
 
 def help_text(unknown: str | None = None) -> Message:
@@ -263,3 +263,196 @@ def home_view(datasets: Sequence, runs: Sequence) -> dict:
         lines = [f"• {r.id} {r.provider} {r.model}: {r.status}" for r in runs]
         blocks.append(_section("*Latest runs*\n" + "\n".join(lines)))
     return {"type": "home", "blocks": blocks}
+
+
+# --- runs ------------------------------------------------------------------------
+
+_STATE_WORDS = {
+    "pending_approval": "⏳ Waiting for approval",
+    "approved": "✅ Approved, starting",
+    "queued": "✅ Approved, submitting",
+    "running": "🏃 Running",
+    "rejected": "🚫 Rejected",
+    "expired": "⌛ Expired: nobody decided in time",
+    "cancelled": "✋ Cancelled",
+    "succeeded": "🎉 Succeeded",
+    "failed": "❌ Failed",
+}
+
+
+def _plan_lines(run) -> list[str]:
+    plan = run.plan_json or {}
+    est = plan.get("estimate", {})
+    hyper = [f"epochs {plan.get('epochs')}{' (auto)' if plan.get('epochs_auto') else ''}"]
+    for key, label in (("lr_mult", "lr ×"), ("batch", "batch "), ("suffix", "suffix ")):
+        if plan.get(key) is not None:
+            hyper.append(f"{label}{plan[key]}")
+    held = (
+        f"eval set {plan['eval_dataset_id']}"
+        if plan.get("eval_dataset_id")
+        else f"{int((plan.get('split') or 0) * 100)}% held out for evaluation"
+    )
+    return [
+        f"Plan {run.plan_hash}: {run.provider} {run.model} on {run.dataset_id} — {', '.join(hyper)}; {held}",
+        f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}",
+    ]
+
+
+def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -> Message:
+    """The request card: plan, estimate, budget, who decides, and the buttons while open."""
+    state = _STATE_WORDS.get(run.status, run.status)
+    lines = [f"*{run.id}* requested by <@{run.requested_by}> — {state}", *_plan_lines(run)]
+    if budget is not None:
+        left = budget - committed_usd
+        lines.append(
+            f"Budget this month: {money(committed_usd)} committed of {money(budget)}, {money(max(left, 0))} left"
+        )
+    who = ", ".join(f"<@{a}>" for a in approvers) or "nobody"
+    lines.append(f"Approvals: {len(tally.approvals)} of {tally.needed} (from {who})")
+    if tally.approvals:
+        lines.append("Approved by " + ", ".join(f"<@{u}>" for u in tally.approvals))
+    if (run.plan_json or {}).get("secret_hold"):
+        if tally.overridden_by:
+            lines.append(
+                f"⚠️ Possible secrets in the data: sending anyway, overridden by <@{tally.overridden_by}>"
+            )
+        else:
+            lines.append(
+                "⚠️ The data may hold secrets: an approver must override that before it goes to OpenAI"
+            )
+    if tally.rejected_by:
+        lines.append(f"Rejected by <@{tally.rejected_by}>" + (f": {reasons[0]}" if reasons else ""))
+    if run.status == "pending_approval" and run.expires_at:
+        lines.append(f"Expires {run.expires_at:%Y-%m-%d %H:%M} UTC")
+    text = "\n".join(lines)
+    blocks = [_section(text)]
+    if run.status == "pending_approval":
+        buttons = [
+            {
+                "type": "button",
+                "action_id": "approve_run",
+                "text": {"type": "plain_text", "text": "Approve"},
+                "style": "primary",
+                "value": run.id,
+            },
+            {
+                "type": "button",
+                "action_id": "reject_run",
+                "text": {"type": "plain_text", "text": "Reject"},
+                "style": "danger",
+                "value": run.id,
+            },
+        ]
+        if (run.plan_json or {}).get("secret_hold") and not tally.overridden_by:
+            buttons.append(
+                {
+                    "type": "button",
+                    "action_id": "override_secret",
+                    "text": {"type": "plain_text", "text": "Send despite secrets"},
+                    "value": run.id,
+                    "confirm": {
+                        "title": {"type": "plain_text", "text": "Send possible secrets?"},
+                        "text": {
+                            "type": "mrkdwn",
+                            "text": "The data may contain credentials. They will be uploaded to OpenAI. This is audited.",
+                        },
+                        "confirm": {"type": "plain_text", "text": "Send anyway"},
+                        "deny": {"type": "plain_text", "text": "Cancel"},
+                    },
+                }
+            )
+        blocks.append({"type": "actions", "block_id": f"decide_{run.id}", "elements": buttons})
+    return Message(text, blocks)
+
+
+def reject_modal(run_id: str) -> dict:
+    return {
+        "type": "modal",
+        "callback_id": "reject_reason",
+        "private_metadata": run_id,
+        "title": {"type": "plain_text", "text": f"Reject {run_id}"},
+        "submit": {"type": "plain_text", "text": "Reject"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": "reason",
+                "label": {"type": "plain_text", "text": "Why? The requester sees this."},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": "reason",
+                    "multiline": True,
+                    "max_length": 500,
+                },
+            }
+        ],
+    }
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def progress(run, state) -> Message:
+    """The one progress message per run, edited in place."""
+    if state is None:
+        text = f"{run.id}: submitted to OpenAI as {run.external_id}; waiting for it to start."
+        return Message(text, [_section(text)])
+    parts = [f"{run.id} {state.status}"]
+    if state.total_steps:
+        parts.append(
+            f"{_bar((state.step or 0) / state.total_steps)} step {state.step or 0:,}/{state.total_steps:,}"
+        )
+    if state.train_loss is not None:
+        parts.append(f"loss {state.train_loss:.4f}")
+    if state.trained_tokens:
+        parts.append(f"{state.trained_tokens:,} tokens")
+    if state.estimated_finish:
+        parts.append(f"ETA {dt_text(state.estimated_finish)}")
+    text = " · ".join(parts)
+    return Message(text, [_section(text)])
+
+
+def dt_text(value) -> str:
+    import datetime as dt
+
+    if isinstance(value, int | float):
+        value = dt.datetime.fromtimestamp(value, dt.UTC)
+    return f"{value:%H:%M} UTC"
+
+
+def run_result(run) -> Message:
+    """Posted once when a run ends; mentions the requester."""
+    data = run.result_json or {}
+    head = f"<@{run.requested_by}> {run.id} {_STATE_WORDS.get(run.status, run.status).lower()}"
+    lines = [head]
+    if run.status == "succeeded":
+        lines.append(f"Model: `{data.get('fine_tuned_model')}`")
+        if data.get("trained_tokens"):
+            lines.append(
+                f"Trained tokens: {data['trained_tokens']:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
+            )
+        lines.append(
+            f"Cost: {money(run.actual_usd or 0)} (estimated {money(run.estimate_usd or 0)})"
+        )
+    if run.error:
+        lines.append(f"OpenAI said: {run.error}")
+    text = "\n".join(lines)
+    return Message(text, [_section(text)])
+
+
+def audit_log(entries, run_id: str | None) -> Message:
+    if not entries:
+        text = "Nothing in the audit log" + (
+            f" for {run_id}." if run_id else " for this channel's runs."
+        )
+        return Message(text, [_section(text)], in_channel=True)
+    lines = []
+    for e in entries:
+        who = "tunebot" if e.actor == "tunebot" else f"<@{e.actor}>"
+        target = e.run_id or e.dataset_id or ""
+        plan = f" plan {e.plan_hash}" if e.plan_hash else ""
+        lines.append(f"• {e.created_at:%Y-%m-%d %H:%M:%S} {who} {e.action} {target}{plan}")
+    text = "Audit log (newest first):\n" + "\n".join(lines)
+    return Message(text, [_section(text)], in_channel=True)

@@ -88,6 +88,7 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
     except HomeLocked as exc:
         return _fail(str(exc))
     store = Store.in_home(settings.home)
+    scheduler = None
     workflow = Workflow(settings, store, BlobStore(settings.home / "blobs"), make_client(settings))
     try:
         try:
@@ -97,6 +98,9 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
         except OSError as exc:
             return _fail(f"cannot reach Slack at {settings.slack_api_url}: {exc}")
         _stop_on_sigterm()
+        from bot.scheduler import start_scheduler
+
+        scheduler = start_scheduler(workflow.runs, settings)
         if http:
             return _serve_http(app, host, port)
         return _serve_socket_mode(app, settings)
@@ -104,6 +108,8 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
         log.info("stopping")
         return 0
     finally:
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
         workflow.close()
         store.close()
         lock.release()

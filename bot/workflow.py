@@ -74,6 +74,7 @@ class Workflow:
         *,
         jobs: Executor | None = None,
         validation_pool: Executor | None = None,
+        tuner: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -84,6 +85,9 @@ class Workflow:
         self._validation_pool = validation_pool
         self._pending: set[Future] = set()
         self._pending_lock = threading.Lock()
+        from bot.runs import Runs  # runs build on this class
+
+        self.runs = Runs(self, tuner=tuner)
 
     # --- plumbing -------------------------------------------------------------
 
@@ -396,6 +400,14 @@ class Workflow:
             return render.runs_list(self.store.runs(channel=channel, limit=15))
         if cmd.name == "status":
             return self._status(cmd, channel)
+        if cmd.name == "train":
+            return self.runs.request(cmd, channel, user)
+        if cmd.name == "cancel":
+            return self.runs.cancel(cmd, channel, user)
+        if cmd.name == "audit":
+            return self.runs.audit(cmd, channel)
+        if cmd.name == "forget":
+            return self.runs.forget(cmd, channel, user)
         if cmd.name == "validate":
             dataset = self.find_dataset(channel, cmd.target)
             self.stored_report(dataset)  # fail now, in the ack, if there is nothing to show

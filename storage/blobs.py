@@ -121,6 +121,14 @@ class BlobStore:
             raise BlobNotFound(f"no blob {sha} in {self.root}")
         return target
 
+    def delete(self, sha: str) -> bool:
+        """Remove a blob; False when it was not there. Other references are the caller's concern."""
+        try:
+            self._target(_check_sha(sha)).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def exists(self, sha: str) -> bool:
         return self._target(_check_sha(sha)).is_file()
 

@@ -1,0 +1,650 @@
+"""Training runs: request -> approve -> start -> poll -> report.
+
+The database is the source of truth. Every state change is a conditional
+UPDATE (`Store.transition_run`), so twenty simultaneous clicks, a Slack retry
+or a scheduler tick racing a click move a run once, and only the caller that
+moved it acts on it: one job submitted, one completion message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from slack_sdk.errors import SlackApiError
+
+from bot import approvals, render
+from bot.approvals import Policy
+from bot.commands import Command
+from bot.workflow import UserError, Workflow
+from storage import Dataset, Run
+from trainers import pricing
+
+if TYPE_CHECKING:
+    from trainers.openai_ft import OpenAIFineTuner
+
+log = logging.getLogger("tunebot")
+
+ACTIVE = ("approved", "queued", "running")  # committed at their estimate
+FINISHED = ("succeeded", "failed", "cancelled")
+SPLIT_DEFAULT = 0.1
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Runs:
+    def __init__(
+        self,
+        workflow: Workflow,
+        *,
+        tuner: Callable[[], OpenAIFineTuner] | None = None,
+        clock: Callable[[], dt.datetime] = _now,
+    ) -> None:
+        self.wf = workflow
+        self.store = workflow.store
+        self.settings = workflow.settings
+        self.clock = clock
+        self._tuner_factory = tuner or self._default_tuner
+        self._tuner: OpenAIFineTuner | None = None
+
+    # --- collaborators -------------------------------------------------------------
+
+    def _default_tuner(self) -> OpenAIFineTuner:
+        from trainers.openai_ft import OpenAIFineTuner
+
+        if not self.settings.openai_api_key:
+            raise UserError("OPENAI_API_KEY is not set, so tunebot cannot reach OpenAI.")
+        return OpenAIFineTuner.from_settings(
+            self.settings.openai_api_key, self.settings.openai_base_url or None
+        )
+
+    @property
+    def tuner(self) -> OpenAIFineTuner:
+        if self._tuner is None:
+            self._tuner = self._tuner_factory()
+        return self._tuner
+
+    def policy(self) -> Policy:
+        s = self.settings
+        return Policy(
+            approvers=frozenset(self._resolve_approvers(s.approvers)),
+            required=s.required_approvals,
+            two_approvals_above_usd=s.two_approvals_above_usd,
+            max_run_usd=s.max_run_usd,
+            monthly_budget_usd=s.monthly_budget_usd,
+            ttl=dt.timedelta(hours=s.approval_ttl_hours),
+            local_needs_approval=s.local_needs_approval,
+        )
+
+    def _resolve_approvers(self, ids: tuple[str, ...]) -> set[str]:
+        users = set()
+        for ident in ids:
+            if ident.startswith("S"):  # a user group: its members approve
+                try:
+                    users.update(self.wf.client.usergroups_users_list(usergroup=ident)["users"])
+                except SlackApiError as exc:
+                    log.error("cannot list user group %s: %s", ident, exc.response.get("error"))
+            else:
+                users.add(ident)
+        return users
+
+    def committed_usd(self) -> float:
+        """This calendar month's spend: active runs at estimate, finished at actual, evals."""
+        since = approvals.month_start(self.clock())
+        total = 0.0
+        for run in self.store.runs(limit=None):
+            if run.created_at < since:
+                continue
+            if run.status in ACTIVE:
+                total += run.estimate_usd or 0.0
+            elif run.status in FINISHED:
+                total += run.actual_usd or 0.0
+            total += sum(e.cost_usd or 0.0 for e in self.store.evals(run.id))
+        return total
+
+    # --- /finetune train --------------------------------------------------------------
+
+    def request(self, cmd: Command, channel: str, user: str) -> render.Message:
+        dataset = self.wf.find_dataset(channel, cmd.target)
+        report = self.wf.stored_report(dataset)
+        if report.has_errors:
+            codes = ", ".join(f"{c} ×{n}" for c, n in _error_codes(dataset).items())
+            raise UserError(
+                f"{dataset.id} has {len(report.errors):,} error(s) and cannot be trained: {codes}.",
+                "Fix them and upload the file again; `/finetune validate` shows where they are.",
+            )
+        opts = cmd.options
+        provider = opts.get("provider", self.settings.default_provider).lower()
+        if provider not in ("openai", "local"):
+            raise UserError(f"provider must be openai or local, not `{provider}`.")
+        if provider == "local":
+            raise UserError(
+                "The local GPU runner is not configured on this bot yet; use provider=openai."
+            )
+        plan = self._openai_plan(dataset, report, opts, channel)
+        policy = self.policy()
+        estimate_usd = plan["estimate"]["cost_usd"]
+        committed = self.committed_usd()
+        reasons = approvals.refusals(
+            policy,
+            provider=provider,
+            estimate_usd=estimate_usd,
+            committed_usd=committed,
+            requester=user,
+        )
+        digest = approvals.plan_hash(plan)
+        if reasons:
+            self.store.audit(
+                user,
+                "refused",
+                dataset_id=dataset.id,
+                plan_hash=digest,
+                detail={"reasons": reasons},
+            )
+            raise UserError("This run cannot be requested: " + "; ".join(reasons) + ".")
+        now = self.clock()
+        run = self.store.add_run(
+            dataset_id=dataset.id,
+            eval_dataset_id=plan.get("eval_dataset_id"),
+            provider=provider,
+            model=plan["model"],
+            status="pending_approval",
+            plan_json=plan,
+            plan_hash=digest,
+            estimate_usd=estimate_usd,
+            requested_by=user,
+            channel=channel,
+            thread_ts=dataset.thread_ts,
+            expires_at=now + policy.ttl,
+        )
+        self.store.audit(
+            user, "requested", run_id=run.id, dataset_id=dataset.id, plan_hash=digest, detail=plan
+        )
+        log.info(
+            "run %s requested by %s: %s %s, $%.2f",
+            run.id,
+            user,
+            provider,
+            plan["model"],
+            estimate_usd,
+        )
+        self.wf.submit(
+            f"posting {run.id}'s approval card",
+            lambda: self._post_card(run.id),
+            channel,
+            dataset.thread_ts,
+        )
+        return render.note(f"{run.id} needs approval: the card is in {dataset.id}'s thread.")
+
+    def _openai_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
+        try:
+            model = self.wf.prices.resolve(opts.get("model", self.settings.default_model))
+            epochs = pricing.parse_epochs(opts.get("epochs"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if not model.trainable:
+            raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
+        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
+            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        lr_mult = _positive(opts, "lr_mult", float)
+        batch = _positive(opts, "batch", int)
+        suffix = opts.get("suffix")
+        if suffix is not None and (
+            len(suffix) > 40 or not suffix.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise UserError("suffix= takes up to 40 letters, digits, - and _.")
+        eval_id, split = self._eval_choice(opts, channel, dataset)
+        estimate = pricing.estimate(report.token_counts, model, epochs, today=self.clock().date())
+        return {
+            "dataset_id": dataset.id,
+            "dataset_sha256": dataset.sha256,
+            "provider": "openai",
+            "model": model.name,
+            "epochs": estimate.epochs,
+            "epochs_auto": epochs is None,
+            "lr_mult": lr_mult,
+            "batch": batch,
+            "suffix": suffix,
+            "eval_dataset_id": eval_id,
+            "split": split,
+            "secret_hold": "possible_secret" in (dataset.report_json or {}).get("codes", {}),
+            "estimate": {
+                "billed_tokens": estimate.billed_tokens,
+                "cost_usd": round(estimate.cost_usd, 4),
+                "price_per_1m": model.training_per_1m,
+            },
+        }
+
+    def _eval_choice(
+        self, opts: dict[str, str], channel: str, dataset: Dataset
+    ) -> tuple[str | None, float | None]:
+        if "eval" in opts and "split" in opts:
+            raise UserError("Give eval=<dataset> or split=<fraction>, not both.")
+        if "eval" in opts:
+            held_out = self.wf.find_dataset(channel, opts["eval"])
+            if held_out.id == dataset.id:
+                raise UserError("The eval set must be another dataset than the training set.")
+            if (held_out.errors or 0) > 0:
+                raise UserError(f"{held_out.id} has errors and cannot be the eval set.")
+            return held_out.id, None
+        split = _positive(opts, "split", float)
+        if split is not None and not 0 < split < 0.5:
+            raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
+        return None, split if split is not None else SPLIT_DEFAULT
+
+    # --- the card and decisions ---------------------------------------------------------
+
+    def card(self, run: Run) -> render.Message:
+        policy = self.policy()
+        decisions = [(a.user, a.decision) for a in self.store.approvals(run.id)]
+        needed = approvals.quorum(policy, run.estimate_usd or 0.0)
+        t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
+        committed = self.committed_usd()
+        return render.approval_card(
+            run,
+            t,
+            approvers=sorted(policy.approvers - {run.requested_by}),
+            budget=policy.monthly_budget_usd,
+            committed_usd=committed,
+            reasons=[
+                a.reason
+                for a in self.store.approvals(run.id)
+                if a.decision == "reject" and a.reason
+            ],
+        )
+
+    def _post_card(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        if not approvals.needs_approval(self.policy(), run.provider):
+            self._approve_without_card(run)
+            return
+        ts = self.wf.post(run.channel, run.thread_ts, self.card(run))
+        self.store.update_run(run.id, card_ts=ts)
+        self._ask_approvers(run)
+
+    def _approve_without_card(self, run: Run) -> None:
+        if self.store.transition_run(run.id, ["pending_approval"], "approved"):
+            self.store.audit("tunebot", "auto_approved", run_id=run.id, plan_hash=run.plan_hash)
+            self.start(run.id)
+
+    def _ask_approvers(self, run: Run) -> None:
+        for approver in sorted(self.policy().approvers - {run.requested_by}):
+            try:
+                dm = self.wf.client.conversations_open(users=approver)["channel"]["id"]
+                text = (
+                    f"<@{run.requested_by}> asks for your approval of {run.id} "
+                    f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
+                )
+                self.wf.client.chat_postMessage(channel=dm, text=text)
+            except SlackApiError as exc:
+                log.error(
+                    "cannot DM approver %s about %s: %s",
+                    approver,
+                    run.id,
+                    exc.response.get("error"),
+                )
+
+    def refresh_card(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        if not run.card_ts:
+            return
+        message = self.card(run)
+        try:
+            self.wf.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
+        except SlackApiError as exc:
+            log.error("cannot update %s's card: %s", run.id, exc.response.get("error"))
+
+    def click_refusal(self, run_id: str, user: str) -> str | None:
+        """Checked before anything else, on the signed user id of the click."""
+        run = self.store.find_run(run_id)
+        if run is None:
+            return f"there is no run {run_id}"
+        expired = run.expires_at is not None and run.expires_at <= self.clock()
+        return approvals.click_refusal(
+            self.policy(),
+            user=user,
+            requester=run.requested_by or "",
+            status=run.status,
+            expired=expired,
+        )
+
+    def decide(
+        self, run_id: str, user: str, decision: str, reason: str | None = None
+    ) -> str | None:
+        """Record one decision. Returns why it was refused, or None when it counted."""
+        refusal = self.click_refusal(run_id, user)
+        run = self.store.find_run(run_id)
+        if refusal:
+            if run is not None:
+                self.store.audit(
+                    user,
+                    f"refused_{decision}",
+                    run_id=run_id,
+                    plan_hash=run.plan_hash,
+                    detail={"why": refusal},
+                )
+            return refusal
+        if decision == "override_secret" and not run.plan_json.get("secret_hold"):
+            return "this run's data has no secret warnings to override"
+        if not self.store.add_approval(
+            run_id, user, decision, reason=reason, plan_hash=run.plan_hash
+        ):
+            return None  # the same click again (a double click or Slack's retry): already counted
+        self.store.audit(
+            user,
+            decision,
+            run_id=run_id,
+            plan_hash=run.plan_hash,
+            detail={"reason": reason} if reason else None,
+        )
+        log.info("run %s: %s by %s", run_id, decision, user)
+        if decision == "reject":
+            if self.store.transition_run(run_id, ["pending_approval"], "rejected"):
+                self.refresh_card(run_id)
+                why = f": {reason}" if reason else ""
+                self.wf.post(
+                    run.channel,
+                    run.thread_ts,
+                    render.note(f"<@{run.requested_by}> {run_id} was rejected by <@{user}>{why}."),
+                )
+            return None
+        decisions = [(a.user, a.decision) for a in self.store.approvals(run_id)]
+        needed = approvals.quorum(self.policy(), run.estimate_usd or 0.0)
+        t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
+        if t.approved and self.store.transition_run(run_id, ["pending_approval"], "approved"):
+            self.store.audit(
+                "tunebot",
+                "approved",
+                run_id=run_id,
+                plan_hash=run.plan_hash,
+                detail={"by": list(t.approvals)},
+            )
+            self.refresh_card(run_id)
+            self.start(run_id)
+        else:
+            self.refresh_card(run_id)
+        return None
+
+    # --- starting and following a job ------------------------------------------------
+
+    def start(self, run_id: str) -> None:
+        """Submit an approved run. Safe to call again: the tuner finds a job it made before."""
+        if not self.store.transition_run(run_id, ["approved"], "queued"):
+            return  # someone else is starting it, or it is no longer approved
+        run = self.store.get_run(run_id)
+        self._submit(run)
+
+    def _submit(self, run: Run) -> None:
+        from trainers.openai_ft import OpenAIError
+
+        plan = run.plan_json
+        path = self.wf.blobs.path(plan["dataset_sha256"])
+        try:
+            job = self.tuner.start(
+                run.id,
+                str(path),
+                run.model,
+                epochs=None if plan.get("epochs_auto") else plan["epochs"],
+                batch_size=plan.get("batch"),
+                lr_multiplier=plan.get("lr_mult"),
+                suffix=plan.get("suffix"),
+            )
+        except OpenAIError as exc:
+            if exc.retryable:
+                log.info(
+                    "run %s: OpenAI unavailable (%s); retrying at the next poll",
+                    run.id,
+                    exc.message,
+                )
+                return  # stays queued without a job: the poller tries again
+            self._finish(run, "queued", "failed", error=_openai_text(exc))
+            return
+        self.store.transition_run(
+            run.id,
+            ["queued"],
+            "running",
+            external_id=job.id,
+            result_json={"training_file": job.training_file},
+        )
+        self.store.audit(
+            "tunebot", "submitted", run_id=run.id, plan_hash=run.plan_hash, detail={"job": job.id}
+        )
+        log.info("run %s: submitted as %s", run.id, job.id)
+        ts = self.wf.post(
+            run.channel, run.thread_ts, render.progress(self.store.get_run(run.id), None)
+        )
+        self.store.update_run(run.id, progress_ts=ts)
+
+    def poll_all(self) -> None:
+        """One scheduler tick: start what is approved, follow what runs."""
+        for run in self.store.runs(status=["approved", "queued", "running"], limit=None):
+            try:
+                self._poll_one(run)
+            except UserError as exc:
+                log.error("run %s: %s", run.id, exc.summary)
+            except Exception as exc:  # one run's trouble must not stop the others
+                self.wf.unexpected(exc, f"polling {run.id}")
+
+    def _poll_one(self, run: Run) -> None:
+        from trainers.openai_ft import OpenAIError
+
+        if run.status == "approved":
+            self.start(run.id)
+            return
+        if run.status == "queued" and not run.external_id:
+            self._submit(run)  # a crash or an outage between approval and submission
+            return
+        state_data = dict(run.result_json or {})
+        try:
+            state = self.tuner.poll(run.external_id, after_event_id=state_data.get("last_event_id"))
+        except OpenAIError as exc:
+            log.info("run %s: poll failed (%s); next time", run.id, exc.message)
+            return
+        for event in state.events:
+            self.store.add_event(
+                run.id,
+                "openai_event",
+                {"id": event.id, "message": event.message, "at": event.created_at},
+            )
+        if state.last_event_id:
+            state_data["last_event_id"] = state.last_event_id
+        if state.status in ("succeeded", "failed", "cancelled"):
+            self._finish(run, run.status, state.status, state=state, data=state_data)
+            return
+        now = time.time()
+        if now - state_data.get("progress_edited_at", 0) >= self.settings.progress_seconds:
+            state_data["progress_edited_at"] = now
+            self._edit_progress(run, state)
+        self.store.update_run(run.id, result_json=state_data)
+
+    def _edit_progress(self, run: Run, state) -> None:
+        if not run.progress_ts:
+            return
+        message = render.progress(run, state)
+        try:
+            self.wf.client.chat_update(
+                channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
+            )
+        except SlackApiError as exc:
+            log.error("cannot update %s's progress: %s", run.id, exc.response.get("error"))
+
+    def _finish(
+        self,
+        run: Run,
+        from_status: str,
+        status: str,
+        *,
+        state=None,
+        error: str | None = None,
+        data: dict | None = None,
+    ) -> None:
+        data = dict(data or run.result_json or {})
+        actual = None
+        if state is not None:
+            data.update(
+                fine_tuned_model=state.fine_tuned_model, trained_tokens=state.trained_tokens
+            )
+            if state.trained_tokens:
+                actual = state.trained_tokens / 1e6 * run.plan_json["estimate"]["price_per_1m"]
+            if state.error:
+                error = _state_error(state.error)
+        if not self.store.transition_run(
+            run.id, [from_status], status, actual_usd=actual, result_json=data, error=error
+        ):
+            return  # another tick finished it: report once
+        self.store.audit(
+            "tunebot",
+            status,
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"error": error} if error else None,
+        )
+        log.info("run %s: %s", run.id, status)
+        done = self.store.get_run(run.id)
+        if state is not None:
+            self._edit_progress(done, state)
+        self.wf.post(run.channel, run.thread_ts, render.run_result(done))
+        if state is not None and state.metrics:
+            self._upload_loss_curve(done, state.metrics)
+
+    def _upload_loss_curve(self, run: Run, metrics) -> None:
+        from bot.charts import loss_curve
+
+        png = loss_curve(
+            [m[0] for m in metrics], [m[1] for m in metrics], title=f"{run.id}: training loss"
+        )
+        try:
+            self.wf.client.files_upload_v2(
+                channel=run.channel,
+                thread_ts=run.thread_ts,
+                content=png,
+                filename=f"loss-{run.id}.png",
+                title=f"Training loss of {run.id}",
+            )
+        except SlackApiError as exc:
+            log.error("loss curve for %s not uploaded: %s", run.id, exc.response.get("error"))
+
+    def expire_all(self) -> None:
+        now = self.clock()
+        for run in self.store.runs(status="pending_approval", limit=None):
+            if (
+                run.expires_at
+                and run.expires_at <= now
+                and self.store.transition_run(run.id, ["pending_approval"], "expired")
+            ):
+                self.store.audit("tunebot", "expired", run_id=run.id, plan_hash=run.plan_hash)
+                log.info("run %s: expired", run.id)
+                self.refresh_card(run.id)
+
+    # --- cancel, forget, audit -------------------------------------------------------
+
+    def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
+        run = self._find_run(cmd.target, channel)
+        if user != run.requested_by and user not in self.policy().approvers:
+            raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
+        if run.status in ("pending_approval", "approved") and self.store.transition_run(
+            run.id, [run.status], "cancelled"
+        ):
+            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
+            self.wf.submit(
+                f"updating {run.id}", lambda: self.refresh_card(run.id), channel, run.thread_ts
+            )
+            return render.note(f"{run.id} is cancelled.", in_channel=True)
+        if run.status in ("queued", "running") and run.external_id:
+            from trainers.openai_ft import OpenAIError
+
+            try:
+                self.tuner.cancel(run.external_id)
+            except OpenAIError as exc:
+                raise UserError(f"OpenAI did not cancel {run.id}: {_openai_text(exc)}") from None
+            self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
+            return render.note(
+                f"Cancelling {run.id}; the thread says when OpenAI has stopped it.", in_channel=True
+            )
+        raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
+
+    def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
+        from trainers.openai_ft import OpenAIError
+
+        dataset = self.wf.find_dataset(channel, cmd.target)
+        if user != dataset.user and user not in self.policy().approvers:
+            raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
+        removed_remote = []
+        for run in self.store.runs(channel=channel, limit=None):
+            file_id = (run.result_json or {}).get("training_file")
+            if run.dataset_id == dataset.id and file_id:
+                try:
+                    self.tuner.delete_file(file_id)
+                    removed_remote.append(file_id)
+                except OpenAIError as exc:
+                    if exc.status != 404:
+                        raise UserError(
+                            f"OpenAI did not delete {file_id}: {_openai_text(exc)}"
+                        ) from None
+        self.wf.blobs.delete(dataset.sha256)
+        record = dict(dataset.report_json or {})
+        record["forgotten_at"] = self.clock().isoformat()
+        self.store.update_dataset(dataset.id, report_json=record)
+        self.store.audit(
+            user, "forgot", dataset_id=dataset.id, detail={"openai_files": removed_remote}
+        )
+        where = f" and {len(removed_remote)} copy(ies) on OpenAI" if removed_remote else ""
+        return render.note(f"{dataset.id}'s stored file{where} deleted.", in_channel=True)
+
+    def audit(self, cmd: Command, channel: str) -> render.Message:
+        if cmd.target:
+            run = self._find_run(cmd.target, channel)
+            rows = self.store.audit_log(run_id=run.id, limit=50)
+        else:
+            ids = {r.id for r in self.store.runs(channel=channel, limit=None)}
+            rows = [e for e in self.store.audit_log(limit=200) if e.run_id in ids][:50]
+        return render.audit_log(rows, cmd.target)
+
+    def _find_run(self, ref: str | None, channel: str) -> Run:
+        if ref is None:
+            raise UserError("Name the run, e.g. `r3`: `/finetune runs` lists them.")
+        run = self.store.find_run(ref.lower())
+        if run is None or run.channel != channel:
+            raise UserError(f"No run `{ref}` in this channel. `/finetune runs` lists them.")
+        return run
+
+
+def _positive(opts: dict[str, str], key: str, kind: type) -> Any:
+    if key not in opts:
+        return None
+    try:
+        value = kind(opts[key])
+    except ValueError:
+        raise UserError(
+            f"{key}= must be a {'whole ' if kind is int else ''}number, not `{opts[key]}`."
+        ) from None
+    if value <= 0:
+        raise UserError(f"{key}= must be positive, not `{opts[key]}`.")
+    return value
+
+
+def _error_codes(dataset: Dataset) -> dict[str, int]:
+    from trainers.data import CODES, ERROR
+
+    codes = (dataset.report_json or {}).get("codes", {})
+    return {c: n for c, n in codes.items() if CODES.get(c, ("",))[0] == ERROR}
+
+
+def _openai_text(exc) -> str:
+    text = f"{exc.message}"
+    if exc.code:
+        text += f" ({exc.code})"
+    if exc.meaning:
+        text += f": {exc.meaning}"
+    return text
+
+
+def _state_error(error: Any) -> str:
+    if isinstance(error, dict):
+        return error.get("message") or str(error)
+    return getattr(error, "message", None) or str(error)
