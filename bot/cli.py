@@ -38,6 +38,10 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model to estimate (default: TUNEBOT_DEFAULT_MODEL)")
         p.add_argument("--epochs", default="auto", help="1..25, or auto (OpenAI's rule)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    models = sub.add_parser("models", help="models for local training")
+    models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    fetch = models_sub.add_parser("fetch", help="fetch and convert a known model, offline-ready")
+    fetch.add_argument("name", help="a known model name, e.g. smollm2")
     serve = sub.add_parser("serve", help="run the Slack bot")
     serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
     serve.add_argument("--host", default="127.0.0.1")
@@ -51,6 +55,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         settings = Settings.from_env(env)
         if args.command in ("validate", "estimate"):
             return _check_file(args, settings)
+        if args.command == "models":
+            return _models(args, settings)
         if args.command == "serve":
             from bot.serve import serve
 
@@ -113,6 +119,27 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(render.estimate_summary(path.name, report, costs, local).text)
     return EXIT_FINDINGS if report.has_errors else EXIT_OK
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from trainers import models
+    except ImportError as exc:  # the OpenAI-only install has no torch
+        raise UsageError(
+            f"tunebot models: install the [local] extra first ({exc.name} is missing)"
+        ) from None
+    if args.name not in models.KNOWN:
+        raise UsageError(
+            f"tunebot models fetch: unknown model {args.name!r}; known: {', '.join(models.KNOWN)}"
+        )
+    try:
+        folder = models.fetch(
+            args.name, settings.home / "models", log=lambda m: print(m, file=sys.stderr)
+        )
+    except models.ModelFetchError as exc:
+        raise UsageError(f"tunebot models fetch: {exc}") from None
+    print(folder)
+    return EXIT_OK
 
 
 def _price_table(settings: Settings):

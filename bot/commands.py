@@ -46,15 +46,38 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "train",
-            "train [dataset] provider=openai|local model=… epochs=N|auto lr_mult=… batch=… "
-            "suffix=… eval=<dataset>|split=0.1",
+            "train [dataset] provider=openai|local model=… epochs=N|auto batch=… eval=<dataset>|split=0.1 "
+            "(openai: lr_mult=… suffix=…; local: lr=… r=… alpha=… targets=all-linear|q,k,v,o "
+            "max_length=… qlora=true|false merge=true|false)",
             "ask for a training run (paid runs need approval)",
-            options=("provider", "model", "epochs", "lr_mult", "batch", "suffix", "eval", "split"),
+            options=(
+                "provider",
+                "model",
+                "epochs",
+                "batch",
+                "eval",
+                "split",
+                "lr_mult",
+                "suffix",
+                "lr",
+                "r",
+                "alpha",
+                "targets",
+                "max_length",
+                "qlora",
+                "merge",
+            ),
             max_args=1,
         ),
         Spec("runs", "runs", "training runs in this channel"),
         Spec("status", "status [run]", "where a run is (default: the latest here)", max_args=1),
         Spec("cancel", "cancel <run>", "stop a run or withdraw a request", max_args=1),
+        Spec(
+            "resume",
+            "resume <run>",
+            "continue a stopped local run from its last checkpoint",
+            max_args=1,
+        ),
         Spec(
             "audit",
             "audit [run]",

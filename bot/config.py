@@ -110,6 +110,32 @@ class Settings:
         ),
     )
 
+    local_base_model: str = field(
+        default="smollm2",
+        metadata=_meta(
+            "TUNEBOT_LOCAL_BASE_MODEL",
+            "Model for provider=local when none is named: a name, folder or hub id",
+        ),
+    )
+    local_slots: int = field(
+        default=1,
+        metadata=_meta("TUNEBOT_LOCAL_SLOTS", "Local training runs at once; the rest queue"),
+    )
+    local_processes: int = field(
+        default=1,
+        metadata=_meta(
+            "TUNEBOT_LOCAL_PROCESSES",
+            "Processes per local run; above 1 runs under accelerate launch",
+        ),
+    )
+    accelerate_config: str = field(
+        default="",
+        metadata=_meta(
+            "TUNEBOT_ACCELERATE_CONFIG",
+            "accelerate config file for local runs (DDP, FSDP, DeepSpeed)",
+        ),
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -140,7 +166,7 @@ class Settings:
 
 
 _LISTS = {"channels", "approvers"}
-_INTS = {"max_file_mb": 1, "required_approvals": 1}  # name -> least value
+_INTS = {"max_file_mb": 1, "required_approvals": 1, "local_slots": 1, "local_processes": 1}
 _FLOATS = {"approval_ttl_hours", "poll_seconds", "progress_seconds"}
 _MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd"}
 _BOOLS = {"local_needs_approval"}

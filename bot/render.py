@@ -284,17 +284,32 @@ def _plan_lines(run) -> list[str]:
     plan = run.plan_json or {}
     est = plan.get("estimate", {})
     hyper = [f"epochs {plan.get('epochs')}{' (auto)' if plan.get('epochs_auto') else ''}"]
-    for key, label in (("lr_mult", "lr ×"), ("batch", "batch "), ("suffix", "suffix ")):
+    labels = (
+        ("lr_mult", "lr ×"), ("lr", "lr "), ("batch", "batch "), ("suffix", "suffix "),
+        ("r", "r "), ("alpha", "alpha "), ("targets", "targets "), ("max_length", "max_length "),
+    )  # fmt: skip
+    for key, label in labels:
         if plan.get(key) is not None:
             hyper.append(f"{label}{plan[key]}")
+    if plan.get("qlora"):
+        hyper.append("QLoRA 4-bit")
+    if plan.get("merge"):
+        hyper.append("merged model too")
     held = (
         f"eval set {plan['eval_dataset_id']}"
         if plan.get("eval_dataset_id")
         else f"{int((plan.get('split') or 0) * 100)}% held out for evaluation"
     )
+    if run.provider == "local":
+        cost = (
+            f"Estimate: {est.get('tokens', 0):,} training tokens, {_duration(est.get('gpu_hours', 0))} "
+            f"on one 80 GB GPU for a ~{est.get('params_billions', 1):g}B model; no API cost"
+        )
+    else:
+        cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
     return [
         f"Plan {run.plan_hash}: {run.provider} {run.model} on {run.dataset_id} — {', '.join(hyper)}; {held}",
-        f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}",
+        cost,
     ]
 
 
@@ -456,3 +471,65 @@ def audit_log(entries, run_id: str | None) -> Message:
         lines.append(f"• {e.created_at:%Y-%m-%d %H:%M:%S} {who} {e.action} {target}{plan}")
     text = "Audit log (newest first):\n" + "\n".join(lines)
     return Message(text, [_section(text)], in_channel=True)
+
+
+def local_accepted(run) -> Message:
+    text = "\n".join([f"{run.id} accepted: local runs need no approval here.", *_plan_lines(run)])
+    return Message(text, [_section(text)])
+
+
+def queued(run, position: int, total: int) -> Message:
+    text = f"{run.id} queued for the local GPU: position {position} of {total}."
+    return Message(text, [_section(text)])
+
+
+def local_progress(run, state) -> Message:
+    """The local run's progress message, edited in place."""
+    if state is None:
+        text = f"{run.id} starting: loading {run.model}…"
+        return Message(text, [_section(text)])
+    parts = [f"{run.id} {state.status}"]
+    if state.total_steps:
+        parts.append(
+            f"{_bar((state.step or 0) / state.total_steps)} step {state.step or 0:,}/{state.total_steps:,}"
+        )
+    if state.train_loss is not None:
+        parts.append(f"loss {state.train_loss:.4f}")
+    if state.tokens_per_second:
+        parts.append(f"{state.tokens_per_second:,.0f} tokens/s")
+    if state.eta_seconds and state.status == "running":
+        parts.append(f"ETA {_duration(state.eta_seconds / 3600)}")
+    text = " · ".join(parts)
+    return Message(text, [_section(text)])
+
+
+def local_result(run, state) -> Message:
+    """Posted once when a local run ends; mentions the requester."""
+    head = f"<@{run.requested_by}> {run.id} {_STATE_WORDS.get(run.status, run.status).lower()}"
+    lines = [head]
+    metrics = state.result.get("metrics") or {}
+    if run.status == "succeeded":
+        lines.append(f"Adapter: `{state.result.get('adapter_dir')}`")
+        if state.result.get("merged_dir"):
+            lines.append(f"Merged model: `{state.result['merged_dir']}`")
+        facts = []
+        if metrics.get("train_loss") is not None:
+            facts.append(f"final train loss {metrics['train_loss']:.4f}")
+        if metrics.get("eval_loss") is not None:
+            facts.append(f"held-out loss {metrics['eval_loss']:.4f}")
+        if metrics.get("tokens_per_second"):
+            facts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s")
+        if facts:
+            lines.append(", ".join(facts).capitalize())
+    elif run.status == "cancelled":
+        lines.append(f"A checkpoint was saved: `/finetune resume {run.id}` continues from it.")
+    if run.error:
+        lines.append(f"Error: {run.error}")
+        lines.append(
+            f"`/finetune resume {run.id}` continues from the newest complete checkpoint, if any."
+        )
+    if state.log_tail and run.status == "failed":
+        tail = state.log_tail[-1500:]
+        lines.append(f"Last lines of the log:\n```{tail}```")
+    text = "\n".join(lines)
+    return Message(text, [_section(text)])

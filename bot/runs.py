@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,9 @@ class Runs:
         self.clock = clock
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
+        self._local_lock = threading.Lock()
+        # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
+        self.local_overrides: dict[str, Any] = {}
 
     # --- collaborators -------------------------------------------------------------
 
@@ -123,10 +128,9 @@ class Runs:
         if provider not in ("openai", "local"):
             raise UserError(f"provider must be openai or local, not `{provider}`.")
         if provider == "local":
-            raise UserError(
-                "The local GPU runner is not configured on this bot yet; use provider=openai."
-            )
-        plan = self._openai_plan(dataset, report, opts, channel)
+            plan = self._local_plan(dataset, report, opts, channel)
+        else:
+            plan = self._openai_plan(dataset, report, opts, channel)
         policy = self.policy()
         estimate_usd = plan["estimate"]["cost_usd"]
         committed = self.committed_usd()
@@ -220,6 +224,59 @@ class Runs:
             },
         }
 
+    def _local_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
+        unknown = sorted(set(opts) & {"lr_mult", "suffix"})
+        if unknown:
+            raise UserError(
+                f"`{unknown[0]}=` is for provider=openai; local runs take lr=, r=, alpha=, …"
+            )
+        try:
+            epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        model = opts.get("model", self.settings.local_base_model)
+        targets = opts.get("targets", "all-linear")
+        if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
+            raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
+        max_length = _positive(opts, "max_length", int) or 2048
+        eval_id, split = self._eval_choice(opts, channel, dataset)
+        params = _params_billions(model)
+        qlora = _flag(opts, "qlora")
+        local = pricing.local_estimate(
+            report.token_counts,
+            params_billions=params,
+            epochs=epochs,
+            max_length=max_length,
+            qlora=bool(qlora),
+        )
+        return {
+            "dataset_id": dataset.id,
+            "dataset_sha256": dataset.sha256,
+            "provider": "local",
+            "model": model,
+            "epochs": epochs,
+            "epochs_auto": False,
+            "lr": _positive(opts, "lr", float) or 2e-4,
+            "batch": _positive(opts, "batch", int) or 4,
+            "r": _positive(opts, "r", int) or 16,
+            "alpha": _positive(opts, "alpha", int) or 32,
+            "targets": targets,
+            "max_length": max_length,
+            "qlora": qlora,
+            "merge": bool(_flag(opts, "merge")),
+            "eval_dataset_id": eval_id,
+            "split": split,
+            "secret_hold": False,  # the data stays on our machines
+            "estimate": {
+                "billed_tokens": 0,
+                "cost_usd": 0.0,
+                "price_per_1m": 0.0,
+                "tokens": local.tokens,
+                "gpu_hours": round(local.gpu_hours, 4),
+                "params_billions": params,
+            },
+        }
+
     def _eval_choice(
         self, opts: dict[str, str], channel: str, dataset: Dataset
     ) -> tuple[str | None, float | None]:
@@ -270,6 +327,7 @@ class Runs:
     def _approve_without_card(self, run: Run) -> None:
         if self.store.transition_run(run.id, ["pending_approval"], "approved"):
             self.store.audit("tunebot", "auto_approved", run_id=run.id, plan_hash=run.plan_hash)
+            self.wf.post(run.channel, run.thread_ts, render.local_accepted(run))
             self.start(run.id)
 
     def _ask_approvers(self, run: Run) -> None:
@@ -377,7 +435,10 @@ class Runs:
         if not self.store.transition_run(run_id, ["approved"], "queued"):
             return  # someone else is starting it, or it is no longer approved
         run = self.store.get_run(run_id)
-        self._submit(run)
+        if run.provider == "local":
+            self.dispatch_local()
+        else:
+            self._submit(run)
 
     def _submit(self, run: Run) -> None:
         from trainers.openai_ft import OpenAIError
@@ -435,6 +496,9 @@ class Runs:
 
         if run.status == "approved":
             self.start(run.id)
+            return
+        if run.provider == "local":
+            self._poll_local(run)
             return
         if run.status == "queued" and not run.external_id:
             self._submit(run)  # a crash or an outage between approval and submission
@@ -541,6 +605,171 @@ class Runs:
                 log.info("run %s: expired", run.id)
                 self.refresh_card(run.id)
 
+    # --- the local runner ------------------------------------------------------------
+
+    def run_dir(self, run_id: str):
+        return self.settings.home / "runs" / run_id
+
+    def dispatch_local(self) -> None:
+        """Start queued local runs, oldest first, while slots are free (FIFO)."""
+        with self._local_lock:
+            running = len(self.store.runs(status="running", limit=None, provider="local"))
+            queued = sorted(
+                self.store.runs(status="queued", limit=None, provider="local"),
+                key=lambda r: r.created_at,
+            )
+            for run in queued[: max(0, self.settings.local_slots - running)]:
+                if self.store.transition_run(run.id, ["queued"], "running"):
+                    self._launch_local(self.store.get_run(run.id))
+            for position, run in enumerate(
+                queued[max(0, self.settings.local_slots - running) :], 1
+            ):
+                self._show_queue_position(run, position, len(queued))
+
+    def _launch_local(self, run: Run) -> None:
+        from trainers import local, models
+
+        plan = run.plan_json
+        run_dir = self.run_dir(run.id)
+        resume = bool(local.complete_checkpoints(run_dir))
+        try:
+            model = models.resolve(plan["model"], self.settings.home / "models")
+        except (models.ModelFetchError, ValueError) as exc:
+            self._finish(run, "running", "failed", error=f"cannot get model {plan['model']}: {exc}")
+            return
+        data = self._training_files(run)
+        spec = {
+            "run_id": run.id,
+            "model": model,
+            "train_file": data["train"],
+            "eval_file": data.get("eval"),
+            "output_dir": str(run_dir),
+            "epochs": plan["epochs"],
+            "lr": plan["lr"],
+            "batch": plan["batch"],
+            "r": plan["r"],
+            "alpha": plan["alpha"],
+            "targets": plan["targets"],
+            "max_length": plan["max_length"],
+            "qlora": bool(plan.get("qlora")),
+            "merge": plan.get("merge", False),
+            "resume": resume,
+            **self.local_overrides,
+        }
+        worker = local.launch(
+            run_dir,
+            spec,
+            processes=self.settings.local_processes,
+            accelerate_config=self.settings.accelerate_config or None,
+        )
+        self.store.update_run(run.id, external_id=f"pid:{worker.pid}")
+        self.store.audit(
+            "tunebot",
+            "resumed" if resume else "started",
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"pid": worker.pid},
+        )
+        log.info(
+            "run %s: local worker pid %d%s", run.id, worker.pid, " (resuming)" if resume else ""
+        )
+        message = render.local_progress(self.store.get_run(run.id), None)
+        if run.progress_ts:
+            self._update(run, run.progress_ts, message)
+        else:
+            ts = self.wf.post(run.channel, run.thread_ts, message)
+            self.store.update_run(run.id, progress_ts=ts)
+
+    def _training_files(self, run: Run) -> dict[str, str]:
+        return {"train": str(self.wf.blobs.path(run.plan_json["dataset_sha256"]))}
+
+    def _show_queue_position(self, run: Run, position: int, total: int) -> None:
+        message = render.queued(run, position, total)
+        if run.progress_ts:
+            self._update(run, run.progress_ts, message)
+        else:
+            ts = self.wf.post(run.channel, run.thread_ts, message)
+            self.store.update_run(run.id, progress_ts=ts)
+
+    def _update(self, run: Run, ts: str, message: render.Message) -> None:
+        try:
+            self.wf.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
+        except SlackApiError as exc:
+            log.error("cannot update %s's message: %s", run.id, exc.response.get("error"))
+
+    def _poll_local(self, run: Run) -> None:
+        from trainers import local
+
+        if run.status in ("approved", "queued"):
+            self.dispatch_local()
+            return
+        run_dir = self.run_dir(run.id)
+        state = local.read_state(run_dir, local.worker_of(run_dir))
+        if state.status in ("succeeded", "failed", "cancelled"):
+            self._finish_local(run, state)
+            self.dispatch_local()  # a slot is free
+            return
+        data = dict(run.result_json or {})
+        now = time.time()
+        if (
+            now - data.get("progress_edited_at", 0) >= self.settings.progress_seconds
+            and run.progress_ts
+        ):
+            data["progress_edited_at"] = now
+            self._update(run, run.progress_ts, render.local_progress(run, state))
+            self.store.update_run(run.id, result_json=data)
+
+    def _finish_local(self, run: Run, state) -> None:
+        data = dict(run.result_json or {})
+        data.update(
+            adapter_dir=state.result.get("adapter_dir"),
+            merged_dir=state.result.get("merged_dir"),
+            metrics=state.result.get("metrics"),
+            log_tail=state.log_tail,
+        )
+        error = state.error
+        if not self.store.transition_run(
+            run.id, ["running"], state.status, actual_usd=0.0, result_json=data, error=error
+        ):
+            return
+        self.store.audit(
+            "tunebot",
+            state.status,
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"error": error} if error else None,
+        )
+        log.info("run %s: %s", run.id, state.status)
+        done = self.store.get_run(run.id)
+        if done.progress_ts:
+            self._update(done, done.progress_ts, render.local_progress(done, state))
+        self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
+        if state.metrics:
+            self._upload_loss_curve(done, state.metrics)
+
+    def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
+        from trainers import local
+
+        run = self._find_run(cmd.target, channel)
+        if run.provider != "local":
+            raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
+        if user != run.requested_by and user not in self.policy().approvers:
+            raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
+        checkpoints = local.complete_checkpoints(self.run_dir(run.id))
+        if not checkpoints:
+            raise UserError(f"{run.id} has no complete checkpoint to resume from.")
+        if not self.store.transition_run(run.id, ["failed", "cancelled"], "queued", error=None):
+            raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
+        self.store.audit(
+            user,
+            "resume_requested",
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"checkpoint": checkpoints[-1].name},
+        )
+        self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
+        return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
+
     # --- cancel, forget, audit -------------------------------------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
@@ -555,6 +784,25 @@ class Runs:
                 f"updating {run.id}", lambda: self.refresh_card(run.id), channel, run.thread_ts
             )
             return render.note(f"{run.id} is cancelled.", in_channel=True)
+        if (
+            run.provider == "local"
+            and run.status == "queued"
+            and self.store.transition_run(run.id, ["queued"], "cancelled")
+        ):
+            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
+            return render.note(f"{run.id} left the queue and is cancelled.", in_channel=True)
+        if run.provider == "local" and run.status == "running":
+            from trainers import local
+
+            if not local.stop(local.worker_of(self.run_dir(run.id))):
+                raise UserError(
+                    f"{run.id}'s worker is not running; the next poll will say how it ended."
+                )
+            self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
+            return render.note(
+                f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
+                in_channel=True,
+            )
         if run.status in ("queued", "running") and run.external_id:
             from trainers.openai_ft import OpenAIError
 
@@ -648,3 +896,25 @@ def _state_error(error: Any) -> str:
     if isinstance(error, dict):
         return error.get("message") or str(error)
     return getattr(error, "message", None) or str(error)
+
+
+def _flag(opts: dict[str, str], key: str) -> bool | None:
+    if key not in opts:
+        return None
+    value = opts[key].lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise UserError(f"{key}= takes true or false, not `{opts[key]}`.")
+
+
+def _params_billions(model: str) -> float:
+    """A size guess from the name (Llama-3.1-8B -> 8), for the GPU-time estimate."""
+    if model.lower() == "smollm2":
+        return 0.135
+    found = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", model.lower().replace("_", "-"))
+    if not found:
+        return 1.0
+    size = float(found.group(1))
+    return size / 1000 if found.group(2) == "m" else size

@@ -404,6 +404,8 @@ class Workflow:
             return self.runs.request(cmd, channel, user)
         if cmd.name == "cancel":
             return self.runs.cancel(cmd, channel, user)
+        if cmd.name == "resume":
+            return self.runs.resume(cmd, channel, user)
         if cmd.name == "audit":
             return self.runs.audit(cmd, channel)
         if cmd.name == "forget":

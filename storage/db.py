@@ -710,13 +710,14 @@ class Store:
         channel: str | None = None,
         status: str | Iterable[str] | None = None,
         limit: int | None = 20,
+        provider: str | None = None,
     ) -> list[Run]:
         """Newest first. `status` is one status or several; None means any."""
         statuses = None if status is None else _as_statuses(status)
         return self._list(
             "runs",
             Run,
-            {"channel": channel, "status": statuses},
+            {"channel": channel, "status": statuses, "provider": provider},
             order_by="created_at DESC, rowid DESC",
             limit=limit,
         )

@@ -443,8 +443,33 @@ def test_forget_deletes_the_file_here_and_on_openai(paid_bot):
     assert bot.store.audit_log(dataset_id="d1")[0].action == "forgot"
 
 
-def test_local_runs_are_not_available_yet(paid_bot):
+def test_local_runs_can_require_approval_and_show_gpu_time(paid_bot):
+    bot = paid_bot(local_needs_approval=True)
+    upload(bot)
+    body = request(
+        bot, "train provider=local model=Qwen2.5-0.5B-Instruct epochs=2 r=8 targets=q,k,v,o"
+    )
+    assert "r1 needs approval" in body["text"]
+    run = bot.store.get_run("r1")
+    assert run.provider == "local" and run.estimate_usd == 0.0
+    assert run.plan_json["r"] == 8 and run.plan_json["targets"] == "q,k,v,o"
+    card = next(m for m in bot.slack.messages(channel="C1") if m["ts"] == run.card_ts)
+    assert "no API cost" in card["text"] and "~0.5B model" in card["text"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("train provider=local suffix=x", "`suffix=` is for provider=openai"),
+        ("train provider=local qlora=maybe", "qlora= takes true or false"),
+        ("train provider=local r=-2", "r= must be positive"),
+        ("train provider=gpu", "provider must be openai or local"),
+        ("train provider=openai model=gpt-3.5-turbo", "retired"),
+        ("train split=0.9", "split= takes a fraction between 0 and 0.5"),
+    ],
+)
+def test_bad_train_options_are_explained(paid_bot, text, needle):
     bot = paid_bot()
     upload(bot)
-    body = request(bot, "train provider=local")
-    assert "local GPU runner is not configured" in body["text"]
+    body = request(bot, text)
+    assert body["response_type"] == "ephemeral" and needle in body["text"], body["text"]

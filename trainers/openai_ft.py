@@ -537,7 +537,7 @@ def _code(err: Any) -> str | None:
     return str(code) if code else None
 
 
-def _meaning(status: int, code: str | None, message: str) -> tuple[str, bool]:
+def _meaning(status: int, code: str | None) -> tuple[str, bool]:
     """(plain words, retryable) for an HTTP error OpenAI answered."""
     if status == 403 and code == "training_not_available":
         return _TRAINING_NOT_AVAILABLE, False
@@ -565,7 +565,7 @@ def _status_error(err: openai.APIStatusError) -> OpenAIError:
     message = body.get("message") if isinstance(body.get("message"), str) else None
     message = message or (err.response.text.strip() if err.response is not None else "")
     code = _code(err)
-    meaning, retryable = _meaning(err.status_code, code, message)
+    meaning, retryable = _meaning(err.status_code, code)
     return OpenAIError(
         message or f"HTTP {err.status_code}",
         meaning=meaning,

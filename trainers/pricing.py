@@ -3,6 +3,10 @@
 Billed tokens = epochs x sum over valid examples of min(tokens, context): an
 example longer than the model's training context is truncated and billed at
 the limit. Prices are USD per 1M training tokens.
+
+Inference prices (USD per 1M input / output tokens, for the base model and
+for a model fine-tuned from it) price evaluation runs: generation with both
+models and the LLM judge. See `inference_cost`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class ModelPrice:
     encoding: str = "o200k_base"
     aliases: tuple[str, ...] = ()
     retired: str | None = None  # why it can no longer be trained, when it cannot
+    # Inference, USD per 1M tokens; None where unknown. ft_* price a model
+    # fine-tuned from this one (an ``ft:<this model>:...`` id).
+    input_per_1m: float | None = None
+    output_per_1m: float | None = None
+    ft_input_per_1m: float | None = None
+    ft_output_per_1m: float | None = None
 
     @property
     def trainable(self) -> bool:
@@ -38,16 +48,56 @@ class ModelPrice:
 
 
 DEFAULT_PRICES: tuple[ModelPrice, ...] = (
-    ModelPrice("gpt-4o-mini-2024-07-18", 3.00, 65_536, aliases=("gpt-4o-mini",)),
-    ModelPrice("gpt-4.1-mini-2025-04-14", 5.00, 65_536, aliases=("gpt-4.1-mini",)),
-    ModelPrice("gpt-4.1-2025-04-14", 25.00, 65_536, aliases=("gpt-4.1",)),
-    ModelPrice("gpt-4o-2024-08-06", 25.00, 65_536, aliases=("gpt-4o",)),
+    ModelPrice(
+        "gpt-4o-mini-2024-07-18",
+        3.00,
+        65_536,
+        aliases=("gpt-4o-mini",),
+        input_per_1m=0.15,
+        output_per_1m=0.60,
+        ft_input_per_1m=0.30,
+        ft_output_per_1m=1.20,
+    ),
+    ModelPrice(
+        "gpt-4.1-mini-2025-04-14",
+        5.00,
+        65_536,
+        aliases=("gpt-4.1-mini",),
+        input_per_1m=0.40,
+        output_per_1m=1.60,
+        ft_input_per_1m=0.80,
+        ft_output_per_1m=3.20,
+    ),
+    ModelPrice(
+        "gpt-4.1-2025-04-14",
+        25.00,
+        65_536,
+        aliases=("gpt-4.1",),
+        input_per_1m=2.00,
+        output_per_1m=8.00,
+        ft_input_per_1m=3.00,
+        ft_output_per_1m=12.00,
+    ),
+    ModelPrice(
+        "gpt-4o-2024-08-06",
+        25.00,
+        65_536,
+        aliases=("gpt-4o",),
+        input_per_1m=2.50,
+        output_per_1m=10.00,
+        ft_input_per_1m=3.75,
+        ft_output_per_1m=15.00,
+    ),
     ModelPrice(
         "gpt-4.1-nano-2025-04-14",
         1.50,
         65_536,
         aliases=("gpt-4.1-nano",),
         retired="gpt-4.1-nano fine-tuning is retired; use gpt-4o-mini-2024-07-18",
+        input_per_1m=0.10,
+        output_per_1m=0.40,
+        ft_input_per_1m=0.20,
+        ft_output_per_1m=0.80,
     ),
     ModelPrice(
         "gpt-3.5-turbo-0125",
@@ -91,7 +141,9 @@ class PriceTable:
         """Defaults overridden (or extended) by a JSON file.
 
         Format: {"models": {"<name>": {"training_per_1m": 3.0, "context": 65536,
-        "aliases": ["short"], "encoding": "o200k_base", "retired": null}}}.
+        "aliases": ["short"], "encoding": "o200k_base", "retired": null,
+        "input_per_1m": 0.15, "output_per_1m": 0.6, "ft_input_per_1m": 0.3,
+        "ft_output_per_1m": 1.2}}}.
         """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -109,12 +161,21 @@ class PriceTable:
         return cls(tuple(models.values()))
 
 
+_INFERENCE_FIELDS = ("input_per_1m", "output_per_1m", "ft_input_per_1m", "ft_output_per_1m")
+
+
 def _override(base: ModelPrice, fields: Mapping[str, object], where: str) -> ModelPrice:
-    allowed = {"training_per_1m", "context", "encoding", "aliases", "retired"}
+    allowed = {"training_per_1m", "context", "encoding", "aliases", "retired", *_INFERENCE_FIELDS}
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}; known: {sorted(allowed)}")
     changes: dict[str, object] = dict(fields)
+    for name in _INFERENCE_FIELDS:
+        if name in changes and changes[name] is not None:
+            price = changes[name]
+            if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
+                raise ValueError(f"{where}: {name} must be a number >= 0 or null")
+            changes[name] = float(price)
     if "training_per_1m" in changes:
         price = changes["training_per_1m"]
         if not isinstance(price, int | float) or price < 0:
@@ -125,6 +186,43 @@ def _override(base: ModelPrice, fields: Mapping[str, object], where: str) -> Mod
     if "aliases" in changes:
         changes["aliases"] = tuple(str(a).lower() for a in changes["aliases"])  # type: ignore[union-attr]
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def base_of(model_name_or_ft_id: str) -> tuple[str, bool]:
+    """(base model, fine-tuned?) for a model name or an ``ft:<base>:<org>:<suffix>:<id>`` id."""
+    name = model_name_or_ft_id.strip()
+    if not name.lower().startswith("ft:"):
+        return name, False
+    base = name.split(":")[1]
+    if not base:
+        raise ValueError(f"fine-tuned model id {model_name_or_ft_id!r} names no base model")
+    return base, True
+
+
+def inference_cost(
+    model_name_or_ft_id: str,
+    input_tokens: int,
+    output_tokens: int,
+    table: PriceTable | None = None,
+) -> float:
+    """USD for ``input_tokens`` in and ``output_tokens`` out of a model.
+
+    An ``ft:<base>:...`` id is priced at its base model's fine-tuned rates.
+    Raises UnknownModel for a model not in the table and ValueError when the
+    table has no inference price for it or a token count is negative.
+    """
+    if input_tokens < 0 or output_tokens < 0:
+        raise ValueError("token counts must be 0 or more")
+    base, tuned = base_of(model_name_or_ft_id)
+    model = (table or PriceTable()).resolve(base)
+    if tuned:
+        rates = (model.ft_input_per_1m, model.ft_output_per_1m)
+    else:
+        rates = (model.input_per_1m, model.output_per_1m)
+    if rates[0] is None or rates[1] is None:
+        kind = "fine-tuned " if tuned else ""
+        raise ValueError(f"no {kind}inference price for {model.name} in the price table")
+    return (input_tokens * rates[0] + output_tokens * rates[1]) / 1_000_000
 
 
 def auto_epochs(n_examples: int) -> int:

@@ -1,0 +1,236 @@
+"""Launching and following the local LoRA worker (`python -m trainers.lora`).
+
+The worker is its own process group, writing `progress.jsonl` and, at the
+end, `result.json` in the run's folder. Everything the bot knows about a
+local run comes from those files and from whether the process still lives,
+so a restarted bot re-attaches by reading the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROGRESS = "progress.jsonl"
+RESULT = "result.json"
+LOG = "worker.log"
+PIDFILE = "worker.pid"
+SPEC = "spec.json"
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class Worker:
+    pid: int
+    started: str  # the kernel's start time of that pid: guards against pid reuse
+
+    def to_json(self) -> str:
+        return json.dumps({"pid": self.pid, "started": self.started})
+
+    @classmethod
+    def from_json(cls, text: str) -> Worker:
+        data = json.loads(text)
+        return cls(int(data["pid"]), str(data["started"]))
+
+
+@dataclass(frozen=True)
+class LocalState:
+    status: str  # running, succeeded, failed, cancelled
+    step: int | None = None
+    total_steps: int | None = None
+    train_loss: float | None = None
+    eta_seconds: float | None = None
+    tokens_per_second: float | None = None
+    metrics: tuple[tuple[int, float], ...] = ()
+    eval_losses: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+    log_tail: str | None = None
+    result: dict = field(default_factory=dict)
+
+
+def command(
+    spec_path: Path, *, processes: int = 1, accelerate_config: str | None = None
+) -> list[str]:
+    """The worker's command line: plain Python, or accelerate for several processes."""
+    if processes <= 1 and not accelerate_config:
+        return [sys.executable, "-m", "trainers.lora", str(spec_path)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        # Without GPUs, --multi_gpu still starts N gloo ranks on the CPU.
+        cmd += ["--multi_gpu", "--num_processes", str(processes)]
+    return [*cmd, "-m", "trainers.lora", str(spec_path)]
+
+
+def launch(
+    run_dir: Path,
+    spec: dict,
+    *,
+    processes: int = 1,
+    accelerate_config: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Worker:
+    """Write the spec and start the worker in its own session (so a signal reaches all ranks)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / SPEC
+    spec_path.write_text(json.dumps(spec, indent=2))
+    (run_dir / RESULT).unlink(missing_ok=True)  # a resumed run writes a new one
+    with open(run_dir / LOG, "ab") as log:
+        proc = subprocess.Popen(
+            command(spec_path, processes=processes, accelerate_config=accelerate_config),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=_project_root(),
+        )
+    worker = Worker(proc.pid, _start_time(proc.pid) or "")
+    (run_dir / PIDFILE).write_text(worker.to_json())
+    _reap_later(proc)
+    return worker
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
+
+
+def _reap_later(proc: subprocess.Popen) -> None:
+    """Collect the child's exit status when it ends, so it never lingers as a zombie."""
+    import threading
+
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has finished
+        return None
+    return fields[19]  # starttime, field 22 of the full line
+
+
+def worker_of(run_dir: Path) -> Worker | None:
+    try:
+        return Worker.from_json((run_dir / PIDFILE).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def alive(worker: Worker | None) -> bool:
+    if worker is None:
+        return False
+    started = _start_time(worker.pid)
+    return started is not None and (not worker.started or started == worker.started)
+
+
+def stop(worker: Worker | None) -> bool:
+    """Ask the worker to save a checkpoint and stop. False when it was not running."""
+    if not alive(worker):
+        return False
+    try:
+        os.killpg(worker.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = (run_dir / LOG).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def read_state(run_dir: Path, worker: Worker | None = None) -> LocalState:
+    """Where the run is, from its files; a worker gone without a result has died."""
+    steps: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    last: dict = {}
+    total = None
+    for event in _events(run_dir / PROGRESS):
+        kind = event.get("event")
+        if kind == "start":
+            total = event.get("max_steps") or total
+        elif kind == "step":
+            last = event
+            total = event.get("max_steps") or total
+            if event.get("loss") is not None:
+                steps.append((int(event["step"]), float(event["loss"])))
+        elif kind == "eval" and event.get("eval_loss") is not None:
+            evals.append((int(event.get("step", 0)), float(event["eval_loss"])))
+    common = {
+        "step": last.get("step"),
+        "total_steps": total,
+        "train_loss": last.get("loss"),
+        "eta_seconds": last.get("eta_seconds"),
+        "tokens_per_second": last.get("tokens_per_second"),
+        "metrics": tuple(steps),
+        "eval_losses": tuple(evals),
+    }
+    result = _result(run_dir)
+    if result is not None:
+        status = result.get("status", "failed")
+        return LocalState(
+            status=status,
+            error=result.get("error"),
+            log_tail=result.get("log_tail"),
+            result=result,
+            **common,
+        )
+    if worker is not None and not alive(worker):
+        return LocalState(
+            status="failed",
+            error="the training worker stopped without a result (killed, or out of memory)",
+            log_tail=log_tail(run_dir),
+            **common,
+        )
+    return LocalState(status="running", **common)
+
+
+def _events(path: Path) -> list[dict]:
+    try:
+        raw = path.read_text(errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in raw.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written right now
+    return events
+
+
+def _result(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints a run can resume from, oldest first; a half-written one is skipped."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("checkpoint-*"):
+        weights = any((path / name).exists() for name in _ADAPTER_FILES)
+        if (path / "trainer_state.json").is_file() and weights:
+            try:
+                found.append((int(path.name.rsplit("-", 1)[1]), path))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+_ADAPTER_FILES: Sequence[str] = ("adapter_model.safetensors", "adapter_model.bin")
