@@ -42,6 +42,23 @@ def _build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     fetch = models_sub.add_parser("fetch", help="fetch and convert a known model, offline-ready")
     fetch.add_argument("name", help="a known model name, e.g. smollm2")
+    adv = sub.add_parser(
+        "advise", help="should we fine-tune at all? (asks when run without options)"
+    )
+    adv.add_argument(
+        "--problem",
+        action="append",
+        default=[],
+        help="knowledge, format, style, cost or domain (repeatable)",
+    )
+    adv.add_argument("--calls-per-day", type=int, help="calls a day in production")
+    adv.add_argument("--examples", type=int, help="good examples you have")
+    adv.add_argument(
+        "--tried",
+        action="append",
+        default=[],
+        help="prompting, few_shot, structured_outputs or rag (repeatable)",
+    )
     serve = sub.add_parser("serve", help="run the Slack bot")
     serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
     serve.add_argument("--host", default="127.0.0.1")
@@ -55,6 +72,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         settings = Settings.from_env(env)
         if args.command in ("validate", "estimate"):
             return _check_file(args, settings)
+        if args.command == "advise":
+            return _advise(args)
         if args.command == "models":
             return _models(args, settings)
         if args.command == "serve":
@@ -119,6 +138,47 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(render.estimate_summary(path.name, report, costs, local).text)
     return EXIT_FINDINGS if report.has_errors else EXIT_OK
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from trainers.advise import PROBLEMS, TRIED, Situation, advise
+
+    problems, tried = list(args.problem), list(args.tried)
+    calls, examples = args.calls_per_day, args.examples
+    if not problems and sys.stdin.isatty():
+        print("What is wrong today? (comma-separated)")
+        for key, label in PROBLEMS.items():
+            print(f"  {key:<10} {label}")
+        problems = _split(input("> "))
+        calls = _ask_int("How many calls a day? ")
+        examples = _ask_int("How many good examples do you have? ")
+        print("What have you tried? (comma-separated, empty for nothing)")
+        for key, label in TRIED.items():
+            print(f"  {key:<18} {label}")
+        tried = _split(input("> "))
+    try:
+        situation = Situation(
+            frozenset(p for item in problems for p in _split(item)),
+            calls or 0,
+            examples or 0,
+            frozenset(t for item in tried for t in _split(item)),
+        )
+    except ValueError as exc:
+        raise UsageError(f"tunebot advise: {exc}") from None
+    print("\n".join(advise(situation).lines()))
+    return EXIT_OK
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.replace(" ", ",").split(",") if part.strip()]
+
+
+def _ask_int(prompt: str) -> int:
+    answer = input(prompt).strip().replace(",", "")
+    try:
+        return int(answer or 0)
+    except ValueError:
+        raise UsageError(f"tunebot advise: {answer!r} is not a whole number") from None
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:

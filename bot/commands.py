@@ -78,6 +78,10 @@ SPECS: dict[str, Spec] = {
             "continue a stopped local run from its last checkpoint",
             max_args=1,
         ),
+        Spec("budget", "budget", "this month's spend by run and by person, estimate vs actual"),
+        Spec(
+            "advise", "advise", "should we fine-tune at all? a few questions, then a recommendation"
+        ),
         Spec(
             "audit",
             "audit [run]",

@@ -23,10 +23,18 @@ ACTIONS = ("approve_run", "reject_run", "override_secret")
 
 
 def register(app: App, workflow: Workflow) -> None:
-    def on_finetune(ack: Ack, command: dict[str, Any]) -> None:
+    def on_finetune(ack: Ack, command: dict[str, Any], client) -> None:
         channel, user = command.get("channel_id", ""), command.get("user_id", "")
         try:
-            message = workflow.command(parse(command.get("text", "")), channel, user)
+            parsed = parse(command.get("text", ""))
+            if parsed.name == "advise":
+                # A modal must open within the trigger's 3 seconds: here, not in a job.
+                client.views_open(
+                    trigger_id=command["trigger_id"], view=render.advise_modal(channel)
+                )
+                ack()
+                return
+            message = workflow.command(parsed, channel, user)
         except (CommandError, UserError) as exc:
             message = render.error(getattr(exc, "summary", str(exc)), getattr(exc, "detail", None))
         except Exception as exc:  # the ack must still go out: Slack shows a bare error otherwise
@@ -108,6 +116,36 @@ def register(app: App, workflow: Workflow) -> None:
             None,
         )
 
+    def on_advise(ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
+        from trainers.advise import Situation, advise
+
+        values = view.get("state", {}).get("values", {})
+
+        def picked(block: str) -> frozenset[str]:
+            element = (values.get(block) or {}).get(block) or {}
+            return frozenset(o["value"] for o in element.get("selected_options") or [])
+
+        def number(block: str) -> int:
+            raw = ((values.get(block) or {}).get(block) or {}).get("value") or "0"
+            return int(float(raw))
+
+        try:
+            situation = Situation(
+                picked("problems"),
+                number("calls_per_day"),
+                number("good_examples"),
+                picked("tried"),
+            )
+        except ValueError as exc:
+            ack(response_action="errors", errors={"problems": str(exc)})
+            return
+        ack()
+        user, channel = body["user"]["id"], view.get("private_metadata", "")
+        message = render.advice(advise(situation), user)
+        workflow.submit(
+            "posting advice", lambda: workflow.post(channel, None, message), channel, None
+        )
+
     def _tell(channel: str, user: str, refusal: str | None) -> None:
         """A refused click is answered to the clicker alone."""
         if refusal and channel:
@@ -125,4 +163,5 @@ def register(app: App, workflow: Workflow) -> None:
     for action_id in ACTIONS:
         app.action(action_id)(on_decision)
     app.view("reject_reason")(on_reject_reason)
+    app.view("advise")(on_advise)
     app.error(on_error)

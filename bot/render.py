@@ -244,25 +244,153 @@ def run_status(run) -> Message:
     return Message(text, [_section(text)], in_channel=True)
 
 
-def home_view(datasets: Sequence, runs: Sequence) -> dict:
-    """The App Home tab: the latest datasets and runs."""
+def home_view(
+    *, user: str, active: Sequence, waiting: Sequence, datasets: Sequence, evals: Sequence,
+    spent_usd: float, budget_usd: float | None,
+) -> dict:  # fmt: skip
+    """The App Home tab: what runs, what waits for this person, spend, latest data and evals."""
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": "tunebot"}},
-        _section(
-            "Drop a .jsonl chat training file into a channel I'm in: I check it and price it "
-            "in its thread. `/finetune help` lists the commands."
+        _context(
+            "Drop a .jsonl chat training file into a channel I'm in: I check it and price it in "
+            "its thread. `/finetune help` lists the commands."
         ),
     ]
+    budget = f" of {money(budget_usd)}" if budget_usd is not None else " (no monthly cap)"
+    blocks.append(_section(f"*Spend this month:* {money(spent_usd)}{budget}"))
+    if waiting:
+        lines = [
+            f"• {r.id}: {r.provider} {r.model}, {money(r.estimate_usd or 0)}, asked by <@{r.requested_by}> in <#{r.channel}>"
+            for r in waiting
+        ]
+        blocks.append(_section(f"*Waiting for your approval* (<@{user}>)\n" + "\n".join(lines)))
+    if active:
+        lines = [
+            f"• {r.id}: {_STATE_WORDS.get(r.status, r.status)} — {r.provider} {r.model} on {r.dataset_id}{_progress_hint(r)}"
+            for r in active
+        ]
+        blocks.append(_section("*Runs in progress*\n" + "\n".join(lines)))
+    else:
+        blocks.append(_section("*Runs in progress*\nNone right now."))
     if datasets:
         lines = [
-            f"• {d.id} {d.name}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid"
+            f"• {d.id} {d.name}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid, {d.tokens_total or 0:,} tokens"
             for d in datasets
         ]
         blocks.append(_section("*Latest datasets*\n" + "\n".join(lines)))
-    if runs:
-        lines = [f"• {r.id} {r.provider} {r.model}: {r.status}" for r in runs]
-        blocks.append(_section("*Latest runs*\n" + "\n".join(lines)))
+    if evals:
+        lines = [f"• {e.run_id}: {_eval_line(e.summary_json or {})}" for e in evals]
+        blocks.append(_section("*Latest evaluations*\n" + "\n".join(lines)))
     return {"type": "home", "blocks": blocks}
+
+
+def _progress_hint(run) -> str:
+    data = run.result_json or {}
+    step, total = data.get("step"), data.get("total_steps")
+    return f" (step {step}/{total})" if step and total else ""
+
+
+def _eval_line(summary: dict) -> str:
+    primary = summary.get("primary")
+    means = (summary.get("means") or {}).get(primary) or {}
+    wtl = summary.get("win_tie_loss") or {}
+    if not primary or not means:
+        return "no scores"
+    return (
+        f"{primary} base {means.get('base', 0):.2f} → tuned {means.get('tuned', 0):.2f}; "
+        f"tuned wins {wtl.get('win', 0)}, ties {wtl.get('tie', 0)}, loses {wtl.get('loss', 0)}"
+    )
+
+
+def budget_report(
+    rows: Sequence, *, spent_usd: float, budget_usd: float | None, month: str
+) -> Message:
+    """Spend this month by run and by person, estimate next to actual."""
+    head = f"Spend in {month}: {money(spent_usd)}" + (
+        f" of {money(budget_usd)} ({money(max(budget_usd - spent_usd, 0))} left)"
+        if budget_usd is not None
+        else " (no monthly cap)"
+    )
+    if not rows:
+        return Message(
+            head + "\nNo paid runs this month.",
+            [_section(head + "\nNo paid runs this month.")],
+            in_channel=True,
+        )
+    lines = []
+    people: dict[str, float] = {}
+    for r in rows:
+        actual = "—" if r.actual_usd is None else money(r.actual_usd)
+        lines.append(
+            f"• {r.id} {r.status} {r.provider} {r.model}: estimate {money(r.estimate_usd or 0)}, actual {actual} (<@{r.requested_by}>)"
+        )
+        counted = r.actual_usd if r.actual_usd is not None else (r.estimate_usd or 0)
+        people[r.requested_by] = people.get(r.requested_by, 0.0) + counted
+    by_person = ", ".join(
+        f"<@{u}> {money(v)}" for u, v in sorted(people.items(), key=lambda kv: -kv[1])
+    )
+    text = f"{head}\nBy run:\n" + "\n".join(lines) + f"\nBy person: {by_person}"
+    return Message(text, [_section(text)], in_channel=True)
+
+
+def advise_modal(channel: str) -> dict:
+    from trainers.advise import PROBLEMS, TRIED
+
+    def options(items: dict[str, str]) -> list[dict]:
+        return [
+            {"text": {"type": "plain_text", "text": label[:75]}, "value": key}
+            for key, label in items.items()
+        ]
+
+    def number(block_id: str, label: str, hint: str) -> dict:
+        return {
+            "type": "input",
+            "block_id": block_id,
+            "label": {"type": "plain_text", "text": label},
+            "hint": {"type": "plain_text", "text": hint},
+            "element": {
+                "type": "number_input",
+                "is_decimal_allowed": False,
+                "action_id": block_id,
+                "min_value": "0",
+            },
+        }
+
+    return {
+        "type": "modal",
+        "callback_id": "advise",
+        "private_metadata": channel,
+        "title": {"type": "plain_text", "text": "Should we fine-tune?"},
+        "submit": {"type": "plain_text", "text": "Advise me"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": "problems",
+                "label": {"type": "plain_text", "text": "What is wrong today?"},
+                "element": {
+                    "type": "checkboxes",
+                    "action_id": "problems",
+                    "options": options(PROBLEMS),
+                },
+            },
+            number("calls_per_day", "Calls a day", "How often the model is called in production"),
+            number("good_examples", "Good examples you have", "Reviewed input/output pairs"),
+            {
+                "type": "input",
+                "block_id": "tried",
+                "optional": True,
+                "label": {"type": "plain_text", "text": "What have you tried?"},
+                "element": {"type": "checkboxes", "action_id": "tried", "options": options(TRIED)},
+            },
+        ],
+    }
+
+
+def advice(advice, user: str | None = None) -> Message:
+    lines = advice.lines()
+    head = f"<@{user}> here is what I'd do:" if user else "Here is what I'd do:"
+    text = head + "\n" + "\n".join(lines)
+    return Message(text, [_section(text)], in_channel=True)
 
 
 # --- runs ------------------------------------------------------------------------

@@ -323,6 +323,7 @@ class Runs:
         ts = self.wf.post(run.channel, run.thread_ts, self.card(run))
         self.store.update_run(run.id, card_ts=ts)
         self._ask_approvers(run)
+        self._refresh_homes(run)
 
     def _approve_without_card(self, run: Run) -> None:
         if self.store.transition_run(run.id, ["pending_approval"], "approved"):
@@ -346,6 +347,11 @@ class Runs:
                     run.id,
                     exc.response.get("error"),
                 )
+
+    def _refresh_homes(self, run: Run) -> None:
+        """A run changed state: the Home tabs of the people it concerns show it."""
+        for user in {run.requested_by, *self.policy().approvers} - {None}:
+            self.wf.refresh_home(user)
 
     def refresh_card(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
@@ -573,6 +579,7 @@ class Runs:
         if state is not None:
             self._edit_progress(done, state)
         self.wf.post(run.channel, run.thread_ts, render.run_result(done))
+        self._refresh_homes(done)
         if state is not None and state.metrics:
             self._upload_loss_curve(done, state.metrics)
 
@@ -604,6 +611,7 @@ class Runs:
                 self.store.audit("tunebot", "expired", run_id=run.id, plan_hash=run.plan_hash)
                 log.info("run %s: expired", run.id)
                 self.refresh_card(run.id)
+                self._refresh_homes(run)
 
     # --- the local runner ------------------------------------------------------------
 
@@ -744,6 +752,7 @@ class Runs:
         if done.progress_ts:
             self._update(done, done.progress_ts, render.local_progress(done, state))
         self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
+        self._refresh_homes(done)
         if state.metrics:
             self._upload_loss_curve(done, state.metrics)
 
@@ -843,6 +852,21 @@ class Runs:
         )
         where = f" and {len(removed_remote)} copy(ies) on OpenAI" if removed_remote else ""
         return render.note(f"{dataset.id}'s stored file{where} deleted.", in_channel=True)
+
+    def budget(self, channel: str) -> render.Message:
+        """This month's spend, by run and by person (all channels: the budget is shared)."""
+        now = self.clock()
+        since = approvals.month_start(now)
+        rows = [
+            r for r in self.store.runs(limit=None)
+            if r.created_at >= since and r.provider == "openai" and r.status not in ("rejected", "expired")
+        ]  # fmt: skip
+        return render.budget_report(
+            rows,
+            spent_usd=self.committed_usd(),
+            budget_usd=self.settings.monthly_budget_usd,
+            month=f"{now:%B %Y}",
+        )
 
     def audit(self, cmd: Command, channel: str) -> render.Message:
         if cmd.target:

@@ -325,11 +325,31 @@ class Workflow:
         return costs, local
 
     def refresh_home(self, user: str) -> None:
-        def publish() -> None:
-            view = render.home_view(self.store.datasets(limit=5), self.store.runs(limit=5))
-            self.client.views_publish(user_id=user, view=view)
+        self.submit("refreshing the Home tab", lambda: self.publish_home(user), "", None)
 
-        self.submit("refreshing the Home tab", publish, "", None)
+    def home(self, user: str) -> dict:
+        """The Home tab for `user`; channels outside TUNEBOT_CHANNELS stay out of it."""
+        runs = [r for r in self.store.runs(limit=200) if self.settings.serves(r.channel)]
+        approvers = self.runs.policy().approvers
+        waiting = [
+            r for r in runs
+            if r.status == "pending_approval" and user in approvers and r.requested_by != user
+        ]  # fmt: skip
+        active = [r for r in runs if r.status in ("approved", "queued", "running")]
+        evals = [e for r in runs[:20] for e in self.store.evals(r.id)][-5:]
+        datasets = [d for d in self.store.datasets(limit=20) if self.settings.serves(d.channel)][:5]
+        return render.home_view(
+            user=user,
+            active=active,
+            waiting=waiting,
+            datasets=datasets,
+            evals=evals,
+            spent_usd=self.runs.committed_usd(),
+            budget_usd=self.settings.monthly_budget_usd,
+        )
+
+    def publish_home(self, user: str) -> None:
+        self.client.views_publish(user_id=user, view=self.home(user))
 
     # --- datasets and reports ------------------------------------------------------
 
@@ -404,6 +424,8 @@ class Workflow:
             return self.runs.request(cmd, channel, user)
         if cmd.name == "cancel":
             return self.runs.cancel(cmd, channel, user)
+        if cmd.name == "budget":
+            return self.runs.budget(channel)
         if cmd.name == "resume":
             return self.runs.resume(cmd, channel, user)
         if cmd.name == "audit":
