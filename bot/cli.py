@@ -38,6 +38,10 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model to estimate (default: TUNEBOT_DEFAULT_MODEL)")
         p.add_argument("--epochs", default="auto", help="1..25, or auto (OpenAI's rule)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+    conv = sub.add_parser("convert", help="turn ShareGPT, Alpaca or CSV data into chat JSONL")
+    conv.add_argument("file")
+    conv.add_argument("--from", dest="fmt", required=True, choices=("sharegpt", "alpaca", "csv"))
+    conv.add_argument("--out", help="where to write (default: FILE.chat.jsonl beside it)")
     models = sub.add_parser("models", help="models for local training")
     models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
     fetch = models_sub.add_parser("fetch", help="fetch and convert a known model, offline-ready")
@@ -72,6 +76,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         settings = Settings.from_env(env)
         if args.command in ("validate", "estimate"):
             return _check_file(args, settings)
+        if args.command == "convert":
+            return _convert(args, settings)
         if args.command == "advise":
             return _advise(args)
         if args.command == "models":
@@ -138,6 +144,36 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(render.estimate_summary(path.name, report, costs, local).text)
     return EXIT_FINDINGS if report.has_errors else EXIT_OK
+
+
+def _convert(args: argparse.Namespace, settings: Settings) -> int:
+    from bot import render
+    from trainers import pricing
+    from trainers.convert import convert
+    from trainers.data import validate
+
+    source = Path(args.file)
+    out = Path(args.out) if args.out else source.with_name(source.stem + ".chat.jsonl")
+    try:
+        result = convert(source, args.fmt)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"tunebot convert: cannot read {source}: {exc}") from None
+    result.write(out)
+    for where, what in result.problems:
+        print(f"{source.name} {where}: {what}", file=sys.stderr)
+    print(
+        f"{len(result.examples):,} examples written to {out}; {len(result.problems):,} rows not converted"
+    )
+    prices = _price_table(settings)
+    model = prices.resolve(settings.default_model)
+    report = validate(out, context_tokens=model.context, max_file_bytes=settings.max_file_bytes)
+    costs = pricing.cost_table(report.token_counts, prices, model.name)
+    print(
+        render.validation_report(
+            out.name, report, costs, pricing.local_estimates(report.token_counts)
+        ).text
+    )
+    return EXIT_FINDINGS if result.problems or report.has_errors else EXIT_OK
 
 
 def _advise(args: argparse.Namespace) -> int:
