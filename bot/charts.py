@@ -51,3 +51,29 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], *, title: str) -> 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def score_bars(
+    names: Sequence[str], base: Sequence[float], tuned: Sequence[float], *, title: str
+) -> bytes:
+    """Base and tuned mean scores side by side, one pair of bars per scorer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.2), dpi=110)
+    ax = fig.add_subplot()
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base", color="#b0b7c3")
+    ax.bar([x + 0.2 for x in xs], tuned, width=0.4, label="tuned", color="#4a7bd0")
+    ax.set_xticks(list(xs), list(names))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean score")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -78,6 +78,13 @@ SPECS: dict[str, Spec] = {
             "continue a stopped local run from its last checkpoint",
             max_args=1,
         ),
+        Spec(
+            "eval",
+            "eval <run> [eval=<dataset>]",
+            "evaluate a run again, base vs tuned (on another held-out set with eval=)",
+            options=("eval",),
+            max_args=1,
+        ),
         Spec("budget", "budget", "this month's spend by run and by person, estimate vs actual"),
         Spec(
             "advise", "advise", "should we fine-tune at all? a few questions, then a recommendation"

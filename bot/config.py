@@ -110,6 +110,16 @@ class Settings:
         ),
     )
 
+    eval_concurrency: int = field(
+        default=8,
+        metadata=_meta(
+            "TUNEBOT_EVAL_CONCURRENCY", "Model calls in flight at once during an evaluation"
+        ),
+    )
+    judge_model: str = field(
+        default="gpt-4.1-mini-2025-04-14",
+        metadata=_meta("TUNEBOT_JUDGE_MODEL", "LLM judge for evaluations (needs OPENAI_API_KEY)"),
+    )
     local_base_model: str = field(
         default="smollm2",
         metadata=_meta(
@@ -166,7 +176,10 @@ class Settings:
 
 
 _LISTS = {"channels", "approvers"}
-_INTS = {"max_file_mb": 1, "required_approvals": 1, "local_slots": 1, "local_processes": 1}
+_INTS = {
+    "max_file_mb": 1, "required_approvals": 1, "local_slots": 1, "local_processes": 1,
+    "eval_concurrency": 1,
+}  # fmt: skip
 _FLOATS = {"approval_ttl_hours", "poll_seconds", "progress_seconds"}
 _MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd"}
 _BOOLS = {"local_needs_approval"}

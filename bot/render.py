@@ -661,3 +661,65 @@ def local_result(run, state) -> Message:
         lines.append(f"Last lines of the log:\n```{tail}```")
     text = "\n".join(lines)
     return Message(text, [_section(text)])
+
+
+def _clip(text: str, limit: int = 180) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def eval_summary(run, result, *, cost_usd: float) -> Message:
+    """Base vs tuned on held-out data: scores, win/tie/loss, the five worst examples."""
+    n = len(result.rows)
+    lines = [f"{run.id} evaluation: base `{run.model}` vs tuned on {n:,} held-out examples"]
+    table = [f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"]
+    for s in result.summaries:
+        if s.base is None and s.tuned is None:
+            continue
+        mark = "  ◀ primary" if s.name == result.primary else ""
+        table.append(
+            f"{s.name:<10} {s.base or 0:>6.3f} {s.tuned or 0:>6.3f} {(s.delta or 0):>+7.3f}{mark}"
+        )
+    source = (
+        "pairwise judge"
+        if result.outcome_source == "pairwise"
+        else f"{result.outcome_source}, ties within 0.02"
+    )
+    verdict = f"Tuned vs base: {result.wins} wins · {result.ties} ties · {result.losses} losses ({source})"
+    extras = []
+    if result.invalid_judge:
+        extras.append(f"{result.invalid_judge} judge answer(s) were unparseable and not counted")
+    if result.base_errors or result.tuned_errors:
+        extras.append(
+            f"generation failed for {result.base_errors} base and {result.tuned_errors} tuned answer(s)"
+        )
+    extras.append(
+        f"evaluation cost {money(cost_usd)}"
+        + (f" (judge {result.judge_model})" if result.judge_model else " (offline scorers)")
+    )
+    worst = result.worst(5)
+    worst_lines = [
+        f"{i}. Prompt: {_clip(w.prompt)}\n   Expected: {_clip(w.expected)}\n   Got: {_clip(w.actual)}\n   Why: {_clip(w.reason, 240)}"
+        for i, w in enumerate(worst, 1)
+    ]
+    text = "\n".join(
+        [*lines, *table, verdict, *extras]
+        + (
+            [f"The {len(worst)} worst (lowest tuned {result.primary}):", *worst_lines]
+            if worst
+            else []
+        )
+    )
+    blocks = [
+        _section(f"*{lines[0]}*"),
+        _section("```" + "\n".join(table) + "```"),
+        _section(verdict + "\n" + "\n".join(f"• {e}" for e in extras)),
+    ]
+    if worst:
+        blocks.append(
+            _section(
+                f"*The {len(worst)} worst (lowest tuned {result.primary})*\n"
+                + "\n".join(worst_lines)
+            )
+        )
+    return Message(text, blocks)

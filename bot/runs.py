@@ -56,6 +56,9 @@ class Runs:
         self._local_lock = threading.Lock()
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
+        from bot.evaluation import Evaluations
+
+        self.evals = Evaluations(self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -203,7 +206,8 @@ class Runs:
         ):
             raise UserError("suffix= takes up to 40 letters, digits, - and _.")
         eval_id, split = self._eval_choice(opts, channel, dataset)
-        estimate = pricing.estimate(report.token_counts, model, epochs, today=self.clock().date())
+        counts = _training_share(report.token_counts, split)
+        estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
         return {
             "dataset_id": dataset.id,
             "dataset_sha256": dataset.sha256,
@@ -243,7 +247,7 @@ class Runs:
         params = _params_billions(model)
         qlora = _flag(opts, "qlora")
         local = pricing.local_estimate(
-            report.token_counts,
+            _training_share(report.token_counts, split),
             params_billions=params,
             epochs=epochs,
             max_length=max_length,
@@ -316,6 +320,8 @@ class Runs:
         )
 
     def _post_card(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        self.evals.prepare(run)  # the held-out split, before anyone approves the plan
         run = self.store.get_run(run_id)
         if not approvals.needs_approval(self.policy(), run.provider):
             self._approve_without_card(run)
@@ -450,7 +456,8 @@ class Runs:
         from trainers.openai_ft import OpenAIError
 
         plan = run.plan_json
-        path = self.wf.blobs.path(plan["dataset_sha256"])
+        data = self.evals.prepare(run)
+        path = self.wf.blobs.path(data["train_sha256"])
         try:
             job = self.tuner.start(
                 run.id,
@@ -476,7 +483,10 @@ class Runs:
             ["queued"],
             "running",
             external_id=job.id,
-            result_json={"training_file": job.training_file},
+            result_json={
+                **(self.store.get_run(run.id).result_json or {}),
+                "training_file": job.training_file,
+            },
         )
         self.store.audit(
             "tunebot", "submitted", run_id=run.id, plan_hash=run.plan_hash, detail={"job": job.id}
@@ -580,6 +590,8 @@ class Runs:
             self._edit_progress(done, state)
         self.wf.post(run.channel, run.thread_ts, render.run_result(done))
         self._refresh_homes(done)
+        if status == "succeeded":
+            self.evals.after_success(done)
         if state is not None and state.metrics:
             self._upload_loss_curve(done, state.metrics)
 
@@ -689,7 +701,11 @@ class Runs:
             self.store.update_run(run.id, progress_ts=ts)
 
     def _training_files(self, run: Run) -> dict[str, str]:
-        return {"train": str(self.wf.blobs.path(run.plan_json["dataset_sha256"]))}
+        data = self.evals.prepare(run)
+        files = {"train": str(self.wf.blobs.path(data["train_sha256"]))}
+        if data.get("eval_sha256"):
+            files["eval"] = str(self.wf.blobs.path(data["eval_sha256"]))
+        return files
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
         message = render.queued(run, position, total)
@@ -753,6 +769,8 @@ class Runs:
             self._update(done, done.progress_ts, render.local_progress(done, state))
         self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
         self._refresh_homes(done)
+        if state.status == "succeeded":
+            self.evals.after_success(done)
         if state.metrics:
             self._upload_loss_curve(done, state.metrics)
 
@@ -942,3 +960,21 @@ def _params_billions(model: str) -> float:
         return 1.0
     size = float(found.group(1))
     return size / 1000 if found.group(2) == "m" else size
+
+
+def _training_share(counts, split: float | None) -> list[int]:
+    """The token counts the run trains on: the held-out share is left out.
+
+    The split itself is made later, from the frozen plan; which examples it
+    holds out is seeded, so this takes the same number of the mean-sized
+    examples off: an estimate, labelled as such.
+    """
+    from bot.evaluation import held_out_count
+
+    counts = list(counts)
+    held = held_out_count(len(counts), split) if split else 0
+    if not held:
+        return counts
+    mean = sum(counts) / len(counts)
+    ordered = sorted(counts, key=lambda c: abs(c - mean))
+    return ordered[held:]

@@ -424,6 +424,8 @@ class Workflow:
             return self.runs.request(cmd, channel, user)
         if cmd.name == "cancel":
             return self.runs.cancel(cmd, channel, user)
+        if cmd.name == "eval":
+            return self.runs.evals.request(cmd.target, channel, cmd.options.get("eval"))
         if cmd.name == "budget":
             return self.runs.budget(channel)
         if cmd.name == "resume":

@@ -194,11 +194,21 @@ def test_the_whole_loop_submits_once_and_reports_once(paid_bot):
     assert len([t for t in texts(bot) if "r1 🎉 succeeded" in t]) == 1
     assert len(bot.openai.calls_to("POST", JOBS, exact=True)) == 1
 
+    # Then the evaluation on the held-out 10%, posted once in the thread with a chart and a CSV.
+    bot.wait_idle()
+    summaries = [t for t in texts(bot) if t.startswith("r1 evaluation:")]
+    assert len(summaries) == 1 and "5 held-out examples" in summaries[0]
+    assert {"eval-r1.png", "eval-r1.csv"} <= {u.filename for u in bot.slack.uploads}
+    (stored,) = bot.store.evals("r1")
+    assert stored.summary_json["examples"] == 5 and stored.cost_usd > 0
+    data = bot.store.get_run("r1").result_json["data"]
+    trained = bot.openai.contents[body["training_file"]]
+    assert trained == bot.workflow.blobs.path(data["train_sha256"]).read_bytes()
+    assert len(trained.splitlines()) == 35  # the held-out 5 were never trained on
+
     actions = [e.action for e in reversed(bot.store.audit_log(run_id="r1"))]
-    assert (
-        actions[:4] == ["requested", "approve", "approved", "submitted"]
-        and actions[-1] == "succeeded"
-    )
+    assert actions[:4] == ["requested", "approve", "approved", "submitted"]
+    assert actions[-2:] == ["succeeded", "evaluated"]
     _, audit = bot.command("audit r1")
     assert "approve r1" in audit["text"] and "succeeded r1" in audit["text"]
 

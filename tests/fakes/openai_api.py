@@ -1,4 +1,4 @@
-"""A fake OpenAI API (files + fine-tuning jobs) on 127.0.0.1 for tests that use the real SDK.
+"""A fake OpenAI API (files, fine-tuning jobs, chat completions) on 127.0.0.1 for the real SDK.
 
 Point the SDK at it with ``OpenAI(api_key=fake.api_key, base_url=fake.base_url)``.
 openai 3.x talks through httpx2, so transport mocks miss it; a real socket does not.
@@ -32,6 +32,17 @@ matching request(s) with an error in OpenAI's JSON shape, optionally with a
 ``Retry-After`` header, either instead of handling it or after handling it
 (``after_handling=True``: the work is done but the reply is lost, as with a 502
 from a proxy).
+
+Chat completions. ``POST /v1/chat/completions`` answers with
+``fake.chat_script(request_json)`` when set: a string is the assistant's reply;
+a ``(status, body)`` pair is sent as it is (an error, say). The default script
+echoes deterministically: ``"[<model>] <last user message>"``. Usage counts
+follow `count_tokens`' rule: the prompt is ``MESSAGE_OVERHEAD`` plus one token
+per word for each message, the completion one token per word of the reply.
+``fake.latency`` seconds are slept per handled chat call, outside the fake's
+lock, so concurrent calls overlap as they would against the real API.
+``fake.in_flight`` / ``fake.max_in_flight`` count requests being served (any
+endpoint, faults included), for tests of a client's concurrency bound.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -124,6 +135,7 @@ class _Reply:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to wait, outside the lock, before answering
 
 
 @dataclass
@@ -232,6 +244,11 @@ class FakeOpenAI:
         # Fails the next created job when its validation ends: a message, or a
         # dict with code / message / param.
         self.fail_next_job: str | Mapping[str, Any] | None = None
+        # POST /chat/completions: request JSON -> reply text, or (status, JSON body).
+        self.chat_script: Callable[[dict[str, Any]], str | tuple[int, Any]] | None = None
+        self.latency = 0.0  # seconds per handled chat completion
+        self.in_flight = 0  # requests being served now
+        self.max_in_flight = 0  # the most served at once since start (or reset)
 
         self.calls: list[Call] = []
         self.files: dict[str, dict[str, Any]] = {}
@@ -362,6 +379,15 @@ class FakeOpenAI:
                 self._tick(job)
             return self.job(job_id)
 
+    def chat_calls(self) -> list[Call]:
+        """Recorded ``POST /v1/chat/completions`` calls, oldest first."""
+        return self.calls_to("POST", "/chat/completions", exact=True)
+
+    def reset_in_flight(self) -> None:
+        """Forget the in-flight high-water mark (between two runs of a benchmark)."""
+        with self._lock:
+            self.max_in_flight = self.in_flight
+
     def add_file(
         self, content: bytes, filename: str = "train.jsonl", purpose: str = "fine-tune"
     ) -> dict[str, Any]:
@@ -417,6 +443,16 @@ class FakeOpenAI:
     # -- HTTP dispatch ---------------------------------------------------------
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            self._serve(req)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _serve(self, req: BaseHTTPRequestHandler) -> None:
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in req.headers.items()}
@@ -447,6 +483,8 @@ class FakeOpenAI:
                 Call(method, path, dict(pairs), headers, body, params, reply.status, time.time())
             )
 
+        if reply.delay > 0:
+            time.sleep(reply.delay)
         req.send_response(reply.status)
         req.send_header("Content-Type", reply.content_type)
         req.send_header("Content-Length", str(len(reply.body)))
@@ -479,6 +517,8 @@ class FakeOpenAI:
             raise ApiError(404, f"Invalid URL ({method} {path})")
         parts = parts[1:]
         match method, parts:
+            case "POST", ["chat", "completions"]:
+                return self._chat_completion(params)
             case "POST", ["files"]:
                 return _json_reply(self._create_file(params))
             case "GET", ["files", file_id]:
@@ -511,6 +551,50 @@ class FakeOpenAI:
         raise ApiError(404, f"Invalid URL ({method} {path})")
 
     # -- endpoints (called with the lock held) --------------------------------
+
+    def _chat_completion(self, params: Any) -> _Reply:
+        if not isinstance(params, dict):
+            raise ApiError(400, "We could not parse the JSON body of your request.")
+        model = params.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must provide a model parameter", param="model")
+        messages = params.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+        script = self.chat_script or _echo
+        try:
+            answer = script(params)
+        except Exception as exc:  # a broken test script: say so rather than drop the line
+            raise ApiError(500, f"chat_script raised {exc!r}", type="server_error") from exc
+        if isinstance(answer, tuple):
+            status, payload = answer
+            return _json_reply(payload, status)
+        prompt_tokens = sum(MESSAGE_OVERHEAD + len(_text_of(m).split()) for m in messages)
+        completion_tokens = len(answer.split())
+        reply = _json_reply(
+            {
+                "id": self._new_id("chatcmpl"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+        reply.delay = self.latency
+        return reply
 
     def _create_file(self, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict) or not isinstance(params.get("file"), FilePart):
@@ -897,6 +981,13 @@ def _as_error(spec: str | Mapping[str, Any]) -> dict[str, Any]:
         "message": spec.get("message", "The job failed."),
         "param": spec.get("param"),
     }
+
+
+def _echo(params: dict[str, Any]) -> str:
+    """The default chat script: the model's name and the last user message."""
+    users = [m for m in params["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    last = _text_of(users[-1]) if users else ""
+    return f"[{params['model']}] {last}".strip()
 
 
 def _past(status: str) -> str:

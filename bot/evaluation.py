@@ -1,0 +1,272 @@
+"""Held-out data for a run, and the base-vs-tuned evaluation after it.
+
+The split is made when the run's data is prepared, from the frozen plan
+(dataset sha256, fraction, seed), so the evaluation examples are never
+trained on. After a successful run the evaluation runs on the bot's job
+threads: generation (OpenAI or the local adapter), scoring, then the summary,
+a chart and a CSV of every row in the run's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slack_sdk.errors import SlackApiError
+
+from bot import render
+from bot.workflow import UserError
+
+if TYPE_CHECKING:
+    from bot.runs import Runs
+    from storage import Run
+
+log = logging.getLogger("tunebot")
+
+SPLIT_SEED = 0
+MIN_HELD_OUT, MAX_HELD_OUT, MIN_TRAIN = 5, 200, 10
+
+
+def held_out_count(valid_examples: int, fraction: float) -> int:
+    """How many examples the split holds out (the same rule as trainers.evaluate.split_file)."""
+    if valid_examples < MIN_HELD_OUT + MIN_TRAIN:
+        return 0
+    wanted = max(round(valid_examples * fraction), MIN_HELD_OUT)
+    return min(wanted, MAX_HELD_OUT, valid_examples - MIN_TRAIN)
+
+
+class Evaluations:
+    def __init__(self, runs: Runs) -> None:
+        self.runs = runs
+        self.wf = runs.wf
+        self.store = runs.store
+        self.settings = runs.settings
+
+    # --- data ------------------------------------------------------------------------
+
+    def prepare(self, run: Run) -> dict:
+        """Split (or pair) the run's data once; recorded in the run's result_json["data"]."""
+        from trainers.evaluate import overlap, split_file
+
+        existing = (run.result_json or {}).get("data")
+        if existing:
+            return existing
+        plan = run.plan_json
+        source = self.wf.blobs.path(plan["dataset_sha256"])
+        data: dict[str, Any] = {"train_sha256": plan["dataset_sha256"], "eval_sha256": None}
+        with tempfile.TemporaryDirectory() as tmp:
+            train, held = Path(tmp) / "train.jsonl", Path(tmp) / "eval.jsonl"
+            if plan.get("eval_dataset_id"):
+                eval_dataset = self.store.get_dataset(plan["eval_dataset_id"])
+                data["eval_sha256"] = eval_dataset.sha256
+                data["overlap"] = overlap(source, self.wf.blobs.path(eval_dataset.sha256))
+            elif plan.get("split"):
+                try:
+                    info = split_file(source, train, held, fraction=plan["split"], seed=SPLIT_SEED)
+                except ValueError as exc:
+                    data["note"] = f"no evaluation set: {exc}"
+                else:
+                    data.update(
+                        train_sha256=self.wf.blobs.put_file(train),
+                        eval_sha256=self.wf.blobs.put_file(held),
+                        split=info.to_dict(),
+                    )
+        record = {**(run.result_json or {}), "data": data}
+        self.store.update_run(run.id, result_json=record)
+        if data.get("overlap"):
+            lines = ", ".join(str(n) for n in data["overlap"][:10])
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"⚠️ eval_overlap: {len(data['overlap'])} example(s) of {plan['eval_dataset_id']} "
+                    f"also appear in the training data (lines {lines}); their scores will flatter the "
+                    "tuned model."
+                ),
+            )
+        return data
+
+    # --- the evaluation -----------------------------------------------------------------
+
+    def after_success(self, run: Run) -> None:
+        data = (run.result_json or {}).get("data") or {}
+        if not data.get("eval_sha256"):
+            note = data.get("note") or "no held-out data"
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: not evaluated ({note}). `/finetune eval {run.id} eval=<dataset>` evaluates it on another dataset."
+                ),
+            )
+            return
+        self.wf.submit(
+            f"evaluating {run.id}", lambda: self.evaluate(run.id), run.channel, run.thread_ts
+        )
+
+    def request(self, run_ref: str | None, channel: str, eval_ref: str | None) -> render.Message:
+        run = self.runs._find_run(run_ref, channel)
+        if run.status != "succeeded":
+            raise UserError(f"{run.id} is {run.status}: only a succeeded run can be evaluated.")
+        eval_sha = None
+        if eval_ref:
+            dataset = self.wf.find_dataset(channel, eval_ref)
+            if (dataset.errors or 0) > 0:
+                raise UserError(f"{dataset.id} has errors and cannot be an eval set.")
+            eval_sha = dataset.sha256
+        elif not ((run.result_json or {}).get("data") or {}).get("eval_sha256"):
+            raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
+        self.wf.submit(
+            f"evaluating {run.id}",
+            lambda: self.evaluate(run.id, eval_sha, eval_ref),
+            channel,
+            run.thread_ts,
+        )
+        return render.note(f"Evaluating {run.id}; the results go to its thread.")
+
+    def evaluate(
+        self, run_id: str, eval_sha: str | None = None, eval_dataset_id: str | None = None
+    ) -> None:
+        from trainers.evaluate import examples_from_file, score
+
+        run = self.store.get_run(run_id)
+        data = (run.result_json or {}).get("data") or {}
+        eval_sha = eval_sha or data.get("eval_sha256")
+        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        if not examples:
+            raise UserError(
+                f"The evaluation set of {run.id} has no example with an assistant turn."
+            )
+        base, tuned, generation_cost = self._generate(run, examples)
+        avg_prompt = (
+            sum(len(e.prompt_text) for e in examples) / len(examples) / 4
+        )  # ~4 chars a token
+        judge = self._judge(run, len(examples), avg_prompt)
+        embedder = _embedder()
+        result = score(examples, base, tuned, judge=judge, embedder=embedder)
+        cost = (result.judge_cost_usd or 0.0) + generation_cost
+        summary = {
+            "primary": result.primary,
+            "means": {
+                s.name: {"base": s.base, "tuned": s.tuned, "delta": s.delta}
+                for s in result.summaries
+            },
+            "win_tie_loss": {"win": result.wins, "tie": result.ties, "loss": result.losses},
+            "examples": len(examples),
+        }
+        self.store.add_eval(
+            run.id,
+            eval_dataset_id=eval_dataset_id or run.plan_json.get("eval_dataset_id"),
+            summary=summary,
+            rows=result.to_dict(),
+            cost_usd=cost,
+        )
+        self.store.audit(
+            "tunebot",
+            "evaluated",
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"cost_usd": cost},
+        )
+        log.info(
+            "run %s: evaluated on %d examples, %s %s",
+            run.id,
+            len(examples),
+            result.primary,
+            summary["means"].get(result.primary),
+        )
+        self.wf.post(run.channel, run.thread_ts, render.eval_summary(run, result, cost_usd=cost))
+        self._upload(run, result)
+
+    def _generate(self, run: Run, examples) -> tuple[list, list, float]:
+        from trainers.evaluate import generate_local, generate_openai, generation_cost
+
+        if run.provider == "local":
+            result = run.result_json or {}
+            adapter = result.get("adapter_dir")
+            if not adapter:
+                raise UserError(f"{run.id} has no adapter to evaluate.")
+            from trainers import models
+
+            base_model = models.resolve(run.model, self.settings.home / "models")
+            base, tuned = generate_local(base_model, adapter, examples)
+            return base, tuned, 0.0
+        client = self._openai()
+        tuned_model = (run.result_json or {}).get("fine_tuned_model")
+        if not tuned_model:
+            raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
+        concurrency = self.settings.eval_concurrency
+        base = generate_openai(client, run.model, examples, concurrency=concurrency)
+        tuned = generate_openai(client, tuned_model, examples, concurrency=concurrency)
+        prices = self.wf.prices
+        cost = (generation_cost(run.model, base, prices) or 0.0) + (
+            generation_cost(tuned_model, tuned, prices) or 0.0
+        )
+        return base, tuned, cost
+
+    def _openai(self):
+        import openai
+
+        if not self.settings.openai_api_key:
+            raise UserError("OPENAI_API_KEY is not set, so tunebot cannot reach OpenAI.")
+        return openai.OpenAI(
+            api_key=self.settings.openai_api_key,
+            base_url=self.settings.openai_base_url or "https://api.openai.com/v1",
+            max_retries=3,
+        )
+
+    def _judge(self, run: Run, n_examples: int, avg_prompt_tokens: float):
+        """The LLM judge when OpenAI is configured and its estimated cost fits the budget."""
+        from trainers.scorers import Judge
+
+        if not self.settings.openai_api_key or not self.settings.judge_model:
+            return None
+        judge = Judge(
+            self._openai(), self.settings.judge_model, concurrency=self.settings.eval_concurrency
+        )
+        estimate = judge.estimate_cost(n_examples, avg_prompt_tokens) or 0.0
+        budget = self.settings.monthly_budget_usd
+        if budget is not None and self.runs.committed_usd() + estimate > budget:
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: the LLM judge (about ${estimate:,.2f}) would exceed this month's budget, so only the offline scorers run."
+                ),
+            )
+            return None
+        return judge
+
+    def _upload(self, run: Run, result) -> None:
+        from bot.charts import score_bars
+
+        png = score_bars(
+            [s.name for s in result.summaries],
+            [s.base or 0.0 for s in result.summaries],
+            [s.tuned or 0.0 for s in result.summaries],
+            title=f"{run.id}: base vs tuned on held-out examples",
+        )
+        for content, filename, title in (
+            (png, f"eval-{run.id}.png", f"Scores of {run.id}"),
+            (result.rows_csv(), f"eval-{run.id}.csv", f"Every evaluated example of {run.id}"),
+        ):
+            try:
+                self.wf.client.files_upload_v2(
+                    channel=run.channel,
+                    thread_ts=run.thread_ts,
+                    content=content,
+                    filename=filename,
+                    title=title,
+                )
+            except SlackApiError as exc:
+                log.error("%s for %s not uploaded: %s", filename, run.id, exc.response.get("error"))
+
+
+def _embedder():
+    try:
+        from trainers.scorers import EmbeddingScorer
+    except ImportError:
+        return None
+    return EmbeddingScorer() if EmbeddingScorer.available() else None
