@@ -428,6 +428,14 @@ def _plan_lines(run) -> list[str]:
         if plan.get("eval_dataset_id")
         else f"{int((plan.get('split') or 0) * 100)}% held out for evaluation"
     )
+    if run.provider == "distill":
+        return [
+            f"Plan {run.plan_hash}: distil {run.dataset_id} with teacher {run.model} — "
+            f"{plan.get('prompts', 0):,} prompts"
+            + (f", system prompt “{_clip(plan['system'], 80)}”" if plan.get("system") else ""),
+            f"Estimate: {est.get('input_tokens', 0):,} input tokens exactly + about "
+            f"{est.get('output_tokens', 0):,} output tokens, {money(run.estimate_usd or 0)}",
+        ]
     if run.provider == "local":
         cost = (
             f"Estimate: {est.get('tokens', 0):,} training tokens, {_duration(est.get('gpu_hours', 0))} "
@@ -723,3 +731,29 @@ def eval_summary(run, result, *, cost_usd: float) -> Message:
             )
         )
     return Message(text, blocks)
+
+
+def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> Message:
+    lines = [
+        f"<@{run.requested_by}> {run.id} done: {run.model} wrote {examples:,} examples → {dataset_id} "
+        f"(from {run.dataset_id}), for {money(cost_usd)} (estimated {money(run.estimate_usd or 0)})"
+    ]
+    if failed:
+        shown = "; ".join(f"line {n}: {_clip(why, 80)}" for n, why in failed[:10])
+        more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+        lines.append(f"⚠️ The teacher failed on {len(failed)} prompt(s): {shown}{more}")
+    lines.append(
+        f"Next: `/finetune train {dataset_id} provider=openai model=gpt-4o-mini` or "
+        f"`/finetune train {dataset_id} provider=local` trains a student on it."
+    )
+    text = "\n".join(lines)
+    return Message(text, [_section(text)])
+
+
+def side_by_side(run, prompt: str, base: str, tuned: str) -> Message:
+    text = (
+        f"{run.id} — prompt: {_clip(prompt, 300)}\n"
+        f"*Base* ({run.model}):\n{_clip(base, 1200)}\n"
+        f"*Tuned*:\n{_clip(tuned, 1200)}"
+    )
+    return Message(text, [_section(text)])

@@ -59,6 +59,9 @@ class Runs:
         from bot.evaluation import Evaluations
 
         self.evals = Evaluations(self)
+        from bot.distillation import Distiller
+
+        self.distiller = Distiller(self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -118,6 +121,8 @@ class Runs:
     # --- /finetune train --------------------------------------------------------------
 
     def request(self, cmd: Command, channel: str, user: str) -> render.Message:
+        if cmd.name == "distill":
+            return self._put_to_approvers(self.distiller.plan(cmd, channel), channel, user)
         dataset = self.wf.find_dataset(channel, cmd.target)
         report = self.wf.stored_report(dataset)
         if report.has_errors:
@@ -134,6 +139,12 @@ class Runs:
             plan = self._local_plan(dataset, report, opts, channel)
         else:
             plan = self._openai_plan(dataset, report, opts, channel)
+        return self._put_to_approvers(plan, channel, user)
+
+    def _put_to_approvers(self, plan: dict, channel: str, user: str) -> render.Message:
+        """Check a frozen plan against the policy, record the run, and post its card."""
+        dataset = self.store.get_dataset(plan["dataset_id"])
+        provider = plan["provider"]
         policy = self.policy()
         estimate_usd = plan["estimate"]["cost_usd"]
         committed = self.committed_usd()
@@ -186,6 +197,10 @@ class Runs:
             channel,
             dataset.thread_ts,
         )
+        if not approvals.needs_approval(policy, provider):
+            return render.note(
+                f"{run.id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
+            )
         return render.note(f"{run.id} needs approval: the card is in {dataset.id}'s thread.")
 
     def _openai_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
@@ -449,6 +464,8 @@ class Runs:
         run = self.store.get_run(run_id)
         if run.provider == "local":
             self.dispatch_local()
+        elif run.provider == "distill":
+            self.distiller.start(run)
         else:
             self._submit(run)
 
@@ -515,6 +532,12 @@ class Runs:
             return
         if run.provider == "local":
             self._poll_local(run)
+            return
+        if run.provider == "distill":
+            if run.status == "running":
+                self.distiller.poll(run)
+            elif run.status == "queued":
+                self.distiller.start(run)
             return
         if run.status == "queued" and not run.external_id:
             self._submit(run)  # a crash or an outage between approval and submission
@@ -877,7 +900,7 @@ class Runs:
         since = approvals.month_start(now)
         rows = [
             r for r in self.store.runs(limit=None)
-            if r.created_at >= since and r.provider == "openai" and r.status not in ("rejected", "expired")
+            if r.created_at >= since and r.provider != "local" and r.status not in ("rejected", "expired")
         ]  # fmt: skip
         return render.budget_report(
             rows,

@@ -214,18 +214,52 @@ class Workflow:
                 "Split it, sample it, or raise TUNEBOT_MAX_FILE_MB.",
             )
         sha, size = self._download(file, limit)
-        dataset = self.store.add_dataset(
-            sha256=sha,
+        dataset, report = self.register(
+            sha,
+            size,
             name=name,
             channel=drop.channel,
             thread_ts=thread_ts,
-            file_id=drop.file_id,
             user=drop.user or file.get("user"),
+            file_id=drop.file_id,
+        )
+        log.info(
+            "file %s -> %s: %d examples, %d valid, %d errors, %d warnings (%.1f s)",
+            drop.file_id, dataset.id, report.examples, report.valid_examples,
+            len(report.errors), len(report.warnings), time.monotonic() - started,
+        )  # fmt: skip
+        return self.store.get_dataset(dataset.id)
+
+    def register(
+        self,
+        sha: str,
+        size: int,
+        *,
+        name: str,
+        channel: str,
+        thread_ts: str | None,
+        user: str | None,
+        file_id: str | None = None,
+        source_dataset_id: str | None = None,
+    ) -> tuple[Dataset, Report]:
+        """Record a stored file as a dataset, validate it, and post its report in the thread."""
+        dataset = self.store.add_dataset(
+            sha256=sha,
+            name=name,
+            channel=channel,
+            thread_ts=thread_ts,
+            file_id=file_id,
+            user=user,
             size_bytes=size,
+            source_dataset_id=source_dataset_id,
         )
         model = self.prices.resolve(self.settings.default_model)
         report = self.validation_pool.submit(
-            validate_file, str(self.blobs.path(sha)), model.context, limit, model.encoding
+            validate_file,
+            str(self.blobs.path(sha)),
+            model.context,
+            self.settings.max_file_bytes,
+            model.encoding,
         ).result()
         report.path = name
         costs, local = self._costs(report.token_counts, model.name, None)
@@ -243,17 +277,12 @@ class Workflow:
             report_json=_report_record(report, counts_sha, findings_sha),
         )
         self.post(
-            drop.channel,
+            channel,
             thread_ts,
             render.validation_report(name, report, costs, local, dataset_id=dataset.id),
         )
-        self._upload_histogram(drop.channel, thread_ts, dataset.id, name, report, model.context)
-        log.info(
-            "file %s -> %s: %d examples, %d valid, %d errors, %d warnings (%.1f s)",
-            drop.file_id, dataset.id, report.examples, report.valid_examples,
-            len(report.errors), len(report.warnings), time.monotonic() - started,
-        )  # fmt: skip
-        return self.store.get_dataset(dataset.id)
+        self._upload_histogram(channel, thread_ts, dataset.id, name, report, model.context)
+        return dataset, report
 
     def _file_info(self, file_id: str) -> dict:
         try:
@@ -420,8 +449,10 @@ class Workflow:
             return render.runs_list(self.store.runs(channel=channel, limit=15))
         if cmd.name == "status":
             return self._status(cmd, channel)
-        if cmd.name == "train":
+        if cmd.name in ("train", "distill"):
             return self.runs.request(cmd, channel, user)
+        if cmd.name == "chat":
+            return self.runs.distiller.chat(cmd, channel)
         if cmd.name == "cancel":
             return self.runs.cancel(cmd, channel, user)
         if cmd.name == "eval":
