@@ -63,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         help="prompting, few_shot, structured_outputs or rag (repeatable)",
     )
+    dem = sub.add_parser(
+        "demo", help="the whole loop offline: validate, train a LoRA on CPU, evaluate"
+    )
+    dem.add_argument("--epochs", type=int, default=2)
     serve = sub.add_parser("serve", help="run the Slack bot")
     serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
     serve.add_argument("--host", default="127.0.0.1")
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         settings = Settings.from_env(env)
         if args.command in ("validate", "estimate"):
             return _check_file(args, settings)
+        if args.command == "demo":
+            from bot.demo import demo
+
+            return demo(settings, epochs=args.epochs)
         if args.command == "convert":
             return _convert(args, settings)
         if args.command == "advise":

@@ -336,6 +336,9 @@ def generate_local(
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a terminal bar in the bot's log is noise
 
     source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_model
     tokenizer = AutoTokenizer.from_pretrained(source)

