@@ -1,14 +1,15 @@
-"""PNG charts for the thread. matplotlib is imported inside each function: it
-is slow to import and only the bot's worker threads need it."""
+"""PNG charts for the thread. matplotlib is imported only when a chart is
+drawn: it is slow to import and only the bot's job threads need it."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 
-def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = None) -> bytes:
-    """Histogram of tokens per example; a dashed line marks the model's context."""
+def _axes(title: str) -> tuple[Any, Any]:
+    """A figure in the house style, drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,6 +17,21 @@ def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = No
 
     fig = Figure(figsize=(7, 3.2), dpi=110)
     ax = fig.add_subplot()
+    ax.set_title(title, fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax
+
+
+def _png(fig: Any) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = None) -> bytes:
+    """Histogram of tokens per example; a dashed line marks the model's context."""
+    fig, ax = _axes(title)
     if counts:
         ax.hist(counts, bins=min(50, max(5, len(set(counts)))), color="#4a7bd0", edgecolor="white")
         if limit and max(counts) > limit * 0.8:
@@ -23,57 +39,30 @@ def token_histogram(counts: Sequence[int], *, title: str, limit: int | None = No
             ax.legend(loc="upper right", frameon=False)
     else:
         ax.text(0.5, 0.5, "no valid examples", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(title, fontsize=10)
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def loss_curve(steps: Sequence[int], losses: Sequence[float], *, title: str) -> bytes:
     """Training loss by step, from the job's metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.2), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _axes(title)
     ax.plot(steps, losses, color="#4a7bd0", linewidth=1.5)
-    ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def score_bars(
     names: Sequence[str], base: Sequence[float], tuned: Sequence[float], *, title: str
 ) -> bytes:
     """Base and tuned mean scores side by side, one pair of bars per scorer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.2), dpi=110)
-    ax = fig.add_subplot()
+    fig, ax = _axes(title)
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base", color="#b0b7c3")
     ax.bar([x + 0.2 for x in xs], tuned, width=0.4, label="tuned", color="#4a7bd0")
     ax.set_xticks(list(xs), list(names))
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean score")
-    ax.set_title(title, fontsize=10)
     ax.legend(frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)

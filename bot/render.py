@@ -545,18 +545,23 @@ def _bar(fraction: float, width: int = 20) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
+def _steps(run, state) -> list[str]:
+    """The start every progress line shares: run, status, bar, step, loss."""
+    parts = [f"{run.id} {state.status}"]
+    if state.total_steps:
+        step = state.step or 0
+        parts.append(f"{_bar(step / state.total_steps)} step {step:,}/{state.total_steps:,}")
+    if state.train_loss is not None:
+        parts.append(f"loss {state.train_loss:.4f}")
+    return parts
+
+
 def progress(run, state) -> Message:
-    """The one progress message per run, edited in place."""
+    """The one progress message per OpenAI run, edited in place."""
     if state is None:
         text = f"{run.id}: submitted to OpenAI as {run.external_id}; waiting for it to start."
         return Message(text, [_section(text)])
-    parts = [f"{run.id} {state.status}"]
-    if state.total_steps:
-        parts.append(
-            f"{_bar((state.step or 0) / state.total_steps)} step {state.step or 0:,}/{state.total_steps:,}"
-        )
-    if state.train_loss is not None:
-        parts.append(f"loss {state.train_loss:.4f}")
+    parts = _steps(run, state)
     if state.trained_tokens:
         parts.append(f"{state.trained_tokens:,} tokens")
     if state.estimated_finish:
@@ -624,13 +629,7 @@ def local_progress(run, state) -> Message:
     if state is None:
         text = f"{run.id} starting: loading {run.model}…"
         return Message(text, [_section(text)])
-    parts = [f"{run.id} {state.status}"]
-    if state.total_steps:
-        parts.append(
-            f"{_bar((state.step or 0) / state.total_steps)} step {state.step or 0:,}/{state.total_steps:,}"
-        )
-    if state.train_loss is not None:
-        parts.append(f"loss {state.train_loss:.4f}")
+    parts = _steps(run, state)
     if state.tokens_per_second:
         parts.append(f"{state.tokens_per_second:,.0f} tokens/s")
     if state.eta_seconds and state.status == "running":

@@ -25,12 +25,20 @@ FAST = {"lr": 1e-2, "grad_accum": 1, "max_length": 128}
 
 @pytest.fixture
 def local_bot(paid_bot, tiny):  # noqa: F811
+    homes = []
+
     def start(**overrides):
         bot = paid_bot(local_base_model=str(tiny.model), default_provider="local", **overrides)
         bot.workflow.runs.local_overrides.update(FAST)
+        homes.append(bot.settings.home)
         return bot
 
-    return start
+    yield start
+    for home in homes:  # a failed test must not leave a worker training
+        for run_dir in (home / "runs").glob("*"):
+            worker = local.worker_of(run_dir)
+            if local.alive(worker):
+                os.killpg(worker.pid, signal.SIGKILL)
 
 
 def tick_until(bot, run_id: str, statuses, timeout: float = 420.0):

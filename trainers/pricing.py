@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -357,22 +356,6 @@ class LocalEstimate:
             "tokens_per_second": self.tokens_per_second,
             "gpu_hours": round(self.gpu_hours, 4),
         }
-
-    def describe(self) -> str:
-        mode = "QLoRA" if self.qlora else "LoRA"
-        return (
-            f"~{_hours(self.gpu_hours)} of one 80 GB GPU for {mode} on a "
-            f"{self.params_billions:g}B model, {self.epochs} epoch(s) "
-            f"(assumes ~{self.tokens_per_second:,.0f} tokens/s)"
-        )
-
-
-def _hours(hours: float) -> str:
-    if hours < 1 / 60:
-        return "under a minute"
-    if hours < 1:
-        return f"{math.ceil(hours * 60)} min"
-    return f"{hours:.1f} h"
 
 
 def local_estimate(
