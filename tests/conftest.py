@@ -78,7 +78,7 @@ class RunningBot:
     def event(self, event: dict, event_id: str, headers: dict | None = None) -> int:
         return self.post(event_body(event, event_id=event_id), headers=headers)[0]
 
-    def wait_idle(self, timeout: float = 60) -> None:
+    def wait_idle(self, timeout: float = 300) -> None:
         """Wait until every job the bot has started has finished."""
         assert self.workflow.drain(timeout), "bot jobs still running"
 
