@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     dem = sub.add_parser(
         "demo", help="the whole loop offline: validate, train a LoRA on CPU, evaluate"
     )
-    dem.add_argument("--epochs", type=int, default=2)
+    dem.add_argument("--epochs", type=int, default=1, help="passes over the 100 conversations")
     serve = sub.add_parser("serve", help="run the Slack bot")
     serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
     serve.add_argument("--host", default="127.0.0.1")

@@ -32,7 +32,7 @@ class _DemoRun:  # what the run messages read from a stored run
     result_json: dict = field(default_factory=dict)
 
 
-def demo(settings: Settings, *, out: Path | None = None, epochs: int = 2) -> int:
+def demo(settings: Settings, *, out: Path | None = None, epochs: int = 1) -> int:
     from bot.charts import loss_curve, score_bars, token_histogram
     from trainers import local, models, pricing
     from trainers.data import validate
