@@ -1,7 +1,7 @@
-"""The baseline of bench/train.py: plain TRL, and the held-out loss of an adapter.
+"""The baseline of bench/train.py: plain TRL; and the loss of trained adapters.
 
     python bench/_trl_baseline.py train CONFIG.json   # SFTTrainer with SFTConfig defaults
-    python bench/_trl_baseline.py eval CONFIG.json    # loss of adapters on a held-out file
+    python bench/_trl_baseline.py eval CONFIG.json    # adapters' loss on chat files
 
 `train` is what a user gets from the TRL quick start with a LoRA config:
 `SFTTrainer(model=path, args=SFTConfig(...), peft_config=LoraConfig(...))`,
@@ -81,31 +81,30 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Token-weighted assistant-only loss of each adapter (and the base) on a held-out file."""
+    """Token-weighted assistant-only loss of the base model and each adapter on each file."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     template, _ = training_template(tokenizer)
-    rows = build_dataset(tokenizer, template, cfg["eval_file"])
-    examples = sorted(
-        (
-            (ids[: cfg["max_length"]], mask[: cfg["max_length"]])
-            for ids, mask in zip(rows["input_ids"], rows["assistant_masks"], strict=True)
-        ),
-        key=lambda e: len(e[0]),
-    )
+    n = cfg["max_length"]
+    sets = {}
+    for name, path in cfg["files"].items():
+        rows = build_dataset(tokenizer, template, path)
+        pairs = zip(rows["input_ids"], rows["assistant_masks"], strict=True)
+        sets[name] = sorted(((ids[:n], mask[:n]) for ids, mask in pairs), key=lambda e: len(e[0]))
     base = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
-    losses: dict[str, float] = {}
-    for name, adapter in cfg["adapters"].items():
+    pad = tokenizer.pad_token_id or 0
+    losses: dict[str, dict[str, float]] = {name: {} for name in sets}
+    for model_name, adapter in cfg["adapters"].items():
         model = PeftModel.from_pretrained(base, adapter) if adapter else base
         model.eval()
-        losses[name] = _loss(model, examples, cfg["batch"], tokenizer.pad_token_id or 0)
+        for name, examples in sets.items():
+            losses[name][model_name] = _loss(model, examples, cfg["batch"], pad)
         if adapter:
             base = model.unload()  # the same base weights, adapter removed
-    return {"eval_loss": losses, "examples": len(examples)}
+    return {"loss": losses}
 
 
 def _loss(model: Any, examples: list[tuple[list[int], list[int]]], batch: int, pad: int) -> float:
