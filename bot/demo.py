@@ -33,11 +33,15 @@ class _DemoRun:  # what the run messages read from a stored run
 
 
 def demo(settings: Settings, *, out: Path | None = None, epochs: int = 1) -> int:
+    import warnings
+
     from bot.charts import loss_curve, score_bars, token_histogram
     from trainers import local, models, pricing
     from trainers.data import validate
     from trainers.evaluate import examples_from_file, generate_local, score
 
+    # Library deprecation notices are for us, not for someone trying the demo.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     train_file, eval_file = EXAMPLES / "support.jsonl", EXAMPLES / "support-eval.jsonl"
     if not train_file.is_file() or not eval_file.is_file():
         print(f"tunebot demo: the example data is missing from {EXAMPLES}", file=sys.stderr)
