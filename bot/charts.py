@@ -54,13 +54,24 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], *, title: str) -> 
 
 
 def score_bars(
-    names: Sequence[str], base: Sequence[float], tuned: Sequence[float], *, title: str
+    names: Sequence[str],
+    base: Sequence[float],
+    tuned: Sequence[float],
+    *,
+    title: str,
+    teacher: Sequence[float] | None = None,
 ) -> bytes:
-    """Base and tuned mean scores side by side, one pair of bars per scorer."""
+    """Mean scores side by side, one group of bars per scorer: base, tuned and, when
+    given, the teacher the tuned model was distilled from."""
     fig, ax = _axes(title)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base", color="#b0b7c3")
-    ax.bar([x + 0.2 for x in xs], tuned, width=0.4, label="tuned", color="#4a7bd0")
+    series = [("base", base, "#b0b7c3"), ("tuned", tuned, "#4a7bd0")]
+    if teacher is not None:
+        series.append(("teacher", teacher, "#e0a030"))
+    width = 0.8 / len(series)
+    for k, (label, values, color) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], values, width=width, label=label, color=color)
     ax.set_xticks(list(xs), list(names))
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean score")

@@ -4,7 +4,9 @@ The split is made when the run's data is prepared, from the frozen plan
 (dataset sha256, fraction, seed), so the evaluation examples are never
 trained on. After a successful run the evaluation runs on the bot's job
 threads: generation (OpenAI or the local adapter), scoring, then the summary,
-a chart and a CSV of every row in the run's thread.
+a chart and a CSV of every row in the run's thread. A student trained on a
+distilled dataset is compared with its teacher too (teacher vs base student
+vs tuned student), with the price of 1,000 calls to each.
 """
 
 from __future__ import annotations
@@ -143,10 +145,28 @@ class Evaluations:
         avg_prompt = (
             sum(len(e.prompt_text) for e in examples) / len(examples) / 4
         )  # ~4 chars a token
-        judge = self._judge(run, len(examples), avg_prompt)
+        teacher_model, teacher, teacher_cost = self._teacher(
+            run, examples, avg_prompt, spent_usd=generation_cost
+        )
+        judge = self._judge(
+            run,
+            len(examples),
+            avg_prompt,
+            answers=3 if teacher_model else 2,
+            spent_usd=generation_cost + teacher_cost,
+        )
         embedder = _embedder()
-        result = score(examples, base, tuned, judge=judge, embedder=embedder)
-        cost = (result.judge_cost_usd or 0.0) + generation_cost
+        result = score(
+            examples,
+            base,
+            tuned,
+            judge=judge,
+            embedder=embedder,
+            teacher_outputs=teacher,
+            teacher_model=teacher_model,
+        )
+        cost = (result.judge_cost_usd or 0.0) + generation_cost + teacher_cost
+        prices = self._prices_per_1k(run, base, tuned, teacher_model, teacher)
         summary = {
             "primary": result.primary,
             "means": {
@@ -156,6 +176,10 @@ class Evaluations:
             "win_tie_loss": {"win": result.wins, "tie": result.ties, "loss": result.losses},
             "examples": len(examples),
         }
+        if teacher_model:
+            summary["teacher"] = {"model": teacher_model, "kept": result.kept()}
+        if prices:
+            summary["price_per_1k_calls"] = prices
         self.store.add_eval(
             run.id,
             eval_dataset_id=eval_dataset_id or run.plan_json.get("eval_dataset_id"),
@@ -177,7 +201,11 @@ class Evaluations:
             result.primary,
             summary["means"].get(result.primary),
         )
-        self.wf.post(run.channel, run.thread_ts, render.eval_summary(run, result, cost_usd=cost))
+        self.wf.post(
+            run.channel,
+            run.thread_ts,
+            render.eval_summary(run, result, cost_usd=cost, prices_per_1k=prices),
+        )
         self._upload(run, result)
 
     def _generate(self, run: Run, examples) -> tuple[list, list, float]:
@@ -206,6 +234,88 @@ class Evaluations:
         )
         return base, tuned, cost
 
+    def teacher_of(self, run: Run) -> str | None:
+        """The teacher model whose distillation wrote ``run``'s training data, if one did."""
+        if run.provider not in ("openai", "local"):
+            return None
+        for distill in self.store.runs(status="succeeded", provider="distill", limit=None):
+            if (distill.result_json or {}).get("dataset_id") == run.dataset_id:
+                return distill.model
+        return None
+
+    def _teacher(
+        self, run: Run, examples, avg_prompt_tokens: float, *, spent_usd: float = 0.0
+    ) -> tuple[str | None, list | None, float]:
+        """(teacher, its answers, their cost) for a student of a distillation; else (None, None, 0).
+
+        The teacher answers the held-out prompts afresh, at temperature 0 like
+        the students, so all three are graded the same way. It is skipped, with
+        a note in the thread, when OpenAI is not configured or its estimated
+        cost would break the month's budget.
+        """
+        from trainers.evaluate import generate_openai, generation_cost
+        from trainers.pricing import inference_cost
+
+        teacher = self.teacher_of(run)
+        if teacher is None:
+            return None, None, 0.0
+        if not self.settings.openai_api_key:
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: its data was distilled from {teacher}, but OPENAI_API_KEY is not set, so the teacher is left out of the comparison."
+                ),
+            )
+            return None, None, 0.0
+        avg_answer = sum(len(e.reference) for e in examples) / len(examples) / 4
+        n = len(examples)
+        try:
+            estimate = inference_cost(
+                teacher, round(n * avg_prompt_tokens), round(n * avg_answer), self.wf.prices
+            )
+        except ValueError:
+            estimate = 0.0  # it had a price when distilled; a price file dropped it since
+        budget = self.settings.monthly_budget_usd
+        if budget is not None and self.runs.committed_usd() + spent_usd + estimate > budget:
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: asking the teacher {teacher} (about ${estimate:,.2f}) would exceed this month's budget, so it is left out of the comparison."
+                ),
+            )
+            return None, None, 0.0
+        answers = generate_openai(
+            self._openai(), teacher, examples, concurrency=self.settings.eval_concurrency
+        )
+        return teacher, answers, generation_cost(teacher, answers, self.wf.prices) or 0.0
+
+    def _prices_per_1k(
+        self, run: Run, base, tuned, teacher_model: str | None, teacher
+    ) -> dict[str, dict]:
+        """Price of 1,000 calls like the evaluated ones, per model; a local model has none."""
+        from trainers.evaluate import price_per_1k_calls
+
+        prices = self.wf.prices
+        out: dict[str, dict] = {}
+        if teacher_model:
+            out["teacher"] = {
+                "model": teacher_model,
+                "usd": price_per_1k_calls(teacher_model, teacher, prices),
+            }
+        if run.provider == "openai":
+            tuned_model = (run.result_json or {}).get("fine_tuned_model")
+            out["base"] = {"model": run.model, "usd": price_per_1k_calls(run.model, base, prices)}
+            out["tuned"] = {
+                "model": tuned_model,
+                "usd": price_per_1k_calls(tuned_model, tuned, prices),
+            }
+        elif out:
+            out["base"] = {"model": run.model, "usd": None}
+            out["tuned"] = {"model": f"{run.model} + LoRA {run.id}", "usd": None}
+        return out
+
     def _openai(self):
         import openai
 
@@ -217,8 +327,17 @@ class Evaluations:
             max_retries=3,
         )
 
-    def _judge(self, run: Run, n_examples: int, avg_prompt_tokens: float):
-        """The LLM judge when OpenAI is configured and its estimated cost fits the budget."""
+    def _judge(
+        self,
+        run: Run,
+        n_examples: int,
+        avg_prompt_tokens: float,
+        *,
+        answers: int = 2,
+        spent_usd: float = 0.0,
+    ):
+        """The LLM judge when OpenAI is configured and its estimated cost, after what this
+        evaluation has already spent, fits the budget."""
         from trainers.scorers import Judge
 
         if not self.settings.openai_api_key or not self.settings.judge_model:
@@ -226,9 +345,9 @@ class Evaluations:
         judge = Judge(
             self._openai(), self.settings.judge_model, concurrency=self.settings.eval_concurrency
         )
-        estimate = judge.estimate_cost(n_examples, avg_prompt_tokens) or 0.0
+        estimate = judge.estimate_cost(n_examples, avg_prompt_tokens, rubric_answers=answers) or 0.0
         budget = self.settings.monthly_budget_usd
-        if budget is not None and self.runs.committed_usd() + estimate > budget:
+        if budget is not None and self.runs.committed_usd() + spent_usd + estimate > budget:
             self.wf.post(
                 run.channel,
                 run.thread_ts,
@@ -246,7 +365,8 @@ class Evaluations:
             [s.name for s in result.summaries],
             [s.base or 0.0 for s in result.summaries],
             [s.tuned or 0.0 for s in result.summaries],
-            title=f"{run.id}: base vs tuned on held-out examples",
+            title=f"{run.id}: {'teacher, ' if result.teacher_model else ''}base vs tuned on held-out examples",
+            teacher=[s.teacher or 0.0 for s in result.summaries] if result.teacher_model else None,
         )
         for content, filename, title in (
             (png, f"eval-{run.id}.png", f"Scores of {run.id}"),

@@ -6,7 +6,7 @@ the CLI show. Blocks are Slack's Block Kit rendering of the same content.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from trainers.data import ERROR, Report
@@ -675,17 +675,33 @@ def _clip(text: str, limit: int = 180) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def eval_summary(run, result, *, cost_usd: float) -> Message:
-    """Base vs tuned on held-out data: scores, win/tie/loss, the five worst examples."""
+def eval_summary(
+    run, result, *, cost_usd: float, prices_per_1k: Mapping[str, Mapping] | None = None
+) -> Message:
+    """Base vs tuned on held-out data: scores, win/tie/loss, the five worst examples.
+
+    With a teacher (a distilled dataset's), its column, the share of its
+    score the tuned student kept, and the price of 1,000 calls to each model.
+    """
     n = len(result.rows)
+    teacher = result.teacher_model
     lines = [f"{run.id} evaluation: base `{run.model}` vs tuned on {n:,} held-out examples"]
-    table = [f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"]
+    if teacher:
+        lines[0] = (
+            f"{run.id} evaluation: teacher `{teacher}` vs base `{run.model}` vs tuned student "
+            f"on {n:,} held-out examples"
+        )
+    header = f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"
+    table = [header + (f" {'teacher':>7}" if teacher else "")]
     for s in result.summaries:
         if s.base is None and s.tuned is None:
             continue
         mark = "  ◀ primary" if s.name == result.primary else ""
+        third = ""
+        if teacher:
+            third = f" {s.teacher:>7.3f}" if s.teacher is not None else f" {'–':>7}"
         table.append(
-            f"{s.name:<10} {s.base or 0:>6.3f} {s.tuned or 0:>6.3f} {(s.delta or 0):>+7.3f}{mark}"
+            f"{s.name:<10} {s.base or 0:>6.3f} {s.tuned or 0:>6.3f} {(s.delta or 0):>+7.3f}{third}{mark}"
         )
     source = (
         "pairwise judge"
@@ -694,12 +710,21 @@ def eval_summary(run, result, *, cost_usd: float) -> Message:
     )
     verdict = f"Tuned vs base: {result.wins} wins · {result.ties} ties · {result.losses} losses ({source})"
     extras = []
+    kept = result.kept()
+    if kept is not None:
+        extras.append(
+            f"the tuned student kept {kept:.0%} of the teacher's {result.primary} "
+            f"(base: {(result.summary().base or 0) / result.summary().teacher:.0%})"
+        )
+    if prices_per_1k:
+        extras.append("per 1,000 calls like these: " + _prices_line(prices_per_1k))
     if result.invalid_judge:
         extras.append(f"{result.invalid_judge} judge answer(s) were unparseable and not counted")
-    if result.base_errors or result.tuned_errors:
-        extras.append(
-            f"generation failed for {result.base_errors} base and {result.tuned_errors} tuned answer(s)"
-        )
+    if result.base_errors or result.tuned_errors or result.teacher_errors:
+        failed = f"{result.base_errors} base and {result.tuned_errors} tuned"
+        if teacher:
+            failed = f"{result.base_errors} base, {result.tuned_errors} tuned and {result.teacher_errors} teacher"
+        extras.append(f"generation failed for {failed} answer(s)")
     extras.append(
         f"evaluation cost {money(cost_usd)}"
         + (f" (judge {result.judge_model})" if result.judge_model else " (offline scorers)")
@@ -730,6 +755,18 @@ def eval_summary(run, result, *, cost_usd: float) -> Message:
             )
         )
     return Message(text, blocks)
+
+
+def _prices_line(prices: Mapping[str, Mapping]) -> str:
+    parts = []
+    for role in ("teacher", "base", "tuned"):
+        entry = prices.get(role)
+        if entry is None:
+            continue
+        usd = entry.get("usd")
+        shown = money(usd) if usd is not None else "self-hosted, no per-call price"
+        parts.append(f"{role} `{entry.get('model')}` {shown}")
+    return " · ".join(parts)
 
 
 def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> Message:

@@ -106,3 +106,87 @@ def test_chat_puts_base_and_tuned_side_by_side(paid_bot):  # noqa: F811
     )
     _, body = bot.command("chat r1")
     assert "Give a prompt" in body["text"]
+
+
+def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):  # noqa: F811
+    bot = paid_bot(judge_model="")  # offline scorers: the fake has no judge to play
+
+    def models(req):
+        question = req["messages"][-1]["content"]
+        if req["model"].startswith("gpt-4.1"):
+            return f"Here is a careful answer about: {question}"
+        if req["model"].startswith("ft:"):
+            return f"Here is an answer about: {question}"
+        return "I am not sure."
+
+    bot.openai.chat_script = models
+    upload(bot, prompts_file(60), name="prompts.jsonl")
+    request(bot, "distill teacher=gpt-4.1")
+    click(bot, "UA", "approve_run")
+    bot.wait_idle()
+    distilled = bot.store.get_run("r1").result_json["dataset_id"]
+
+    request(bot, f"train {distilled} provider=openai model=gpt-4o-mini")
+    click(bot, "UA", "approve_run", run_id="r2")
+    bot.wait_idle()
+    for _ in range(30):
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+        if bot.store.get_run("r2").status == "succeeded":
+            break
+    run = bot.store.get_run("r2")
+    assert run.status == "succeeded"
+    assert bot.workflow.runs.evals.teacher_of(run) == "gpt-4.1-2025-04-14"
+
+    (summary,) = [t for t in texts(bot) if t.startswith("r2 evaluation:")]
+    assert summary.startswith("r2 evaluation: teacher `gpt-4.1-2025-04-14` vs base")
+    assert "teacher" in summary.splitlines()[1]  # the table's third column
+    assert "the tuned student kept" in summary
+    assert "per 1,000 calls like these: teacher `gpt-4.1-2025-04-14` $" in summary
+    assert "base `gpt-4o-mini-2024-07-18` $" in summary and "tuned `ft:gpt-4o-mini" in summary
+
+    held_out = run.result_json["data"]["split"]["eval"]
+    teacher_calls = [
+        c for c in bot.openai.chat_calls() if json.loads(c.body)["model"].startswith("gpt-4.1")
+    ]
+    assert len(teacher_calls) == 60 + held_out  # distillation, then one per held-out prompt
+    (stored,) = bot.store.evals("r2")
+    teacher = stored.summary_json["teacher"]
+    assert teacher["model"] == "gpt-4.1-2025-04-14" and 0 < teacher["kept"] < 1
+    prices = stored.summary_json["price_per_1k_calls"]
+    assert prices["teacher"]["usd"] > prices["tuned"]["usd"] > prices["base"]["usd"] > 0
+    assert stored.rows_json["teacher_model"] == "gpt-4.1-2025-04-14"
+    assert any(u.filename == "eval-r2.png" for u in bot.slack.uploads)
+    csv_upload = next(u for u in bot.slack.uploads if u.filename == "eval-r2.csv")
+    assert b"rouge_l_teacher" in csv_upload.content
+
+
+def test_a_local_student_has_no_per_call_price_and_a_missing_teacher_score_shows():
+    from types import SimpleNamespace
+
+    from bot import render
+    from trainers.evaluate import EvalExample, Generation, score
+
+    examples = [
+        EvalExample(i, [{"role": "user", "content": f"q{i}"}], f"a{i} b c") for i in range(3)
+    ]
+    failed = [Generation("", error="overloaded")] * 3
+    result = score(
+        examples,
+        ["x"] * 3,
+        ["a0 b", "a1 b", "a2 b"],
+        teacher_outputs=failed,
+        teacher_model="gpt-4.1",
+    )
+    run = SimpleNamespace(id="r3", model="smollm2")
+    prices = {
+        "teacher": {"model": "gpt-4.1", "usd": None},
+        "base": {"model": "smollm2", "usd": None},
+        "tuned": {"model": "smollm2 + LoRA r3", "usd": None},
+    }
+    text = render.eval_summary(run, result, cost_usd=0.0, prices_per_1k=prices).text
+    assert "teacher `gpt-4.1` vs base `smollm2` vs tuned student" in text
+    assert "base `smollm2` self-hosted, no per-call price" in text
+    assert "generation failed for 0 base, 0 tuned and 3 teacher answer(s)" in text
+    assert result.kept() is None  # every teacher answer failed and scores 0: no share to show
+    assert "kept" not in text

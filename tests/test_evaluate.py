@@ -500,6 +500,55 @@ def test_result_round_trips_and_csv_has_every_row(fake, client):
     assert rows[4]["judge_tuned"] == "0.5000" and rows[4]["verdict"] == "tie"
 
 
+def test_a_teacher_is_graded_as_a_third_column(fake, client):
+    n = 6
+    examples = [example(i, f"Hold button {i} for ten seconds.") for i in range(n)]
+    base = [f"no idea {i}" for i in range(n)]
+    tuned = [f"Hold button {i}" for i in range(n)]
+    teacher = [ev.Generation(f"Hold button {i} for ten seconds.", None, 20, 8) for i in range(n)]
+    teacher[5] = ev.Generation("", error="overloaded")
+    fake.chat_script = rubric_script(
+        {f"Hold button {i} for ten seconds.": '{"score": 5, "reason": "right"}' for i in range(n)}
+    )
+    judge = Judge(client)
+    result = ev.score(
+        examples, base, tuned, judge=judge, teacher_outputs=teacher, teacher_model="gpt-4.1"
+    )
+    assert result.teacher_model == "gpt-4.1" and result.teacher_errors == 1
+    # rubric for three answers (the failed, empty one scores 0 without a call), pairwise for two
+    assert result.judge_calls == 3 * n - 1 + n
+    rouge = result.summary("rouge_l")
+    assert rouge.teacher == pytest.approx(5 / 6)  # five perfect answers and a failed one
+    assert rouge.base < rouge.tuned < rouge.teacher
+    assert result.summary("judge").teacher == pytest.approx((5 * 1.0 + 0.0) / 6)
+    assert result.kept("rouge_l") == pytest.approx(rouge.tuned / rouge.teacher)
+    assert result.rows[5].teacher_error == "overloaded"
+    assert result.rows[0].teacher_reason == "right"
+    assert (result.wins, result.losses) == (0, 0)  # the script's verdict: tuned vs base only
+
+    assert ev.EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    rows = list(csv.DictReader(io.StringIO(result.rows_csv().decode("utf-8"))))
+    assert rows[0]["teacher"] == "Hold button 0 for ten seconds."
+    assert rows[0]["rouge_l_teacher"] == "1.0000" and rows[5]["teacher_error"] == "overloaded"
+
+    without = ev.score(examples, base, tuned)
+    assert without.kept() is None and without.summary().teacher is None
+    assert "teacher" not in csv.DictReader(io.StringIO(without.rows_csv().decode())).fieldnames
+    with pytest.raises(ValueError, match="go together"):
+        ev.score(examples, base, tuned, teacher_outputs=teacher)
+    with pytest.raises(ValueError, match="one per example"):
+        ev.score(examples, base, tuned, teacher_outputs=teacher[:2], teacher_model="gpt-4.1")
+
+
+def test_price_per_1k_calls_counts_answered_calls_only():
+    answered = [ev.Generation("a", None, 1000, 200), ev.Generation("b", None, 3000, 600)]
+    failed = ev.Generation("", error="timeout")
+    per_call = inference_cost("gpt-4.1", 2000, 400)
+    assert ev.price_per_1k_calls("gpt-4.1", [*answered, failed]) == pytest.approx(1000 * per_call)
+    assert ev.price_per_1k_calls("gpt-4.1", [failed]) is None
+    assert ev.price_per_1k_calls("my-own-model", answered) is None
+
+
 # -- local models (torch) --------------------------------------------------------------
 
 needs_torch = pytest.mark.skipif(

@@ -10,7 +10,8 @@
    loading the model once.
 4. `score` grades both sides with every scorer in `trainers.scorers`, counts
    win / tie / loss and keeps every row, for the summary, the worst examples
-   and a CSV.
+   and a CSV. A third model (the teacher of a distilled dataset) can be
+   graded beside them, to show how much of its quality the student kept.
 
 No Slack and no storage here: `EvalResult.to_dict` is what gets stored.
 """
@@ -306,6 +307,17 @@ def generation_cost(
         return None
 
 
+def price_per_1k_calls(
+    model: str, generations: Sequence[Generation], prices: PriceTable | None = None
+) -> float | None:
+    """USD for 1,000 calls like these answered ones at ``model``'s price; None when unknown."""
+    answered = [g for g in generations if g.error is None]
+    if not answered:
+        return None
+    cost = generation_cost(model, answered, prices)
+    return None if cost is None else cost / len(answered) * 1000
+
+
 def generate_local(
     base_model: str,
     adapter_dir: str | Path,
@@ -420,17 +432,26 @@ class Row:
     swapped: bool | None = None  # pairwise: the tuned answer was shown first
     base_error: str | None = None  # the generation failed
     tuned_error: str | None = None
+    teacher: str | None = None  # the third model's answer, when one was compared
+    teacher_scores: dict[str, float | None] = field(default_factory=dict)
+    teacher_reason: str = ""
+    teacher_error: str | None = None
 
 
 @dataclass(frozen=True)
 class ScorerSummary:
-    """Means over the rows where both sides have a valid score (``n`` of them)."""
+    """Means over the rows where both sides have a valid score (``n`` of them).
+
+    ``teacher`` is the third model's mean over the rows where it has a valid
+    score, when one was compared.
+    """
 
     name: str
     base: float | None
     tuned: float | None
     delta: float | None
     n: int
+    teacher: float | None = None
 
 
 @dataclass(frozen=True)
@@ -463,6 +484,8 @@ class EvalResult:
     judge_cost_usd: float | None = None
     base_errors: int = 0  # generations that failed
     tuned_errors: int = 0
+    teacher_model: str | None = None  # the third model, when one was compared
+    teacher_errors: int = 0
 
     def summary(self, name: str | None = None) -> ScorerSummary:
         """The summary of one scorer (the primary one by default)."""
@@ -471,6 +494,16 @@ class EvalResult:
             if s.name == wanted:
                 return s
         raise ValueError(f"no scorer {wanted!r}; scorers: {', '.join(self.scorers)}")
+
+    def kept(self, name: str | None = None) -> float | None:
+        """The tuned student's mean score as a share of the teacher's (the primary scorer's by default).
+
+        None without a teacher, or when the teacher's mean is missing or zero.
+        """
+        s = self.summary(name)
+        if self.teacher_model is None or s.tuned is None or not s.teacher:
+            return None
+        return s.tuned / s.teacher
 
     def worst(self, n: int = 5) -> list[Worst]:
         """The ``n`` rows with the lowest tuned primary score (rows without one left out)."""
@@ -519,31 +552,43 @@ class EvalResult:
             raise ValueError(f"malformed evaluation result: {exc}") from exc
 
     def rows_csv(self) -> bytes:
-        """Every row as UTF-8 CSV: texts, one base and one tuned column per scorer, reasons."""
+        """Every row as UTF-8 CSV: texts, one column per scorer and model, reasons.
+
+        The teacher's columns are there only when a teacher was compared.
+        """
         out = io.StringIO()
         writer = csv.writer(out)
-        score_columns = [f"{name}_{side}" for name in self.scorers for side in ("base", "tuned")]
+        teacher = self.teacher_model is not None
+        sides = ("base", "tuned", "teacher") if teacher else ("base", "tuned")
+        score_columns = [f"{name}_{side}" for name in self.scorers for side in sides]
         writer.writerow(
             [
                 *("index", "prompt", "reference", "base", "tuned"),
+                *(("teacher",) if teacher else ()),
                 *score_columns,
-                *("judge_base_reason", "judge_tuned_reason", "verdict", "verdict_reason"),
-                *("swapped", "base_error", "tuned_error"),
+                *("judge_base_reason", "judge_tuned_reason"),
+                *(("judge_teacher_reason",) if teacher else ()),
+                *("verdict", "verdict_reason", "swapped", "base_error", "tuned_error"),
+                *(("teacher_error",) if teacher else ()),
             ]
         )
         for r in self.rows:
             scores = []
             for name in self.scorers:
-                for side in (r.base_scores, r.tuned_scores):
-                    value = side.get(name)
+                for side in sides:
+                    value = getattr(r, f"{side}_scores").get(name)
                     scores.append("" if value is None else f"{value:.4f}")
             writer.writerow(
                 [
                     *(r.index, r.prompt, r.reference, r.base, r.tuned),
+                    *((r.teacher or "",) if teacher else ()),
                     *scores,
-                    *(r.base_reason, r.tuned_reason, r.verdict or "", r.verdict_reason),
+                    *(r.base_reason, r.tuned_reason),
+                    *((r.teacher_reason,) if teacher else ()),
+                    *(r.verdict or "", r.verdict_reason),
                     "" if r.swapped is None else str(r.swapped).lower(),
                     *(r.base_error or "", r.tuned_error or ""),
+                    *((r.teacher_error or "",) if teacher else ()),
                 ]
             )
         return out.getvalue().encode("utf-8")
@@ -581,6 +626,8 @@ def score(
     embedder: Embedder | None = None,
     pairwise: bool = True,
     tie_margin: float = TIE_MARGIN,
+    teacher_outputs: Sequence[str | Generation] | None = None,
+    teacher_model: str | None = None,
 ) -> EvalResult:
     """Grade both sides of every example and summarise.
 
@@ -590,44 +637,55 @@ def score(
     the judge's, else the embedding's, else ROUGE-L; win / tie / loss comes
     from the pairwise verdicts when they ran, else from the primary score
     (within ``tie_margin`` is a tie).
+
+    ``teacher_outputs`` (with ``teacher_model``, its name) are graded by the
+    same scorers, rubric included, as a third column; they take no part in
+    win / tie / loss, which stays tuned against base.
     """
     if not len(examples) == len(base_outputs) == len(tuned_outputs):
         raise ValueError(
             f"{len(examples)} examples, {len(base_outputs)} base and "
             f"{len(tuned_outputs)} tuned outputs: need one of each per example"
         )
+    if (teacher_outputs is None) != (teacher_model is None):
+        raise ValueError("teacher_outputs and teacher_model go together")
+    if teacher_outputs is not None and len(teacher_outputs) != len(examples):
+        raise ValueError(
+            f"{len(examples)} examples and {len(teacher_outputs)} teacher outputs: "
+            "need one per example"
+        )
     base, base_errors = _texts(base_outputs)
     tuned, tuned_errors = _texts(tuned_outputs)
+    sides = [base, tuned]
+    teacher_errors: list[str | None] = [None] * len(examples)
+    if teacher_outputs is not None:
+        teacher, teacher_errors = _texts(teacher_outputs)
+        sides.append(teacher)
     refs = [ex.reference for ex in examples]
     n = len(examples)
 
+    # grades[name][side][i]: side 0 base, 1 tuned, 2 teacher (when compared)
     names = list(CHEAP_SCORERS)
-    grades: dict[str, tuple[list[Score], list[Score]]] = {}
+    grades: dict[str, list[list[Score]]] = {}
     for name in CHEAP_SCORERS:
         fn = getattr(scorers, name)
-        grades[name] = (
-            [fn(r, b) for r, b in zip(refs, base, strict=True)],
-            [fn(r, t) for r, t in zip(refs, tuned, strict=True)],
-        )
+        grades[name] = [[fn(r, a) for r, a in zip(refs, side, strict=True)] for side in sides]
     if embedder is not None:
         names.append("embedding")
-        grades["embedding"] = (embedder.score_many(refs, base), embedder.score_many(refs, tuned))
+        grades["embedding"] = [embedder.score_many(refs, side) for side in sides]
 
     verdicts: list[Verdict | None] = [None] * n
     before = Usage()
     if judge is not None:
         names.append("judge")
         before = judge.usage
-        rubric_base: list[Score] = []
-        rubric_tuned: list[Score] = []
         with ThreadPoolExecutor(max_workers=judge.concurrency) as pool:
-            jobs_base = [
-                pool.submit(judge.rubric, ex.prompt, ex.reference, b)
-                for ex, b in zip(examples, base, strict=True)
-            ]
-            jobs_tuned = [
-                pool.submit(judge.rubric, ex.prompt, ex.reference, t)
-                for ex, t in zip(examples, tuned, strict=True)
+            jobs_rubric = [
+                [
+                    pool.submit(judge.rubric, ex.prompt, ex.reference, answer)
+                    for ex, answer in zip(examples, side, strict=True)
+                ]
+                for side in sides
             ]
             jobs_pair = []
             if pairwise:
@@ -637,16 +695,23 @@ def score(
                     )
                     for i, (ex, b, t) in enumerate(zip(examples, base, tuned, strict=True))
                 ]
-            rubric_base = [j.result() for j in jobs_base]
-            rubric_tuned = [j.result() for j in jobs_tuned]
+            grades["judge"] = [[j.result() for j in jobs] for jobs in jobs_rubric]
             if jobs_pair:
                 verdicts = [j.result() for j in jobs_pair]
-        grades["judge"] = (rubric_base, rubric_tuned)
 
     primary = "judge" if judge is not None else "embedding" if embedder is not None else "rouge_l"
+    compared = teacher_outputs is not None
     rows = []
     for i, ex in enumerate(examples):
         verdict = verdicts[i]
+        teacher_fields: dict[str, Any] = {}
+        if compared:
+            teacher_fields = {
+                "teacher": sides[2][i],
+                "teacher_scores": {name: grades[name][2][i].value for name in names},
+                "teacher_reason": grades["judge"][2][i].reason if judge is not None else "",
+                "teacher_error": teacher_errors[i],
+            }
         rows.append(
             Row(
                 index=ex.index,
@@ -663,6 +728,7 @@ def score(
                 swapped=verdict.swapped if verdict else None,
                 base_error=base_errors[i],
                 tuned_error=tuned_errors[i],
+                **teacher_fields,
             )
         )
 
@@ -676,7 +742,10 @@ def score(
         b_mean = _mean([b for b, _ in pairs])  # type: ignore[misc]
         t_mean = _mean([t for _, t in pairs])  # type: ignore[misc]
         delta = t_mean - b_mean if b_mean is not None and t_mean is not None else None
-        summaries.append(ScorerSummary(name, b_mean, t_mean, delta, len(pairs)))
+        teacher_mean = None
+        if compared:
+            teacher_mean = _mean([v for r in rows if (v := r.teacher_scores[name]) is not None])
+        summaries.append(ScorerSummary(name, b_mean, t_mean, delta, len(pairs), teacher_mean))
 
     wins = ties = losses = undecided = 0
     use_pairwise = judge is not None and pairwise
@@ -732,5 +801,7 @@ def score(
         invalid_judge=invalid,
         base_errors=sum(e is not None for e in base_errors),
         tuned_errors=sum(e is not None for e in tuned_errors),
+        teacher_model=teacher_model,
+        teacher_errors=sum(e is not None for e in teacher_errors),
         **judge_fields,
     )

@@ -565,21 +565,23 @@ class Judge:
         *,
         rubric: bool = True,
         pairwise: bool = True,
+        rubric_answers: int = 2,
     ) -> float | None:
         """USD a run over ``n_examples`` should cost, before running it.
 
-        Per example: two rubric calls (base and tuned answer) of instructions +
-        prompt + reference + one answer, and one pairwise call with both
-        answers; ``avg_answer_tokens`` sizes the reference and each answer.
-        None when the judge's model has no price in the table.
+        Per example: ``rubric_answers`` rubric calls (base and tuned answer,
+        and a teacher's when one is compared) of instructions + prompt +
+        reference + one answer, and one pairwise call with base and tuned;
+        ``avg_answer_tokens`` sizes the reference and each answer. None when
+        the judge's model has no price in the table.
         """
         if n_examples < 0 or avg_prompt_tokens < 0 or avg_answer_tokens < 0:
             raise ValueError("n_examples and token averages must be 0 or more")
         tokens_in = tokens_out = 0.0
         if rubric:
             one = RUBRIC_OVERHEAD_TOKENS + avg_prompt_tokens + 2 * avg_answer_tokens
-            tokens_in += 2 * n_examples * one
-            tokens_out += 2 * n_examples * JUDGE_ANSWER_TOKENS
+            tokens_in += rubric_answers * n_examples * one
+            tokens_out += rubric_answers * n_examples * JUDGE_ANSWER_TOKENS
         if pairwise:
             tokens_in += n_examples * (
                 PAIRWISE_OVERHEAD_TOKENS + avg_prompt_tokens + 3 * avg_answer_tokens
