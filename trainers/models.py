@@ -18,6 +18,8 @@ functions that need them: importing this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -208,7 +210,9 @@ def _convert(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # Q4_1 weights are dequantised to float32 on load (about 30 s for 135M
         # parameters on two cores: most of it is parsing the GGUF metadata).
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF reader draws its own tqdm bar on stderr, past the switch above.
+        with contextlib.redirect_stderr(io.StringIO()):
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
         raise ModelFetchError(f"transformers could not load {gguf.name}: {_one_line(exc)}") from exc
 
