@@ -276,15 +276,12 @@ class Evaluations:
             )
         except ValueError:
             estimate = 0.0  # it had a price when distilled; a price file dropped it since
-        budget = self.settings.monthly_budget_usd
-        if budget is not None and self.runs.committed_usd() + spent_usd + estimate > budget:
-            self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"{run.id}: asking the teacher {teacher} (about ${estimate:,.2f}) would exceed this month's budget, so it is left out of the comparison."
-                ),
-            )
+        if self._over_budget(
+            run,
+            spent_usd + estimate,
+            f"asking the teacher {teacher} (about ${estimate:,.2f})",
+            "so it is left out of the comparison",
+        ):
             return None, None, 0.0
         answers = generate_openai(
             self._openai(), teacher, examples, concurrency=self.settings.eval_concurrency
@@ -346,17 +343,26 @@ class Evaluations:
             self._openai(), self.settings.judge_model, concurrency=self.settings.eval_concurrency
         )
         estimate = judge.estimate_cost(n_examples, avg_prompt_tokens, rubric_answers=answers) or 0.0
-        budget = self.settings.monthly_budget_usd
-        if budget is not None and self.runs.committed_usd() + spent_usd + estimate > budget:
-            self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"{run.id}: the LLM judge (about ${estimate:,.2f}) would exceed this month's budget, so only the offline scorers run."
-                ),
-            )
+        if self._over_budget(
+            run,
+            spent_usd + estimate,
+            f"the LLM judge (about ${estimate:,.2f})",
+            "so only the offline scorers run",
+        ):
             return None
         return judge
+
+    def _over_budget(self, run: Run, usd: float, what: str, consequence: str) -> bool:
+        """Whether spending ``usd`` more would break the month's budget; if so, says so."""
+        budget = self.settings.monthly_budget_usd
+        if budget is None or self.runs.committed_usd() + usd <= budget:
+            return False
+        self.wf.post(
+            run.channel,
+            run.thread_ts,
+            render.note(f"{run.id}: {what} would exceed this month's budget, {consequence}."),
+        )
+        return True
 
     def _upload(self, run: Run, result) -> None:
         from bot.charts import score_bars

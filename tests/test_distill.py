@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from tests.test_runs import click, openai_fake, paid_bot, request, run_to_end, texts, upload  # noqa: F401
@@ -159,6 +160,22 @@ def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):  # 
     assert any(u.filename == "eval-r2.png" for u in bot.slack.uploads)
     csv_upload = next(u for u in bot.slack.uploads if u.filename == "eval-r2.csv")
     assert b"rouge_l_teacher" in csv_upload.content
+
+    # With the month's budget all spent, evaluating again leaves the teacher out and says why.
+    evals = bot.workflow.runs.evals
+    evals.settings = dataclasses.replace(
+        evals.settings, monthly_budget_usd=bot.workflow.runs.committed_usd()
+    )
+    calls_before = len(bot.openai.chat_calls())
+    request(bot, "eval r2")
+    assert any(
+        t.startswith("r2: asking the teacher gpt-4.1-2025-04-14 (about $")
+        and "left out of the comparison" in t
+        for t in texts(bot)
+    )
+    again = [t for t in texts(bot) if t.startswith("r2 evaluation:")]
+    assert len(again) == 2 and again[1].startswith("r2 evaluation: base `gpt-4o-mini")
+    assert len(bot.openai.chat_calls()) == calls_before + 2 * held_out  # base and tuned only
 
 
 def test_a_local_student_has_no_per_call_price_and_a_missing_teacher_score_shows():
