@@ -309,8 +309,12 @@ class Evaluations:
                 "usd": price_per_1k_calls(tuned_model, tuned, prices),
             }
         elif out:
-            out["base"] = {"model": run.model, "usd": None}
-            out["tuned"] = {"model": f"{run.model} + LoRA {run.id}", "usd": None}
+            out["base"] = {"model": run.model, "usd": None, "self_hosted": True}
+            out["tuned"] = {
+                "model": f"{run.model} + LoRA {run.id}",
+                "usd": None,
+                "self_hosted": True,
+            }
         return out
 
     def _openai(self):

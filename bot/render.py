@@ -764,7 +764,12 @@ def _prices_line(prices: Mapping[str, Mapping]) -> str:
         if entry is None:
             continue
         usd = entry.get("usd")
-        shown = money(usd) if usd is not None else "self-hosted, no per-call price"
+        if usd is not None:
+            shown = money(usd)
+        elif entry.get("self_hosted"):
+            shown = "self-hosted, no per-call price"
+        else:
+            shown = "no price in the price table"
         parts.append(f"{role} `{entry.get('model')}` {shown}")
     return " · ".join(parts)
 

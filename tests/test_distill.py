@@ -198,12 +198,13 @@ def test_a_local_student_has_no_per_call_price_and_a_missing_teacher_score_shows
     run = SimpleNamespace(id="r3", model="smollm2")
     prices = {
         "teacher": {"model": "gpt-4.1", "usd": None},
-        "base": {"model": "smollm2", "usd": None},
-        "tuned": {"model": "smollm2 + LoRA r3", "usd": None},
+        "base": {"model": "smollm2", "usd": None, "self_hosted": True},
+        "tuned": {"model": "smollm2 + LoRA r3", "usd": None, "self_hosted": True},
     }
     text = render.eval_summary(run, result, cost_usd=0.0, prices_per_1k=prices).text
     assert "teacher `gpt-4.1` vs base `smollm2` vs tuned student" in text
     assert "base `smollm2` self-hosted, no per-call price" in text
+    assert "teacher `gpt-4.1` no price in the price table" in text  # a price file dropped it
     assert "generation failed for 0 base, 0 tuned and 3 teacher answer(s)" in text
     assert result.kept() is None  # every teacher answer failed and scores 0: no share to show
     assert "kept" not in text
