@@ -685,12 +685,12 @@ def eval_summary(
     """
     n = len(result.rows)
     teacher = result.teacher_model
-    lines = [f"{run.id} evaluation: base `{run.model}` vs tuned on {n:,} held-out examples"]
-    if teacher:
-        lines[0] = (
-            f"{run.id} evaluation: teacher `{teacher}` vs base `{run.model}` vs tuned student "
-            f"on {n:,} held-out examples"
-        )
+    contenders = (
+        f"teacher `{teacher}` vs base `{run.model}` vs tuned student"
+        if teacher
+        else f"base `{run.model}` vs tuned"
+    )
+    lines = [f"{run.id} evaluation: {contenders} on {n:,} held-out examples"]
     header = f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"
     table = [header + (f" {'teacher':>7}" if teacher else "")]
     for s in result.summaries:
@@ -712,9 +712,10 @@ def eval_summary(
     extras = []
     kept = result.kept()
     if kept is not None:
+        primary = result.summary()
         extras.append(
             f"the tuned student kept {kept:.0%} of the teacher's {result.primary} "
-            f"(base: {(result.summary().base or 0) / result.summary().teacher:.0%})"
+            f"(base: {(primary.base or 0) / primary.teacher:.0%})"
         )
     if prices_per_1k:
         extras.append("per 1,000 calls like these: " + _prices_line(prices_per_1k))

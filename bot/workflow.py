@@ -19,7 +19,6 @@ from array import array
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from slack_sdk import WebClient
@@ -540,8 +539,3 @@ def _report_record(report: Report, counts_sha: str, findings_sha: str) -> dict:
         "encoding": report.encoding,
         "context_tokens": report.context_tokens,
     }
-
-
-def home_dir(settings: Settings) -> Path:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    return settings.home

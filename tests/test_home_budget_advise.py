@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.fakes.signing import interaction_body
+from tests.fakes.signing import interaction_body, view_submission_payload
 from tests.test_runs import (  # noqa: F401 (fixtures and helpers)
     click,
     openai_fake,
@@ -33,19 +33,7 @@ def advise_submission(
         "good_examples": {"good_examples": {"type": "number_input", "value": examples}},
         "tried": checks("tried", tried),
     }
-    payload = {
-        "type": "view_submission",
-        "user": {"id": user, "team_id": "T1"},
-        "api_app_id": "A1",
-        "team": {"id": "T1"},
-        "view": {
-            "id": "V2",
-            "type": "modal",
-            "callback_id": "advise",
-            "private_metadata": "C1",
-            "state": {"values": values},
-        },
-    }
+    payload = view_submission_payload("advise", "C1", values, user_id=user, view_id="V2")
     return bot.post(interaction_body(payload))
 
 

@@ -11,7 +11,11 @@ import pytest
 from bot.approvals import Policy, click_refusal, quorum, refusals, tally
 from tests.conftest import training_file
 from tests.fakes.openai_api import FakeOpenAI
-from tests.fakes.signing import file_share_message_event, interaction_body
+from tests.fakes.signing import (
+    file_share_message_event,
+    interaction_body,
+    view_submission_payload,
+)
 
 APPROVERS = ("UA", "UB")
 JOBS = "/fine_tuning/jobs"
@@ -71,21 +75,8 @@ def click(bot, user: str, action_id: str, run_id: str = "r1", channel: str = "C1
 
 
 def submit_reason(bot, user: str, reason: str, run_id: str = "r1") -> int:
-    payload = {
-        "type": "view_submission",
-        "user": {"id": user, "team_id": "T1"},
-        "api_app_id": "A1",
-        "team": {"id": "T1"},
-        "view": {
-            "id": "V1",
-            "type": "modal",
-            "callback_id": "reject_reason",
-            "private_metadata": run_id,
-            "state": {
-                "values": {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}
-            },
-        },
-    }
+    values = {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}
+    payload = view_submission_payload("reject_reason", run_id, values, user_id=user)
     return bot.post(interaction_body(payload))[0]
 
 

@@ -21,7 +21,6 @@ from array import array
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 import orjson
@@ -872,17 +871,3 @@ def validate_bytes(data: bytes, **kwargs) -> Report:
     import io
 
     return validate(io.BytesIO(data), **kwargs)
-
-
-def iter_examples(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line, example) for every line that parses as a JSON object."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(_lines(f, None, True), 1):
-            if raw is _TOO_LONG or not raw.strip():
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                yield n, obj

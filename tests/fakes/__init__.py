@@ -18,6 +18,7 @@ from tests.fakes.signing import (
     signed_headers,
     slash_command_body,
     slash_command_payload,
+    view_submission_payload,
 )
 from tests.fakes.slack_api import DOWNLOAD, RESPOND, UPLOAD, Call, FakeSlack, Upload
 from tests.fakes.socket_mode import FakeSocketMode
@@ -40,4 +41,5 @@ __all__ = [
     "signed_headers",
     "slash_command_body",
     "slash_command_payload",
+    "view_submission_payload",
 ]

@@ -58,9 +58,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tests.fakes.local_server import LocalHTTPServer
 
 AUTO_EPOCHS = 3
 AUTO_BATCH_SIZE = 1
@@ -220,8 +222,10 @@ def train_accuracy(step: int) -> float:
     return round(0.4 + 0.55 * (1 - 0.85**step), 4)
 
 
-class FakeOpenAI:
+class FakeOpenAI(LocalHTTPServer):
     """OpenAI's files and fine-tuning endpoints in a ThreadingHTTPServer on 127.0.0.1."""
+
+    thread_name = "fake-openai-http"
 
     def __init__(
         self,
@@ -232,6 +236,7 @@ class FakeOpenAI:
         min_examples: int = MIN_EXAMPLES,
         advance_on_get: bool = True,
     ) -> None:
+        super().__init__()
         if polls_per_stage < 1 or running_polls < 1:
             raise ValueError("polls_per_stage and running_polls must be at least 1")
         self.api_key = api_key
@@ -258,47 +263,16 @@ class FakeOpenAI:
         self._faults: list[_Fault] = []
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> FakeOpenAI:
-        if self._server is not None:
-            return self
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.name = "fake-openai-http"
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
     @property
     def base_url(self) -> str:
         """What ``OpenAI(base_url=...)`` takes: ``http://127.0.0.1:PORT/v1``."""
-        if self._server is None:
-            raise RuntimeError("FakeOpenAI is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"{self._root()}/v1"
 
     # -- what tests drive and read --------------------------------------------
 

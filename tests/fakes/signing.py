@@ -125,6 +125,29 @@ def event_body(event: Mapping[str, Any], event_id: str = "Ev1", team_id: str = "
     return json.dumps(event_payload(event, event_id, team_id))
 
 
+def view_submission_payload(
+    callback_id: str,
+    private_metadata: str,
+    values: Mapping[str, Any],
+    user_id: str = "U1",
+    view_id: str = "V1",
+) -> dict[str, Any]:
+    """A modal's submission: ``values`` is ``view.state.values`` (block id -> action id -> state)."""
+    return {
+        "type": "view_submission",
+        "user": {"id": user_id, "team_id": "T1"},
+        "api_app_id": "A1",
+        "team": {"id": "T1"},
+        "view": {
+            "id": view_id,
+            "type": "modal",
+            "callback_id": callback_id,
+            "private_metadata": private_metadata,
+            "state": {"values": dict(values)},
+        },
+    }
+
+
 def interaction_body(payload: Mapping[str, Any]) -> str:
     """An interaction (button click, view submission) as Slack posts it: ``payload=<json>``."""
     return urlencode({"payload": json.dumps(dict(payload))})

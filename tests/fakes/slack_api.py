@@ -23,9 +23,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from tests.fakes.local_server import LocalHTTPServer
 
 if TYPE_CHECKING:
     from tests.fakes.socket_mode import FakeSocketMode
@@ -93,12 +95,14 @@ class _Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class FakeSlack:
+class FakeSlack(LocalHTTPServer):
     """Slack's Web API in a ThreadingHTTPServer on 127.0.0.1, started on a daemon thread.
 
     ``scopes=None`` grants every scope; pass the manifest's bot scopes to catch
     calls the installed app would be refused (``missing_scope``).
     """
+
+    thread_name = "fake-slack-http"
 
     def __init__(
         self,
@@ -112,6 +116,7 @@ class FakeSlack:
         scopes: Iterable[str] | None = None,
         usergroups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        super().__init__()
         self.bot_token = bot_token
         self.app_token = app_token
         self.team_id = team_id
@@ -148,47 +153,16 @@ class FakeSlack:
         self._ids = itertools.count(1)
         self._response_urls = itertools.count(2)  # 1 is `response_url`
         self._cond = threading.Condition()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> FakeSlack:
-        if self._server is not None:
-            return self
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.name = "fake-slack-http"
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeSlack:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
     @property
     def url(self) -> str:
         """Server root, e.g. ``http://127.0.0.1:PORT/``."""
-        if self._server is None:
-            raise RuntimeError("FakeSlack is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"{self._root()}/"
 
     @property
     def base_url(self) -> str:
