@@ -1,7 +1,8 @@
 """`tunebot` on the command line: the same workflow as in Slack, with a terminal.
 
 Exit codes: 0 when no finding is an error, 1 when any is, 2 when the file
-cannot be opened or the arguments are wrong (one line on stderr, no traceback).
+cannot be opened, the arguments or the configuration are wrong, or anything
+else stops the command (one line on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
+    args: argparse.Namespace | None = None
     try:
         args = _build_parser().parse_args(argv)
         settings = Settings.from_env(env)
@@ -99,7 +101,18 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or a broken environment: still one line, no traceback
+        what = f"tunebot {args.command}" if args is not None else "tunebot"
+        print(f"{what}: unexpected error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:299] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_file(args: argparse.Namespace, settings: Settings) -> int:
@@ -141,6 +154,9 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
             "file": str(path),
             "examples": report.examples,
             "valid_examples": report.valid_examples,
+            # counts: every finding of each code; findings: the first of each code only
+            "counts": report.counts_by_code(),
+            "summary": report.summary(),
             "findings": [f.to_dict() for f in report.findings],
             "tokens": report.tokens.to_dict(),
             **costs.to_dict(),

@@ -70,6 +70,12 @@ SPECS: dict[str, Spec] = {
             max_args=1,
         ),
         Spec(
+            "release",
+            "release <dataset>",
+            "(approvers) let a dataset with possible secrets go to hosted models; audited",
+            max_args=1,
+        ),
+        Spec(
             "distill",
             'distill [dataset] teacher=<model> [system="…"]',
             "a teacher model answers a prompts file; the answers become a dataset (paid: approval)",

@@ -36,6 +36,14 @@ class Settings:
         default=DEFAULT_SLACK_API_URL,
         metadata=_meta("SLACK_API_URL", "Slack Web API base URL"),
     )
+    slack_file_hosts: tuple[str, ...] = field(
+        default=("files.slack.com",),
+        metadata=_meta(
+            "TUNEBOT_SLACK_FILE_HOSTS",
+            "Hosts (host or host:port) files are downloaded from with the bot token, over https "
+            "only; plain http is allowed for a loopback host named here (a local fake)",
+        ),
+    )
     openai_api_key: str = field(default="", metadata=_meta("OPENAI_API_KEY", "OpenAI API key"))
     openai_base_url: str = field(
         default="", metadata=_meta("OPENAI_BASE_URL", "OpenAI API base URL (default: OpenAI's)")
@@ -95,6 +103,41 @@ class Settings:
     approval_ttl_hours: float = field(
         default=24.0, metadata=_meta("TUNEBOT_APPROVAL_TTL_HOURS", "Hours before a request expires")
     )
+    eval_approval_above_usd: float = field(
+        default=1.0,
+        metadata=_meta(
+            "TUNEBOT_EVAL_APPROVAL_ABOVE_USD",
+            "Evaluations and chats estimated above this need an approval like a run",
+        ),
+    )
+    claim_lease_seconds: float = field(
+        default=60.0,
+        metadata=_meta(
+            "TUNEBOT_CLAIM_LEASE_SECONDS",
+            "Seconds a claim on a submission lasts unless renewed (a dead bot's lapses then)",
+        ),
+    )
+    job_threads: int = field(
+        default=4,
+        metadata=_meta(
+            "TUNEBOT_JOB_THREADS",
+            "Threads for long jobs (file checks, evaluations, distillations, chats, submissions)",
+        ),
+    )
+    job_queue: int = field(
+        default=20,
+        metadata=_meta(
+            "TUNEBOT_JOB_QUEUE",
+            "Long jobs that may wait for a thread; past this a request is answered busy",
+        ),
+    )
+    distill_max_tokens: int = field(
+        default=1024,
+        metadata=_meta(
+            "TUNEBOT_DISTILL_MAX_TOKENS",
+            "Most tokens a teacher may write per answer; the estimate counts every prompt at this",
+        ),
+    )
     local_needs_approval: bool = field(
         default=False,
         metadata=_meta("TUNEBOT_LOCAL_NEEDS_APPROVAL", "Whether local runs need approval too"),
@@ -124,7 +167,23 @@ class Settings:
         default="smollm2",
         metadata=_meta(
             "TUNEBOT_LOCAL_BASE_MODEL",
-            "Model for provider=local when none is named: a name, folder or hub id",
+            "Model for provider=local when none is named: a name, hub id or folder (inside "
+            "TUNEBOT_MODEL_DIRS)",
+        ),
+    )
+    model_dirs: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "TUNEBOT_MODEL_DIRS",
+            "Folders whose model folders local runs may train on (model=/full/path); "
+            "empty: none, only names, hub ids and this channel's runs",
+        ),
+    )
+    chat_idle_seconds: float = field(
+        default=300.0,
+        metadata=_meta(
+            "TUNEBOT_CHAT_IDLE_SECONDS",
+            "Seconds the local chat worker keeps a model loaded after the last chat",
         ),
     )
     local_slots: int = field(
@@ -175,13 +234,17 @@ class Settings:
         return rows
 
 
-_LISTS = {"channels", "approvers"}
+_LISTS = {"channels", "approvers", "slack_file_hosts", "model_dirs"}
 _INTS = {
     "max_file_mb": 1, "required_approvals": 1, "local_slots": 1, "local_processes": 1,
-    "eval_concurrency": 1,
+    "eval_concurrency": 1, "distill_max_tokens": 1, "job_threads": 1, "job_queue": 0,
 }  # fmt: skip
-_FLOATS = {"approval_ttl_hours", "poll_seconds", "progress_seconds"}
-_MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd"}
+_FLOATS = {
+    "approval_ttl_hours", "poll_seconds", "progress_seconds", "claim_lease_seconds",
+    "chat_idle_seconds",
+}  # fmt: skip
+_ZERO_OK = {"progress_seconds"}  # 0: edit the progress message at every poll
+_MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd", "eval_approval_above_usd"}
 _BOOLS = {"local_needs_approval"}
 _CHOICES = {"default_provider": ("local", "openai")}
 
@@ -204,7 +267,7 @@ def _parse(name: str, env: str, raw: str) -> object:
             value = float(raw.removeprefix("$").replace(",", ""))
         except ValueError:
             raise ConfigError(f"{env} must be a number, not {raw!r}") from None
-        if value < 0 or (name in _FLOATS and value == 0) or value != value:
+        if value < 0 or (name in _FLOATS - _ZERO_OK and value == 0) or value != value:
             raise ConfigError(f"{env} must be a positive number, not {raw!r}")
         return value
     if name in _BOOLS:

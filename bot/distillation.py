@@ -1,29 +1,40 @@
 """/finetune distill and /finetune chat: a teacher writes data; people poke at models.
 
 Distillation is paid, so it is a run like any other (provider "distill"):
-the same plan, approval card, budget and audit. Once approved the teacher
-answers every prompt on a job thread, with one progress message edited in
-place; the answers become a new dataset, validated like an upload and linked
-to the prompts it came from.
+the same plan, approval card, budget and audit. Once approved the run is
+claimed (owner and lease, renewed while it works) and the teacher answers
+every prompt on a job thread, with one progress message edited in place; the
+answers become a new dataset, validated like an upload and linked to the
+prompts it came from.
+
+It spends what was approved: the estimate prices every answer at the
+``max_tokens`` the requests carry, the actual cost is recorded in the ledger
+after every chunk (so a crash keeps it), and no chunk starts unless its worst
+case fits the approved amount plus `MARGIN`. Cancel stops it between chunks;
+what was answered is kept. A failed progress edit never stops it.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot import render
+from bot import egress, render
+from bot.claims import Held, lapsed
 from bot.commands import Command
-from bot.workflow import UserError
+from bot.errors import SpendRefused, UserError
 
 if TYPE_CHECKING:
     from bot.runs import Runs
-    from storage import Run
+    from storage import Dataset, Run
 
 log = logging.getLogger("tunebot")
+
+MARGIN = 0.10  # spend may exceed the approved estimate by at most this share (input counts drift)
 
 
 class Distiller:
@@ -32,27 +43,84 @@ class Distiller:
         self.wf = runs.wf
         self.store = runs.store
         self.settings = runs.settings
-        self._active: set[str] = set()  # runs distilling in this process
-        self._lock = threading.Lock()
+        from trainers.chat_worker import ChatWorker
 
-    def plan(self, cmd: Command, channel: str) -> dict:
-        from trainers.distill import estimate, load_prompts
-        from trainers.pricing import UnknownModel
+        # `chat` on a local run: the model loads in this worker process, never in the bot's.
+        self.chat_worker = ChatWorker(
+            idle_seconds=self.settings.chat_idle_seconds,
+            log_path=self.settings.home / "chat-worker.log",
+        )
 
+    def request(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """/finetune distill: cheap checks in the ack, the pricing on a job.
+
+        Reading and tokenising the prompts takes as long as the file is big,
+        so the ack only checks the dataset and the teacher, names the run it
+        will be, and hands off; the job prices it and goes the usual way
+        (`Runs._put_to_approvers`: the budget, the reservation, the card). A
+        refusal then goes to the dataset's thread.
+        """
         dataset = self.wf.find_dataset(channel, cmd.target)
-        teacher_name = cmd.options.get("teacher")
-        if not teacher_name:
+        teacher = self._teacher(cmd.options.get("teacher"))
+        self.wf.check_room()  # busy: say so before naming a run
+        run_id = self.store.new_run_id()
+        self.wf.start_work(
+            "price",
+            f"price:{run_id}",
+            {
+                "run_id": run_id, "dataset_id": dataset.id, "teacher": teacher,
+                "system": cmd.options.get("system"), "channel": channel, "user": user,
+            },
+            what=f"pricing {run_id}",
+            channel=channel,
+            thread_ts=dataset.thread_ts,
+            long=True,
+        )  # fmt: skip
+        count = f"{dataset.examples:,} prompts" if dataset.examples is not None else "the prompts"
+        return render.note(
+            f"{run_id}: pricing {count} of {dataset.id} for {teacher}…, "
+            f"the card follows in {dataset.id}'s thread."
+        )
+
+    def price_work(self, args: dict) -> None:
+        """The job behind `request` (resumed after a restart): price, then ask the approvers."""
+        run_id = args["run_id"]
+        if self.store.find_run(run_id) is not None:  # recorded before a restart
+            return
+        dataset = self.store.get_dataset(args["dataset_id"])
+        plan = self.plan(dataset, args["teacher"], args.get("system"))
+        self.runs._put_to_approvers(plan, args["channel"], args["user"], run_id=run_id)
+
+    def _teacher(self, name: str | None) -> str:
+        """The teacher's full name, once it is known to have an inference price."""
+        from trainers.pricing import UnknownModel, inference_cost
+
+        if not name:
             raise UserError("Name the teacher: `/finetune distill [dataset] teacher=gpt-4.1`.")
         try:
-            teacher = self.wf.prices.resolve(teacher_name)
+            teacher = self.wf.prices.resolve(name)
         except UnknownModel as exc:
             raise UserError(str(exc)) from None
-        prompts = load_prompts(self.wf.blobs.path(dataset.sha256), system=cmd.options.get("system"))
+        try:
+            inference_cost(teacher.name, 0, 0, self.wf.prices)
+        except ValueError as exc:
+            raise UserError(
+                f"{teacher.name} has no inference price, so the cost is unknown: {exc}"
+            ) from None
+        return teacher.name
+
+    def plan(self, dataset: Dataset, teacher_name: str, system: str | None) -> dict:
+        """Read and price the prompts (as long as the file is big: on a job, never in an ack)."""
+        from trainers.distill import estimate, load_prompts
+
+        teacher = self.wf.prices.resolve(teacher_name)
+        prompts = load_prompts(self.wf.blobs.path(dataset.sha256), system=system)
         if not prompts.items:
             where = ", ".join(f"line {n}: {why}" for n, why in prompts.problems[:3])
             raise UserError(f"{dataset.id} has no prompts the teacher can answer ({where}).")
+        max_tokens = self.settings.distill_max_tokens
         try:
-            cost = estimate(prompts.items, teacher.name, self.wf.prices)
+            cost = estimate(prompts.items, teacher.name, self.wf.prices, max_tokens=max_tokens)
         except ValueError as exc:
             raise UserError(
                 f"{teacher.name} has no inference price, so the cost is unknown: {exc}"
@@ -63,8 +131,9 @@ class Distiller:
             "dataset_sha256": dataset.sha256,
             "provider": "distill",
             "model": teacher.name,
-            "system": cmd.options.get("system"),
+            "system": system,
             "prompts": len(prompts.items),
+            "max_tokens": max_tokens,
             "skipped_lines": [n for n, _ in prompts.problems],
             "secret_hold": "possible_secret" in (dataset.report_json or {}).get("codes", {}),
             "estimate": {
@@ -77,70 +146,99 @@ class Distiller:
         }
 
     def start(self, run: Run) -> None:
-        """Approved: distil on a job thread (the poller notices if this process dies)."""
-        if not self.store.transition_run(
-            run.id, ["queued"], "running", external_id=f"distill:{run.id}"
-        ):
+        """Approved: claim the run and distil on a job thread."""
+        if not self.store.claim_run(
+            run.id, [run.status if run.status in ("approved", "queued") else "approved"],
+            "running", owner=self.runs.owner, lease=self.runs.lease,
+        ):  # fmt: skip
             return
-        with self._lock:
-            self._active.add(run.id)
         self.wf.submit(
-            f"distilling {run.id}", lambda: self._run(run.id), run.channel, run.thread_ts
-        )
+            f"distilling {run.id}", lambda: self._claimed(run.id), run.channel, run.thread_ts,
+            long=True,
+            on_busy=lambda: self.store.transition_run(
+                run.id, ["running"], "approved", owner=None, lease_expires_at=None
+            ),
+        )  # fmt: skip
 
     def poll(self, run: Run) -> None:
-        """A distillation this process is not running was cut off by a restart."""
-        with self._lock:
-            if run.id in self._active:
-                return
-        if self.store.transition_run(
+        """Start what was approved; fail what a dead process left running (its lease lapsed)."""
+        if not lapsed(run, self.runs.clock()):
+            return
+        if run.status in ("approved", "queued"):
+            self.start(run)
+        elif run.status == "running" and self.store.transition_run(
             run.id, ["running"], "failed", error="interrupted by a restart of the bot; ask again"
         ):
+            entry = self.runs.gate.ledger.open("run", run.id)
+            actual = (entry.actual_usd or 0.0) if entry else 0.0  # recorded after each chunk
+            self.runs.gate.settle("run", run.id, actual, note="interrupted")
+            self.store.update_run(run.id, actual_usd=actual)
             self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+
+    def _claimed(self, run_id: str) -> None:
+        with Held(self.store, run_id, self.runs.owner, self.runs.lease, "running"):
+            try:
+                self._run(run_id)
+            except Exception as exc:
+                log.error("run %s: distillation failed: %s: %s", run_id, type(exc).__name__, exc)
+                self._end(
+                    self.store.get_run(run_id), "failed", None,
+                    error=f"tunebot stopped distilling ({type(exc).__name__}: {exc})",
+                )  # fmt: skip
 
     def _run(self, run_id: str) -> None:
         from trainers.distill import distill, load_prompts
-        from trainers.pricing import inference_cost
 
         run = self.store.get_run(run_id)
         plan = run.plan_json
-        try:
-            prompts = load_prompts(
-                self.wf.blobs.path(plan["dataset_sha256"]), system=plan.get("system")
-            )
-            progress_ts = self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(f"{run.id} distilling: 0/{len(prompts.items):,} prompts answered"),
-            )
+        gate = self.runs.gate
+        reservation = gate.ledger.open("run", run.id)
+        prompts = load_prompts(self.wf.blobs.path(plan["dataset_sha256"]), system=plan.get("system"))
+        total = len(prompts.items)
+        progress_ts = self.wf.post(
+            run.channel,
+            run.thread_ts,
+            render.note(f"{run.id} distilling: 0/{total:,} prompts answered"),
+        )
+        edited = [0.0]
 
-            def report(done: int, total: int) -> None:
-                if progress_ts:
-                    message = render.note(
-                        f"{run.id} distilling: {done:,}/{total:,} prompts answered"
-                    )
-                    self.wf.client.chat_update(
-                        channel=run.channel, ts=progress_ts, **message.to_kwargs()
-                    )
-
-            result = distill(
-                self.runs.evals._openai(),
-                run.model,
-                prompts.items,
-                concurrency=self.settings.eval_concurrency,
-                on_progress=report,
-            )
-            actual = inference_cost(
-                run.model, result.input_tokens, result.output_tokens, self.wf.prices
-            )
-            if not result.examples:
-                self._end(
-                    run,
-                    "failed",
-                    actual,
-                    error=f"the teacher answered none of the {len(prompts.items)} prompts",
-                )
+        def report(done: int, total: int) -> None:
+            if not progress_ts or (
+                done < total and time.monotonic() - edited[0] < self.settings.progress_seconds
+            ):
                 return
+            edited[0] = time.monotonic()
+            message = render.note(f"{run.id} distilling: {done:,}/{total:,} prompts answered")
+            try:  # a deleted message or a Slack outage must not stop paid work midway
+                self.wf.client.chat_update(
+                    channel=run.channel, ts=progress_ts, **message.to_kwargs()
+                )
+            except Exception as exc:
+                log.warning("run %s: progress not edited: %s", run.id, exc)
+
+        def spent(usd: float) -> None:
+            if reservation is not None:
+                gate.ledger.record(reservation.id, usd)
+
+        def cancelled(_result) -> str | None:
+            return "cancelled" if self.store.get_run(run.id).status == "cancelled" else None
+
+        approved = run.estimate_usd or 0.0
+        result = distill(
+            self.runs.evals._openai(),
+            run.model,
+            prompts.items,
+            concurrency=self.settings.eval_concurrency,
+            max_tokens=int(plan.get("max_tokens") or self.settings.distill_max_tokens),
+            on_progress=report,
+            max_usd=approved * (1 + MARGIN),
+            prices=self.wf.prices,
+            should_stop=cancelled,
+            on_spend=spent,
+        )
+        actual = _cost(run.model, result, self.wf.prices)
+        dataset_id = None
+        if result.examples:
             source = self.store.get_dataset(plan["dataset_id"])
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "distilled.jsonl"
@@ -151,55 +249,71 @@ class Distiller:
                 sha, size, name=name, channel=run.channel, thread_ts=run.thread_ts,
                 user=run.requested_by, source_dataset_id=source.id,
             )  # fmt: skip
-            self._end(
-                run,
-                "succeeded",
-                actual,
-                data={
-                    "dataset_id": dataset.id,
-                    "failed": result.failed,
-                    "input_tokens": result.input_tokens,
-                    "output_tokens": result.output_tokens,
-                },
+            dataset_id = dataset.id
+        data = {
+            "dataset_id": dataset_id,
+            "failed": result.failed,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "answered": result.answered,
+            "stopped": result.stopped,
+        }
+        if result.stopped == "cancelled":
+            status, error = "cancelled", None
+        elif result.stopped == "budget":
+            status = "failed"
+            error = (
+                f"stopped at the approved ${approved:,.2f} (+{MARGIN:.0%} margin) after "
+                f"{result.answered:,} of {total:,} prompts"
             )
+        elif not result.examples:
+            status, error = "failed", f"the teacher answered none of the {total} prompts"
+        else:
+            status, error = "succeeded", None
+        self._end(run, status, actual, error=error, data=data)
+        if dataset_id:
             self.wf.post(
                 run.channel,
                 run.thread_ts,
-                render.distilled(run, dataset.id, len(result.examples), result.failed, actual),
+                render.distilled(run, dataset_id, len(result.examples), result.failed, actual),
             )
-        finally:
-            with self._lock:
-                self._active.discard(run_id)
 
     def _end(
         self,
         run: Run,
         status: str,
-        actual: float,
+        actual: float | None,
         *,
         error: str | None = None,
         data: dict | None = None,
     ) -> None:
+        """Record how the distillation ended and what it spent, once; say so if not a success."""
         record = {**(run.result_json or {}), **(data or {})}
-        if self.store.transition_run(
+        if actual is None:  # an exception: what the ledger recorded is what was spent
+            entry = self.runs.gate.ledger.open("run", run.id)
+            actual = (entry.actual_usd or 0.0) if entry else 0.0
+        moved = self.store.transition_run(
             run.id, ["running"], status, actual_usd=actual, error=error, result_json=record
-        ):
-            self.store.audit(
-                "tunebot",
-                status,
-                run_id=run.id,
-                plan_hash=run.plan_hash,
-                detail={"cost_usd": actual},
-            )
-            log.info("run %s: distillation %s ($%.4f)", run.id, status, actual)
-            if error:
-                self.wf.post(
-                    run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id))
-                )
+        )
+        if not moved:  # cancelled meanwhile: keep the status, record the spend
+            self.store.update_run(run.id, actual_usd=actual, result_json=record)
+            status = self.store.get_run(run.id).status
+        self.runs.gate.settle("run", run.id, actual, note=status)
+        self.store.audit(
+            "tunebot",
+            status,
+            run_id=run.id,
+            plan_hash=run.plan_hash,
+            detail={"cost_usd": actual},
+        )
+        log.info("run %s: distillation %s ($%.4f)", run.id, status, actual)
+        if status != "succeeded":
+            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
     # --- /finetune chat -------------------------------------------------------------
 
-    def chat(self, cmd: Command, channel: str) -> render.Message:
+    def chat(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """Ask the base and the tuned model of a run one prompt; paid ones through the gate."""
         run = self.runs._find_run(cmd.target, channel)
         prompt = cmd.options.get("prompt") or " ".join(cmd.args[1:])
         if not prompt.strip():
@@ -210,32 +324,99 @@ class Distiller:
             raise UserError(
                 f"{run.id} is not a finished training run, so there is no tuned model to ask."
             )
+        ref = None
+        if run.provider == "openai":
+            egress.check_prompt(prompt)
+            gate = self.runs.gate
+            gate.require(user, requester=run.requested_by, what=f"ask {run.id}'s models")
+            usd = self.chat_estimate(run, prompt)
+            if gate.needs_approval(usd):
+                raise SpendRefused(
+                    f"Asking {run.id}'s models this would cost up to ${usd:,.2f}, above the "
+                    f"${self.settings.eval_approval_above_usd:,.2f} a chat may spend without an "
+                    "approval (TUNEBOT_EVAL_APPROVAL_ABOVE_USD): shorten the prompt, or ask for "
+                    f"`/finetune eval {run.id} eval=<dataset>`, which goes to the approvers."
+                )
+            ref = f"{run.id}:{uuid.uuid4().hex[:12]}"
+            gate.reserve(
+                "chat", ref, usd, what=f"Asking {run.id}'s models",
+                run_id=run.id, channel=channel, user=user,
+            )  # fmt: skip
         self.wf.submit(
-            f"asking {run.id}'s models", lambda: self._answer(run, prompt), channel, run.thread_ts
+            f"asking {run.id}'s models",
+            lambda: self._answer(run, prompt, ref),
+            channel,
+            run.thread_ts,
+            long=True,
+            on_busy=lambda: ref and self.runs.gate.settle("chat", ref, 0.0, note="busy"),
         )
         return render.note(
             f"Asking the base and the tuned model of {run.id}; the answers go to its thread."
         )
 
-    def _answer(self, run: Run, prompt: str) -> None:
-        from trainers.evaluate import EvalExample, generate_local, generate_openai
+    def chat_estimate(self, run: Run, prompt: str) -> float:
+        """The most one chat can cost: the prompt counted exactly, each answer at its limit."""
+        from trainers.evaluate import CHAT_MAX_TOKENS
+        from trainers.pricing import inference_cost
+        from trainers.tokens import TokenCounter, chat_tokens
+
+        tokens_in = chat_tokens({"messages": [{"role": "user", "content": prompt}]}, TokenCounter())[0]
+        tuned = (run.result_json or {}).get("fine_tuned_model") or run.model
+        try:
+            return sum(
+                inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.wf.prices)
+                for model in (run.model, tuned)
+            )
+        except ValueError:
+            raise UserError(
+                f"{run.model} has no inference price in the price table, so tunebot cannot "
+                "check a chat with it against the budget."
+            ) from None
+
+    def _answer(self, run: Run, prompt: str, ref: str | None) -> None:
+        from trainers.evaluate import (
+            CHAT_MAX_TOKENS,
+            EvalExample,
+            generate_openai,
+            generation_cost,
+        )
 
         example = EvalExample(0, [{"role": "user", "content": prompt}], "")
         if run.provider == "local":
-            from trainers import models
+            from bot.local_models import LocalModels
+            from trainers.chat_worker import ChatError
 
-            base_model = models.resolve(run.model, self.settings.home / "models")
-            base, tuned = generate_local(
-                base_model, (run.result_json or {})["adapter_dir"], [example]
-            )
-            answers = (base[0], tuned[0])
+            adapter = (run.result_json or {}).get("adapter_dir")
+            if not adapter:
+                raise UserError(f"{run.id} has no adapter to chat with.")
+            base_model = LocalModels(self.settings, self.store).trained_base(run)
+            try:  # in the chat worker: one chat at a time, the model kept loaded a while
+                answer = self.chat_worker.ask(base_model, adapter, example.prompt)
+            except ChatError as exc:
+                raise UserError(f"{run.id}'s models did not answer: {exc}.") from None
+            if answer.notice:
+                self.wf.post(run.channel, run.thread_ts, render.note(f"Note: {answer.notice}."))
+            answers = (answer.base, answer.tuned)
         else:
-            client = self.runs.evals._openai()
-            tuned_model = (run.result_json or {}).get("fine_tuned_model")
-            base = generate_openai(client, run.model, [example])[0]
-            tuned = generate_openai(client, tuned_model, [example])[0]
+            spent = 0.0
+            try:
+                client = self.runs.evals._openai()
+                tuned_model = (run.result_json or {}).get("fine_tuned_model")
+                base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
+                spent += generation_cost(run.model, [base], self.wf.prices) or 0.0
+                tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
+                spent += generation_cost(tuned_model, [tuned], self.wf.prices) or 0.0
+            finally:
+                if ref:
+                    self.runs.gate.settle("chat", ref, spent)
             answers = (
                 base.text or f"(failed: {base.error})",
                 tuned.text or f"(failed: {tuned.error})",
             )
         self.wf.post(run.channel, run.thread_ts, render.side_by_side(run, prompt, *answers))
+
+
+def _cost(model: str, result, prices) -> float:
+    from trainers.pricing import inference_cost
+
+    return inference_cost(model, result.input_tokens, result.output_tokens, prices)

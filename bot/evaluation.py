@@ -7,19 +7,32 @@ threads: generation (OpenAI or the local adapter), scoring, then the summary,
 a chart and a CSV of every row in the run's thread. A student trained on a
 distilled dataset is compared with its teacher too (teacher vs base student
 vs tuned student), with the price of 1,000 calls to each.
+
+Paid parts (generation on a hosted model, the teacher, the LLM judge) go
+through the spend gate: the evaluation is estimated before anything runs
+(every answer at its token limit), only the run's requester or an
+approver may start a paid one, an estimate above
+TUNEBOT_EVAL_APPROVAL_ABOVE_USD becomes an approval request like a run, the
+estimate is reserved (one open reservation per run: a second evaluation
+while one is going is refused), and the actual spend is settled however it
+ends. When the budget cannot cover the judge and the teacher they are left
+out, with a note.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
 
-from bot import render
-from bot.workflow import UserError
+from bot import egress, render
+from bot.claims import Held, lapsed
+from bot.errors import SpendRefused, UserError
 
 if TYPE_CHECKING:
     from bot.runs import Runs
@@ -29,6 +42,26 @@ log = logging.getLogger("tunebot")
 
 SPLIT_SEED = 0
 MIN_HELD_OUT, MAX_HELD_OUT, MIN_TRAIN = 5, 200, 10
+
+
+@dataclass(frozen=True)
+class EvalCost:
+    """The most an evaluation may cost, by part, in USD."""
+
+    examples: int
+    avg_prompt_tokens: float
+    generation_usd: float
+    teacher: str | None
+    teacher_usd: float
+    judge_usd: float
+
+    @property
+    def extras_usd(self) -> float:
+        return self.teacher_usd + self.judge_usd
+
+    @property
+    def total_usd(self) -> float:
+        return self.generation_usd + self.extras_usd
 
 
 def held_out_count(valid_examples: int, fraction: float) -> int:
@@ -90,9 +123,10 @@ class Evaluations:
             )
         return data
 
-    # --- the evaluation -----------------------------------------------------------------
+    # --- asking for one ----------------------------------------------------------------
 
     def after_success(self, run: Run) -> None:
+        """A run succeeded: evaluate it on its held-out data, through the gate."""
         data = (run.result_json or {}).get("data") or {}
         if not data.get("eval_sha256"):
             note = data.get("note") or "no held-out data"
@@ -104,33 +138,313 @@ class Evaluations:
                 ),
             )
             return
-        self.wf.submit(
-            f"evaluating {run.id}", lambda: self.evaluate(run.id), run.channel, run.thread_ts
-        )
+        try:
+            message = self._ask(run, data["eval_sha256"], None, user=None)
+        except UserError as exc:
+            message = render.note(f"{run.id}: not evaluated: {exc.summary}")
+        if message is not None:
+            self.wf.post(run.channel, run.thread_ts, message)
 
-    def request(self, run_ref: str | None, channel: str, eval_ref: str | None) -> render.Message:
+    def request(
+        self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
+    ) -> render.Message:
         run = self.runs._find_run(run_ref, channel)
-        if run.status != "succeeded":
-            raise UserError(f"{run.id} is {run.status}: only a succeeded run can be evaluated.")
-        eval_sha = None
+        if run.status != "succeeded" or run.provider not in ("openai", "local"):
+            raise UserError(
+                f"{run.id} is {run.status}: only a succeeded training run can be evaluated."
+            )
+        eval_dataset_id = None
         if eval_ref:
             dataset = self.wf.find_dataset(channel, eval_ref)
             if (dataset.errors or 0) > 0:
                 raise UserError(f"{dataset.id} has errors and cannot be an eval set.")
-            eval_sha = dataset.sha256
-        elif not ((run.result_json or {}).get("data") or {}).get("eval_sha256"):
-            raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
+            eval_sha, eval_dataset_id = dataset.sha256, dataset.id
+        else:
+            eval_sha = ((run.result_json or {}).get("data") or {}).get("eval_sha256")
+            if not eval_sha:
+                raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
+        message = self._ask(run, eval_sha, eval_dataset_id, user=user)
+        return message or render.note(f"Evaluating {run.id}; the results go to its thread.")
+
+    def _ask(
+        self, run: Run, eval_sha: str, eval_dataset_id: str | None, *, user: str | None
+    ) -> render.Message | None:
+        """Estimate, check who and how much, then reserve and start, or ask for approval.
+
+        `user` None is tunebot itself, after a run it was approved to make.
+        Returns the answer for the asker (None: started, nothing to add).
+        """
+        from trainers.evaluate import examples_from_file
+
+        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        if not examples:
+            raise UserError(
+                f"The evaluation set of {run.id} has no example with an assistant turn."
+            )
+        cost = self.estimate(run, examples)
+        gate = self.runs.gate
+        source = eval_dataset_id or run.plan_json.get("eval_dataset_id") or run.dataset_id
+        held = egress.held(self.store, [self.store.find_dataset(source)])
+        if held and run.provider == "openai":
+            raise UserError(
+                f"{run.id}'s evaluation would send {held[0].id}'s examples to OpenAI, but "
+                + egress.held_words(held)
+                + "."
+            )
+        if held and cost.extras_usd:
+            cost = EvalCost(cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0)
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: the LLM judge and any teacher are left out of the evaluation: "
+                    + egress.held_words(held)
+                    + "."
+                ),
+            )
+        teacher = self.teacher_of(run)
+        if teacher and not self.settings.openai_api_key:
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: its data was distilled from {teacher}, but OPENAI_API_KEY is not set, so the teacher is left out of the comparison."
+                ),
+            )
+        if cost.total_usd > 0 and user is not None:
+            gate.require(user, requester=run.requested_by, what=f"evaluate {run.id}")
+        if self._waiting_approval(run.id):
+            raise SpendRefused(f"An evaluation of {run.id} is already waiting for approval.")
+        if cost.total_usd > 0 and gate.needs_approval(cost.total_usd):
+            if user is None:
+                return render.note(
+                    f"{run.id}: its evaluation would cost about ${cost.total_usd:,.2f}, above the "
+                    f"${self.settings.eval_approval_above_usd:,.2f} that needs an approval "
+                    f"(TUNEBOT_EVAL_APPROVAL_ABOVE_USD): `/finetune eval {run.id}` asks for one."
+                )
+            return self.runs._put_to_approvers(
+                self._plan(run, eval_sha, eval_dataset_id, cost), run.channel, user
+            )
+        reservation, cost, left_out = self._reserve(run, cost, user)
+        if left_out:
+            self.wf.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
         self.wf.submit(
             f"evaluating {run.id}",
-            lambda: self.evaluate(run.id, eval_sha, eval_ref),
-            channel,
+            lambda: self._reserved(run.id, eval_sha, eval_dataset_id, cost, reservation.id),
+            run.channel,
             run.thread_ts,
+            long=True,
+            on_busy=lambda: self.runs.gate.settle("eval", run.id, 0.0, note="busy"),
         )
-        return render.note(f"Evaluating {run.id}; the results go to its thread.")
+        return None
+
+    def _reserve(self, run: Run, cost: EvalCost, user: str | None):
+        """Reserve the whole estimate; if the budget cannot take the judge and the
+        teacher, reserve generation alone and say what was left out."""
+        gate = self.runs.gate
+        common = {
+            "what": f"An evaluation of {run.id}",
+            "run_id": run.id,
+            "channel": run.channel,
+            "user": user,
+        }
+        try:
+            return gate.reserve("eval", run.id, cost.total_usd, **common), cost, None
+        except SpendRefused as exc:
+            if not cost.extras_usd or gate.ledger.open("eval", run.id) is not None:
+                raise
+            full = exc.summary
+        reduced = EvalCost(
+            cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0
+        )
+        reservation = gate.reserve("eval", run.id, reduced.total_usd, **common)
+        parts = [
+            part
+            for part, usd in (
+                ("the LLM judge", cost.judge_usd),
+                (f"the teacher {cost.teacher}", cost.teacher_usd),
+            )
+            if usd
+        ]
+        return reservation, reduced, f"{' and '.join(parts)} left out of the evaluation: {full}"
+
+    def _waiting_approval(self, run_id: str) -> bool:
+        open_evals = self.store.runs(
+            status=["pending_approval", "approved", "running"], provider="eval", limit=None
+        )
+        return any((r.plan_json or {}).get("target_run") == run_id for r in open_evals)
+
+    def _plan(self, run: Run, eval_sha: str, eval_dataset_id: str | None, cost: EvalCost) -> dict:
+        return {
+            "kind": "eval",
+            "dataset_id": run.dataset_id,
+            "dataset_sha256": run.plan_json.get("dataset_sha256"),
+            "provider": "eval",
+            "model": run.model,
+            "target_run": run.id,
+            "eval_sha256": eval_sha,
+            "eval_dataset_id": eval_dataset_id,
+            "examples": cost.examples,
+            "teacher": cost.teacher,
+            "judge": cost.judge_usd > 0,
+            "secret_hold": False,
+            "estimate": {
+                "cost_usd": round(cost.total_usd, 4),
+                "generation_usd": round(cost.generation_usd, 4),
+                "teacher_usd": round(cost.teacher_usd, 4),
+                "judge_usd": round(cost.judge_usd, 4),
+                "billed_tokens": 0,
+                "price_per_1m": 0.0,
+            },
+        }
+
+    def estimate(self, run: Run, examples) -> EvalCost:
+        """The most this evaluation may cost: every answer at ANSWER_MAX_TOKENS.
+
+        Raises UserError when a paid model has no price (the budget cannot be checked).
+        """
+        from trainers.evaluate import ANSWER_MAX_TOKENS
+        from trainers.pricing import inference_cost
+
+        n = len(examples)
+        avg_prompt = sum(len(e.prompt_text) for e in examples) / n / 4  # ~4 characters a token
+        tokens_in, tokens_out = round(n * avg_prompt), n * ANSWER_MAX_TOKENS
+
+        def price(model: str | None) -> float:
+            if not model:
+                return 0.0
+            try:
+                return inference_cost(model, tokens_in, tokens_out, self.wf.prices)
+            except ValueError:
+                raise UserError(
+                    f"{model} has no inference price in the price table, so tunebot cannot "
+                    "check an evaluation of it against the budget."
+                ) from None
+
+        generation = 0.0
+        if run.provider == "openai":
+            tuned = (run.result_json or {}).get("fine_tuned_model")
+            if not tuned:
+                raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
+            generation = price(run.model) + price(tuned)
+        teacher = self.teacher_of(run) if self.settings.openai_api_key else None
+        judge = self._judge_for(run)
+        judge_usd = 0.0
+        if judge is not None:
+            answers = 3 if teacher else 2
+            judge_usd = judge.estimate_cost(n, avg_prompt, rubric_answers=answers) or 0.0
+        return EvalCost(n, avg_prompt, generation, teacher, price(teacher), judge_usd)
+
+    # --- approved evaluations (provider "eval") ----------------------------------------------
+
+    def start_approved(self, run: Run) -> None:
+        if self.store.claim_run(
+            run.id, ["approved"], "running", owner=self.runs.owner, lease=self.runs.lease
+        ):
+            self.wf.submit(
+                f"evaluating for {run.id}",
+                lambda: self._approved(run.id),
+                run.channel,
+                run.thread_ts,
+                long=True,
+                on_busy=lambda: self.store.transition_run(
+                    run.id, ["running"], "approved", owner=None, lease_expires_at=None
+                ),
+            )
+
+    def poll(self, run: Run) -> None:
+        """Start what was approved; fail what a dead process left running (lease lapsed)."""
+        if not lapsed(run, self.runs.clock()):
+            return
+        if run.status == "approved":
+            self.start_approved(run)
+        elif run.status == "running" and self.store.transition_run(
+            run.id, ["running"], "failed", error="interrupted by a restart of the bot; ask again"
+        ):
+            entry = self.runs.gate.ledger.open("run", run.id)
+            # What it spent before the crash is not known: count the most it could have.
+            actual = max(entry.estimate_usd, entry.actual_usd or 0.0) if entry else 0.0
+            self.runs.gate.settle("run", run.id, actual, note="interrupted")
+            self.store.update_run(run.id, actual_usd=actual)
+            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+
+    def _approved(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        plan = run.plan_json
+        gate = self.runs.gate
+        entry = gate.ledger.open("run", run.id)
+        spent = [0.0]
+
+        def on_spend(usd: float) -> None:
+            spent[0] = usd
+            if entry is not None:
+                gate.ledger.record(entry.id, usd)
+
+        status, error = "succeeded", None
+        with Held(self.store, run_id, self.runs.owner, self.runs.lease, "running"):
+            estimate = plan["estimate"]
+            cost = EvalCost(
+                plan["examples"], 0.0, estimate["generation_usd"], plan.get("teacher"),
+                estimate["teacher_usd"], estimate["judge_usd"],
+            )  # fmt: skip
+            try:
+                self.evaluate(
+                    plan["target_run"], plan["eval_sha256"], plan.get("eval_dataset_id"),
+                    cost=cost, on_spend=on_spend,
+                    stop=lambda: self.store.get_run(run_id).status == "cancelled",
+                )  # fmt: skip
+            except Exception as exc:
+                status = "failed"
+                error = (
+                    exc.summary if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                )
+            if not self.store.transition_run(
+                run_id, ["running"], status, actual_usd=spent[0], error=error
+            ):
+                self.store.update_run(run_id, actual_usd=spent[0])
+            gate.settle("run", run_id, spent[0], note=status)
+        if status != "succeeded":
+            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run_id)))
+
+    # --- the evaluation -----------------------------------------------------------------
+
+    def _reserved(
+        self,
+        run_id: str,
+        eval_sha: str,
+        eval_dataset_id: str | None,
+        cost: EvalCost,
+        reservation_id: int,
+    ) -> None:
+        """Run an evaluation whose estimate is reserved; settle at what it spent, whatever happens."""
+        spent = [0.0]
+        ledger = self.runs.gate.ledger
+
+        def on_spend(usd: float) -> None:
+            spent[0] = usd
+            ledger.record(reservation_id, usd)
+
+        try:
+            self.evaluate(run_id, eval_sha, eval_dataset_id, cost=cost, on_spend=on_spend)
+        finally:
+            ledger.settle(reservation_id, spent[0])
 
     def evaluate(
-        self, run_id: str, eval_sha: str | None = None, eval_dataset_id: str | None = None
+        self,
+        run_id: str,
+        eval_sha: str | None = None,
+        eval_dataset_id: str | None = None,
+        *,
+        cost: EvalCost | None = None,
+        on_spend: Callable[[float], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
+        """Generate, score, store and post.
+
+        `cost` says which paid parts were reserved (None: every part the settings
+        allow); `on_spend(usd)` gets the spend so far after each paid part;
+        `stop()` true between parts ends it early (cancelled), nothing posted.
+        """
         from trainers.evaluate import examples_from_file, score
 
         run = self.store.get_run(run_id)
@@ -141,31 +455,35 @@ class Evaluations:
             raise UserError(
                 f"The evaluation set of {run.id} has no example with an assistant turn."
             )
+        cost = cost or self.estimate(run, examples)
+        spent = [0.0]
+
+        def paid(usd: float) -> None:
+            spent[0] += usd
+            if on_spend is not None:
+                on_spend(spent[0])
+
         base, tuned, generation_cost = self._generate(run, examples)
-        avg_prompt = (
-            sum(len(e.prompt_text) for e in examples) / len(examples) / 4
-        )  # ~4 chars a token
-        teacher_model, teacher, teacher_cost = self._teacher(
-            run, examples, avg_prompt, spent_usd=generation_cost
-        )
-        judge = self._judge(
-            run,
-            len(examples),
-            avg_prompt,
-            answers=3 if teacher_model else 2,
-            spent_usd=generation_cost + teacher_cost,
-        )
-        embedder = _embedder()
+        paid(generation_cost)
+        teacher_model, teacher = None, None
+        if cost.teacher and not (stop and stop()):
+            teacher_model, teacher, teacher_cost = self._teacher(cost.teacher, examples)
+            paid(teacher_cost)
+        if stop is not None and stop():
+            log.info("run %s: evaluation stopped (cancelled)", run.id)
+            return
+        judge = self._judge_for(run) if cost.judge_usd > 0 else None
         result = score(
             examples,
             base,
             tuned,
             judge=judge,
-            embedder=embedder,
+            embedder=_embedder(),
             teacher_outputs=teacher,
             teacher_model=teacher_model,
         )
-        cost = (result.judge_cost_usd or 0.0) + generation_cost + teacher_cost
+        paid(result.judge_cost_usd or 0.0)
+        cost = spent[0]
         prices = self._prices_per_1k(run, base, tuned, teacher_model, teacher)
         summary = {
             "primary": result.primary,
@@ -216,9 +534,10 @@ class Evaluations:
             adapter = result.get("adapter_dir")
             if not adapter:
                 raise UserError(f"{run.id} has no adapter to evaluate.")
-            from trainers import models
+            from bot.local_models import LocalModels
 
-            base_model = models.resolve(run.model, self.settings.home / "models")
+            # What the worker trained on (its spec): `model=r3` or a folder, resolved at launch.
+            base_model = LocalModels(self.settings, self.store).trained_base(run)
             base, tuned = generate_local(base_model, adapter, examples)
             return base, tuned, 0.0
         client = self._openai()
@@ -243,46 +562,14 @@ class Evaluations:
                 return distill.model
         return None
 
-    def _teacher(
-        self, run: Run, examples, avg_prompt_tokens: float, *, spent_usd: float = 0.0
-    ) -> tuple[str | None, list | None, float]:
-        """(teacher, its answers, their cost) for a student of a distillation; else (None, None, 0).
+    def _teacher(self, teacher: str, examples) -> tuple[str, list, float]:
+        """(teacher, its answers, their cost) for a student of a distillation.
 
         The teacher answers the held-out prompts afresh, at temperature 0 like
-        the students, so all three are graded the same way. It is skipped, with
-        a note in the thread, when OpenAI is not configured or its estimated
-        cost would break the month's budget.
+        the students, so all three are graded the same way.
         """
         from trainers.evaluate import generate_openai, generation_cost
-        from trainers.pricing import inference_cost
 
-        teacher = self.teacher_of(run)
-        if teacher is None:
-            return None, None, 0.0
-        if not self.settings.openai_api_key:
-            self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"{run.id}: its data was distilled from {teacher}, but OPENAI_API_KEY is not set, so the teacher is left out of the comparison."
-                ),
-            )
-            return None, None, 0.0
-        avg_answer = sum(len(e.reference) for e in examples) / len(examples) / 4
-        n = len(examples)
-        try:
-            estimate = inference_cost(
-                teacher, round(n * avg_prompt_tokens), round(n * avg_answer), self.wf.prices
-            )
-        except ValueError:
-            estimate = 0.0  # it had a price when distilled; a price file dropped it since
-        if self._over_budget(
-            run,
-            spent_usd + estimate,
-            f"asking the teacher {teacher} (about ${estimate:,.2f})",
-            "so it is left out of the comparison",
-        ):
-            return None, None, 0.0
         answers = generate_openai(
             self._openai(), teacher, examples, concurrency=self.settings.eval_concurrency
         )
@@ -328,45 +615,15 @@ class Evaluations:
             max_retries=3,
         )
 
-    def _judge(
-        self,
-        run: Run,
-        n_examples: int,
-        avg_prompt_tokens: float,
-        *,
-        answers: int = 2,
-        spent_usd: float = 0.0,
-    ):
-        """The LLM judge when OpenAI is configured and its estimated cost, after what this
-        evaluation has already spent, fits the budget."""
+    def _judge_for(self, run: Run):
+        """The LLM judge when OpenAI and a judge model are configured, else None."""
         from trainers.scorers import Judge
 
         if not self.settings.openai_api_key or not self.settings.judge_model:
             return None
-        judge = Judge(
+        return Judge(
             self._openai(), self.settings.judge_model, concurrency=self.settings.eval_concurrency
         )
-        estimate = judge.estimate_cost(n_examples, avg_prompt_tokens, rubric_answers=answers) or 0.0
-        if self._over_budget(
-            run,
-            spent_usd + estimate,
-            f"the LLM judge (about ${estimate:,.2f})",
-            "so only the offline scorers run",
-        ):
-            return None
-        return judge
-
-    def _over_budget(self, run: Run, usd: float, what: str, consequence: str) -> bool:
-        """Whether spending ``usd`` more would break the month's budget; if so, says so."""
-        budget = self.settings.monthly_budget_usd
-        if budget is None or self.runs.committed_usd() + usd <= budget:
-            return False
-        self.wf.post(
-            run.channel,
-            run.thread_ts,
-            render.note(f"{run.id}: {what} would exceed this month's budget, {consequence}."),
-        )
-        return True
 
     def _upload(self, run: Run, result) -> None:
         from bot.charts import score_bars

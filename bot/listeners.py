@@ -20,15 +20,29 @@ log = logging.getLogger("tunebot")
 COMMAND = "/finetune"
 EVENTS = ("message", "file_shared", "app_home_opened")
 ACTIONS = ("approve_run", "reject_run", "override_secret")
+NOT_SERVED = "tunebot does not serve this channel (see TUNEBOT_CHANNELS)"
 
 
 def register(app: App, workflow: Workflow) -> None:
+    def served(channel: str | None, what: str, user: str, run_id: str | None = None) -> bool:
+        """Whether TUNEBOT_CHANNELS lets `what` happen in `channel`; a refusal is logged
+        (and audited when it concerns a run), never raised."""
+        if workflow.settings.serves(channel):
+            return True
+        log.warning("refused %s by %s: channel %s is not served", what, user, channel or "(none)")
+        if run_id and user:
+            workflow.store.audit(
+                user, "refused_unserved", run_id=run_id, detail={"what": what, "channel": channel}
+            )
+        return False
+
     def on_finetune(ack: Ack, command: dict[str, Any], client) -> None:
         channel, user = command.get("channel_id", ""), command.get("user_id", "")
         try:
             parsed = parse(command.get("text", ""))
-            if parsed.name == "advise":
+            if parsed.name == "advise" and workflow.settings.serves(channel):
                 # A modal must open within the trigger's 3 seconds: here, not in a job.
+                # (In a channel not served, workflow.command answers with the refusal.)
                 client.views_open(
                     trigger_id=command["trigger_id"], view=render.advise_modal(channel)
                 )
@@ -88,59 +102,77 @@ def register(app: App, workflow: Workflow) -> None:
             "reject_run": "reject",
             "override_secret": "override_secret",
         }[action["action_id"]]
+        # The run's own channel decides; a click must come from a served channel too.
+        run = workflow.store.find_run(run_id)
+        if not (
+            (run is None or served(run.channel, decision, user, run.id))
+            and served(channel, decision, user)
+        ):
+            workflow.submit(
+                f"refusing {user}'s {decision} of {run_id}",
+                lambda: _tell(channel, user, NOT_SERVED),
+                "",
+                None,
+            )
+            return
         if decision == "reject" and workflow.runs.click_refusal(run_id, user) is None:
             # The reason comes from a modal; its trigger expires in 3 s, so open it now.
             client.views_open(trigger_id=body["trigger_id"], view=render.reject_modal(run_id))
             return
-        workflow.submit(
-            f"recording {user}'s {decision} of {run_id}",
-            lambda: _tell(channel, user, workflow.runs.decide(run_id, user, decision)),
-            channel,
-            None,
-        )
+        # Recorded (pending_work) before Slack hears 200, counted on a job thread.
+        workflow.decide_later(run_id, user, decision, channel)
 
     def on_reject_reason(ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
-        ack()
         user, run_id = body["user"]["id"], view.get("private_metadata", "")
+        run = workflow.store.find_run(run_id)
+        channel = run.channel if run else ""
+        if run is not None and not served(channel, "reject", user, run_id):
+            ack(response_action="errors", errors={"reason": f"Not counted: {NOT_SERVED}."})
+            return
+        ack()
         reason = (
             (view.get("state", {}).get("values", {}).get("reason") or {}).get("reason") or {}
         ).get("value")
-        run = workflow.store.find_run(run_id)
-        channel = run.channel if run else ""
-        workflow.submit(
-            f"recording {user}'s rejection of {run_id}",
-            lambda: _tell(
-                channel, user, workflow.runs.decide(run_id, user, "reject", reason=reason)
-            ),
-            channel,
-            None,
-        )
+        workflow.decide_later(run_id, user, "reject", channel, reason=reason)
 
     def on_advise(ack: Ack, body: dict[str, Any], view: dict[str, Any]) -> None:
-        from trainers.advise import Situation, advise
+        from trainers.advise import Situation, advise, parse_count
 
+        user, channel = body["user"]["id"], view.get("private_metadata", "")
+        if not served(channel, "advise", user):
+            ack(response_action="errors", errors={"problems": f"{NOT_SERVED}."})
+            return
         values = view.get("state", {}).get("values", {})
 
         def picked(block: str) -> frozenset[str]:
             element = (values.get(block) or {}).get(block) or {}
-            return frozenset(o["value"] for o in element.get("selected_options") or [])
+            options = element.get("selected_options") or []
+            return frozenset(str(o.get("value")) for o in options if isinstance(o, dict))
 
-        def number(block: str) -> int:
-            raw = ((values.get(block) or {}).get(block) or {}).get("value") or "0"
-            return int(float(raw))
-
+        # Each number is parsed strictly; a bad one is an error next to its own field.
+        counts: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        for block in ("calls_per_day", "good_examples"):
+            try:
+                counts[block] = parse_count(
+                    ((values.get(block) or {}).get(block) or {}).get("value")
+                )
+            except ValueError as exc:
+                errors[block] = str(exc)
+        if errors:
+            ack(response_action="errors", errors=errors)
+            return
         try:
             situation = Situation(
                 picked("problems"),
-                number("calls_per_day"),
-                number("good_examples"),
+                counts["calls_per_day"],
+                counts["good_examples"],
                 picked("tried"),
             )
         except ValueError as exc:
             ack(response_action="errors", errors={"problems": str(exc)})
             return
         ack()
-        user, channel = body["user"]["id"], view.get("private_metadata", "")
         message = render.advice(advise(situation), user)
         workflow.submit(
             "posting advice", lambda: workflow.post(channel, None, message), channel, None

@@ -6,6 +6,7 @@ the CLI show. Blocks are Slack's Block Kit rendering of the same content.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,65 @@ class Message:
         return {"text": self.text, "blocks": self.blocks}
 
 
+_BARE_AMPERSAND = re.compile(r"&(?!(?:amp|lt|gt);)")
+# The bot's own mentions, built from Slack ids: the only `<…>` a composed message keeps.
+_OWN_MENTION = re.compile(r"<[@#][A-Z0-9]+>")
+# An absolute (or ~/) path of two parts or more; a URL's slashes never start one.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~\\-])~?(?:/[\w.+@-]+)+/([\w.+@-]+)")
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def escape(text: object) -> str:
+    """Text from a person or a file, made inert for mrkdwn: `&`, `<`, `>` as entities.
+
+    Every file name, reason, prompt, answer, model name or option a user typed
+    goes through this where it enters a message, in `text` and blocks alike, so
+    `<!channel>` in a file name pings nobody. Idempotent: an `&amp;`, `&lt;` or
+    `&gt;` already there is left as it is, so nothing is escaped twice.
+    """
+    text = str(text)
+    return _BARE_AMPERSAND.sub("&amp;", text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _inert(text: str) -> str:
+    """A message composed elsewhere: escaped, except the bot's own `<@U…>`/`<#C…>` mentions."""
+    parts, last = [], 0
+    for mention in _OWN_MENTION.finditer(text):
+        parts += [escape(text[last : mention.start()]), mention.group()]
+        last = mention.end()
+    return "".join(parts) + escape(text[last:])
+
+
+def short_paths(text: str) -> str:
+    """Server paths cut to their last part: `/srv/tunebot/runs/r1/spec.json` -> `spec.json`."""
+    return _SERVER_PATH.sub(r"\1", text)
+
+
+def failure_line(error: str | None, log: str | None = None) -> str:
+    """An error as a person should see it: one line, its class and message, no server paths.
+
+    A traceback (in `error`, or in the `log` when there is no error) gives its
+    last line, the exception itself.
+    """
+    text = (error or "").strip()
+    if _TRACEBACK in text or (not text and log and _TRACEBACK in log):
+        source = text or log or ""
+        head = text.split(_TRACEBACK, 1)[0].strip() if text else ""
+        tail = source.rsplit(_TRACEBACK, 1)[1].splitlines()
+        last = next((s.strip() for s in reversed(tail) if s.strip() and not s[:1].isspace()), "")
+        text = f"{head} {last}".strip()
+    lines = text.splitlines()
+    return short_paths(lines[0].strip() if lines else "") or "no error message"
+
+
+def _no_internals(text: str) -> str:
+    """No traceback and no server path: a traceback shrinks to its last line."""
+    if _TRACEBACK in text:
+        head = text.split(_TRACEBACK, 1)[0].strip()
+        return f"{head} {failure_line(text[len(head) :])}".strip()
+    return short_paths(text)
+
+
 def _section(markdown: str) -> dict:
     if len(markdown) > SECTION_LIMIT:
         markdown = markdown[: SECTION_LIMIT - 1] + "…"
@@ -46,10 +106,11 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
-def _lines_label(lines: Sequence[int]) -> str:
+def _lines_label(lines: Sequence[int], total: int | None = None) -> str:
+    total = len(lines) if total is None else max(total, len(lines))  # the report stores the first
     shown = ", ".join(str(n) for n in lines[:MAX_LINES_SHOWN])
-    more = f" and {len(lines) - MAX_LINES_SHOWN:,} more" if len(lines) > MAX_LINES_SHOWN else ""
-    word = "line" if len(lines) == 1 else "lines"
+    more = f" and {total - MAX_LINES_SHOWN:,} more" if total > MAX_LINES_SHOWN else ""
+    word = "line" if total == 1 else "lines"
     return f"{word} {shown}{more}"
 
 
@@ -59,8 +120,9 @@ def finding_groups(report: Report) -> tuple[list[str], list[str]]:
     warnings: list[str] = []
     for code, group in report.by_code().items():
         lines = [f.line for f in group if f.line > 0]
-        where = f" — {_lines_label(lines)}" if lines else ""
-        entry = f"{code} ×{len(group):,}{where}: {group[0].message}"
+        n = report.counts.get(code, len(group))  # the true count: only the first are stored
+        where = f" — {_lines_label(lines, n - (len(group) - len(lines)))}" if lines else ""
+        entry = f"{code} ×{n:,}{where}: {escape(group[0].message)}"
         (errors if group[0].severity == ERROR else warnings).append(entry)
     return errors, warnings
 
@@ -129,8 +191,8 @@ def validation_report(
     *,
     dataset_id: str | None = None,
 ) -> Message:
-    label = f"{name} ({dataset_id})" if dataset_id else name
-    n_err, n_warn = len(report.errors), len(report.warnings)
+    label = f"{escape(name)} ({dataset_id})" if dataset_id else escape(name)
+    n_err, n_warn = report.error_count, report.warning_count
     verdict = "✅ ready to train" if not n_err else "❌ fix the errors before training"
     headline = (
         f"{label}: {_plural(report.examples, 'example')}, {report.valid_examples:,} valid — "
@@ -162,7 +224,13 @@ def validation_report(
 
 
 def error(summary: str, detail: str | None = None) -> Message:
-    """The one way an error reaches a person: what went wrong, and what to do."""
+    """The one way an error reaches a person: what went wrong, and what to do.
+
+    Never a traceback or a server path; user text in it is escaped (the bot's
+    own mentions stay).
+    """
+    summary = _inert(_no_internals(summary))
+    detail = _inert(_no_internals(detail)) if detail else None
     text = f"⚠️ {summary}" + (f"\n{detail}" if detail else "")
     return Message(text, [_section(text)])
 
@@ -171,11 +239,11 @@ def estimate_summary(
     name: str, report: Report, costs: CostTable, local: Sequence[LocalEstimate] = ()
 ) -> Message:
     """Tokens and cost first; findings only as a count (validate shows them)."""
-    n_err = len(report.errors)
+    n_err = report.error_count
     validity = f"{report.valid_examples:,} of {_plural(report.examples, 'example')} valid" + (
         f"; {_plural(n_err, 'error')}: run validate to see them" if n_err else ""
     )
-    parts = [f"{name}: {validity}", tokens_line(report)]
+    parts = [f"{escape(name)}: {validity}", tokens_line(report)]
     if report.valid_examples:
         rows = cost_lines(costs)
         parts.append(_cost_heading(costs) + "\n" + "\n".join(f"  {r}" for r in rows))
@@ -188,6 +256,8 @@ def estimate_summary(
 
 
 def note(text: str, *, in_channel: bool = False) -> Message:
+    """A message composed by the caller: escaped here, keeping the bot's own mentions."""
+    text = _inert(text)
     return Message(text, [_section(text)], in_channel=in_channel)
 
 
@@ -195,7 +265,7 @@ def help_text(unknown: str | None = None) -> Message:
     from bot.commands import help_lines
 
     lines = help_lines()
-    head = f"I don't know `{unknown}`. " if unknown else ""
+    head = f"I don't know `{escape(unknown)}`. " if unknown else ""
     text = (
         f"{head}Drop a .jsonl chat training file in this channel and I'll check it and price it "
         "in its thread. Commands:\n" + "\n".join(f"• {line}" for line in lines)
@@ -216,7 +286,7 @@ def datasets_list(datasets: Sequence) -> Message:
                 f"{d.tokens_total or 0:,} tokens"
             )
         lines.append(
-            f"• {d.id} — {d.name} by <@{d.user}>, {d.created_at:%Y-%m-%d %H:%M} UTC: {state}"
+            f"• {d.id} — {escape(d.name)} by <@{d.user}>, {d.created_at:%Y-%m-%d %H:%M} UTC: {state}"
         )
     text = "Datasets in this channel (newest first):\n" + "\n".join(lines)
     return Message(text, [_section(text)], in_channel=True)
@@ -227,7 +297,7 @@ def runs_list(runs: Sequence) -> Message:
         text = "No training runs in this channel yet: `/finetune train` starts one."
         return Message(text, [_section(text)], in_channel=True)
     lines = [
-        f"• {r.id} — {r.provider} {r.model} on {r.dataset_id}: {r.status} (by <@{r.requested_by}>)"
+        f"• {r.id} — {r.provider} {escape(r.model)} on {r.dataset_id}: {r.status} (by <@{r.requested_by}>)"
         for r in runs
     ]
     text = "Training runs in this channel (newest first):\n" + "\n".join(lines)
@@ -236,11 +306,11 @@ def runs_list(runs: Sequence) -> Message:
 
 def run_status(run) -> Message:
     text = (
-        f"{run.id}: {run.status} — {run.provider} {run.model} on {run.dataset_id}, "
+        f"{run.id}: {run.status} — {run.provider} {escape(run.model)} on {run.dataset_id}, "
         f"requested by <@{run.requested_by}> at {run.created_at:%Y-%m-%d %H:%M} UTC"
     )
     if run.error:
-        text += f"\nError: {run.error}"
+        text += f"\nError: {escape(failure_line(run.error))}"
     return Message(text, [_section(text)], in_channel=True)
 
 
@@ -260,13 +330,13 @@ def home_view(
     blocks.append(_section(f"*Spend this month:* {money(spent_usd)}{budget}"))
     if waiting:
         lines = [
-            f"• {r.id}: {r.provider} {r.model}, {money(r.estimate_usd or 0)}, asked by <@{r.requested_by}> in <#{r.channel}>"
+            f"• {r.id}: {r.provider} {escape(r.model)}, {money(r.estimate_usd or 0)}, asked by <@{r.requested_by}> in <#{r.channel}>"
             for r in waiting
         ]
         blocks.append(_section(f"*Waiting for your approval* (<@{user}>)\n" + "\n".join(lines)))
     if active:
         lines = [
-            f"• {r.id}: {_STATE_WORDS.get(r.status, r.status)} — {r.provider} {r.model} on {r.dataset_id}{_progress_hint(r)}"
+            f"• {r.id}: {_STATE_WORDS.get(r.status, r.status)} — {r.provider} {escape(r.model)} on {r.dataset_id}{_progress_hint(r)}"
             for r in active
         ]
         blocks.append(_section("*Runs in progress*\n" + "\n".join(lines)))
@@ -274,7 +344,7 @@ def home_view(
         blocks.append(_section("*Runs in progress*\nNone right now."))
     if datasets:
         lines = [
-            f"• {d.id} {d.name}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid, {d.tokens_total or 0:,} tokens"
+            f"• {d.id} {escape(d.name)}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid, {d.tokens_total or 0:,} tokens"
             for d in datasets
         ]
         blocks.append(_section("*Latest datasets*\n" + "\n".join(lines)))
@@ -303,26 +373,36 @@ def _eval_line(summary: dict) -> str:
 
 
 def budget_report(
-    rows: Sequence, *, spent_usd: float, budget_usd: float | None, month: str
+    rows: Sequence,
+    *,
+    spent_usd: float,
+    budget_usd: float | None,
+    month: str,
+    here_usd: float | None = None,
+    others_usd: float = 0.0,
 ) -> Message:
-    """Spend this month by run and by person, estimate next to actual."""
+    """Spend this month: the shared total, then this channel's runs (estimate next to
+    actual, by person), and every other channel as one sum with no ids, models or names.
+
+    `rows` are this channel's paid runs; `here_usd` is this channel's committed spend
+    (runs, evaluations, chats), `others_usd` that of all other channels together.
+    """
     head = f"Spend in {month}: {money(spent_usd)}" + (
         f" of {money(budget_usd)} ({money(max(budget_usd - spent_usd, 0))} left)"
         if budget_usd is not None
         else " (no monthly cap)"
     )
+    if here_usd is not None:
+        head += f"\nThis channel: {money(here_usd)}. Other channels together: {money(others_usd)}."
     if not rows:
-        return Message(
-            head + "\nNo paid runs this month.",
-            [_section(head + "\nNo paid runs this month.")],
-            in_channel=True,
-        )
+        text = head + "\nNo paid runs in this channel this month."
+        return Message(text, [_section(text)], in_channel=True)
     lines = []
     people: dict[str, float] = {}
     for r in rows:
         actual = "—" if r.actual_usd is None else money(r.actual_usd)
         lines.append(
-            f"• {r.id} {r.status} {r.provider} {r.model}: estimate {money(r.estimate_usd or 0)}, actual {actual} (<@{r.requested_by}>)"
+            f"• {r.id} {r.status} {r.provider} {escape(r.model)}: estimate {money(r.estimate_usd or 0)}, actual {actual} (<@{r.requested_by}>)"
         )
         counted = r.actual_usd if r.actual_usd is not None else (r.estimate_usd or 0)
         people[r.requested_by] = people.get(r.requested_by, 0.0) + counted
@@ -418,23 +498,39 @@ def _plan_lines(run) -> list[str]:
     )  # fmt: skip
     for key, label in labels:
         if plan.get(key) is not None:
-            hyper.append(f"{label}{plan[key]}")
+            hyper.append(f"{label}{escape(plan[key])}")
     if plan.get("qlora"):
         hyper.append("QLoRA 4-bit")
     if plan.get("merge"):
         hyper.append("merged model too")
     held = (
-        f"eval set {plan['eval_dataset_id']}"
+        f"eval set {escape(plan['eval_dataset_id'])}"
         if plan.get("eval_dataset_id")
         else f"{int((plan.get('split') or 0) * 100)}% held out for evaluation"
     )
+    if run.provider == "eval":
+        parts = ["base and tuned answers"]
+        if plan.get("teacher"):
+            parts.append(f"the teacher {escape(plan['teacher'])}")
+        if plan.get("judge"):
+            parts.append("the LLM judge")
+        return [
+            f"Plan {run.plan_hash}: evaluate {plan.get('target_run')} on "
+            f"{plan.get('examples', 0):,} held-out examples — {', '.join(parts)}",
+            f"Estimate: at most {money(run.estimate_usd or 0)} (every answer at its token limit)",
+        ]
     if run.provider == "distill":
         return [
-            f"Plan {run.plan_hash}: distil {run.dataset_id} with teacher {run.model} — "
+            f"Plan {run.plan_hash}: distil {run.dataset_id} with teacher {escape(run.model)} — "
             f"{plan.get('prompts', 0):,} prompts"
-            + (f", system prompt “{_clip(plan['system'], 80)}”" if plan.get("system") else ""),
-            f"Estimate: {est.get('input_tokens', 0):,} input tokens exactly + about "
-            f"{est.get('output_tokens', 0):,} output tokens, {money(run.estimate_usd or 0)}",
+            + (
+                f", system prompt “{escape(_clip(plan['system'], 80))}”"
+                if plan.get("system")
+                else ""
+            ),
+            f"Estimate: {est.get('input_tokens', 0):,} input tokens exactly + at most "
+            f"{est.get('output_tokens', 0):,} output tokens ({plan.get('max_tokens', 1024):,} an "
+            f"answer), at most {money(run.estimate_usd or 0)}",
         ]
     if run.provider == "local":
         cost = (
@@ -444,7 +540,7 @@ def _plan_lines(run) -> list[str]:
     else:
         cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
     return [
-        f"Plan {run.plan_hash}: {run.provider} {run.model} on {run.dataset_id} — {', '.join(hyper)}; {held}",
+        f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
         cost,
     ]
 
@@ -472,7 +568,9 @@ def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -
                 "⚠️ The data may hold secrets: an approver must override that before it goes to OpenAI"
             )
     if tally.rejected_by:
-        lines.append(f"Rejected by <@{tally.rejected_by}>" + (f": {reasons[0]}" if reasons else ""))
+        lines.append(
+            f"Rejected by <@{tally.rejected_by}>" + (f": {escape(reasons[0])}" if reasons else "")
+        )
     if run.status == "pending_approval" and run.expires_at:
         lines.append(f"Expires {run.expires_at:%Y-%m-%d %H:%M} UTC")
     text = "\n".join(lines)
@@ -559,7 +657,9 @@ def _steps(run, state) -> list[str]:
 def progress(run, state) -> Message:
     """The one progress message per OpenAI run, edited in place."""
     if state is None:
-        text = f"{run.id}: submitted to OpenAI as {run.external_id}; waiting for it to start."
+        text = (
+            f"{run.id}: submitted to OpenAI as {escape(run.external_id)}; waiting for it to start."
+        )
         return Message(text, [_section(text)])
     parts = _steps(run, state)
     if state.trained_tokens:
@@ -584,7 +684,7 @@ def run_result(run) -> Message:
     head = f"<@{run.requested_by}> {run.id} {_STATE_WORDS.get(run.status, run.status).lower()}"
     lines = [head]
     if run.status == "succeeded":
-        lines.append(f"Model: `{data.get('fine_tuned_model')}`")
+        lines.append(f"Model: `{escape(data.get('fine_tuned_model'))}`")
         if data.get("trained_tokens"):
             lines.append(
                 f"Trained tokens: {data['trained_tokens']:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
@@ -592,8 +692,11 @@ def run_result(run) -> Message:
         lines.append(
             f"Cost: {money(run.actual_usd or 0)} (estimated {money(run.estimate_usd or 0)})"
         )
+    if run.status != "succeeded" and run.actual_usd:
+        lines.append(f"Spent: {money(run.actual_usd)} (approved {money(run.estimate_usd or 0)})")
     if run.error:
-        lines.append(f"OpenAI said: {run.error}")
+        who = "OpenAI said" if run.provider == "openai" and run.external_id else "Why"
+        lines.append(f"{who}: {escape(failure_line(run.error))}")
     text = "\n".join(lines)
     return Message(text, [_section(text)])
 
@@ -627,7 +730,7 @@ def queued(run, position: int, total: int) -> Message:
 def local_progress(run, state) -> Message:
     """The local run's progress message, edited in place."""
     if state is None:
-        text = f"{run.id} starting: loading {run.model}…"
+        text = f"{run.id} starting: loading {escape(run.model)}…"
         return Message(text, [_section(text)])
     parts = _steps(run, state)
     if state.tokens_per_second:
@@ -658,16 +761,28 @@ def local_result(run, state) -> Message:
             lines.append(", ".join(facts).capitalize())
     elif run.status == "cancelled":
         lines.append(f"A checkpoint was saved: `/finetune resume {run.id}` continues from it.")
-    if run.error:
-        lines.append(f"Error: {run.error}")
+    if run.status == "failed":
+        # In words: what failed, the exception, what to do. The log goes up as a file.
         lines.append(
-            f"`/finetune resume {run.id}` continues from the newest complete checkpoint, if any."
+            f"What failed: the local training of `{escape(short_paths(run.model))}` on {run.dataset_id} "
+            "stopped before the end."
+        )
+    if run.error or run.status == "failed":
+        lines.append(f"Error: {escape(failure_line(run.error, state.log_tail))}")
+        lines.append(
+            f"Next: `/finetune resume {run.id}` continues from the newest complete checkpoint, "
+            "if any; if the error is in the data or the options, fix them and "
+            "`/finetune train` again."
         )
     if state.log_tail and run.status == "failed":
-        tail = state.log_tail[-1500:]
-        lines.append(f"Last lines of the log:\n```{tail}```")
+        lines.append(f"The last lines of the worker's log are in this thread as {log_name(run)}.")
     text = "\n".join(lines)
     return Message(text, [_section(text)])
+
+
+def log_name(run) -> str:
+    """The file name a failed local run's log tail is uploaded under."""
+    return f"worker-{run.id}.log"
 
 
 def _clip(text: str, limit: int = 180) -> str:
@@ -686,9 +801,9 @@ def eval_summary(
     n = len(result.rows)
     teacher = result.teacher_model
     contenders = (
-        f"teacher `{teacher}` vs base `{run.model}` vs tuned student"
+        f"teacher `{escape(teacher)}` vs base `{escape(run.model)}` vs tuned student"
         if teacher
-        else f"base `{run.model}` vs tuned"
+        else f"base `{escape(run.model)}` vs tuned"
     )
     lines = [f"{run.id} evaluation: {contenders} on {n:,} held-out examples"]
     header = f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"
@@ -732,7 +847,8 @@ def eval_summary(
     )
     worst = result.worst(5)
     worst_lines = [
-        f"{i}. Prompt: {_clip(w.prompt)}\n   Expected: {_clip(w.expected)}\n   Got: {_clip(w.actual)}\n   Why: {_clip(w.reason, 240)}"
+        f"{i}. Prompt: {escape(_clip(w.prompt))}\n   Expected: {escape(_clip(w.expected))}\n"
+        f"   Got: {escape(_clip(w.actual))}\n   Why: {escape(_clip(w.reason, 240))}"
         for i, w in enumerate(worst, 1)
     ]
     text = "\n".join(
@@ -771,17 +887,17 @@ def _prices_line(prices: Mapping[str, Mapping]) -> str:
             shown = "self-hosted, no per-call price"
         else:
             shown = "no price in the price table"
-        parts.append(f"{role} `{entry.get('model')}` {shown}")
+        parts.append(f"{role} `{escape(entry.get('model'))}` {shown}")
     return " · ".join(parts)
 
 
 def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> Message:
     lines = [
-        f"<@{run.requested_by}> {run.id} done: {run.model} wrote {examples:,} examples → {dataset_id} "
+        f"<@{run.requested_by}> {run.id} done: {escape(run.model)} wrote {examples:,} examples → {dataset_id} "
         f"(from {run.dataset_id}), for {money(cost_usd)} (estimated {money(run.estimate_usd or 0)})"
     ]
     if failed:
-        shown = "; ".join(f"line {n}: {_clip(why, 80)}" for n, why in failed[:10])
+        shown = "; ".join(f"line {n}: {escape(_clip(why, 80))}" for n, why in failed[:10])
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         lines.append(f"⚠️ The teacher failed on {len(failed)} prompt(s): {shown}{more}")
     lines.append(
@@ -794,8 +910,8 @@ def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> M
 
 def side_by_side(run, prompt: str, base: str, tuned: str) -> Message:
     text = (
-        f"{run.id} — prompt: {_clip(prompt, 300)}\n"
-        f"*Base* ({run.model}):\n{_clip(base, 1200)}\n"
-        f"*Tuned*:\n{_clip(tuned, 1200)}"
+        f"{run.id} — prompt: {escape(_clip(prompt, 300))}\n"
+        f"*Base* ({escape(run.model)}):\n{escape(_clip(base, 1200))}\n"
+        f"*Tuned*:\n{escape(_clip(tuned, 1200))}"
     )
     return Message(text, [_section(text)])

@@ -4,12 +4,21 @@ The database is the source of truth. Every state change is a conditional
 UPDATE (`Store.transition_run`), so twenty simultaneous clicks, a Slack retry
 or a scheduler tick racing a click move a run once, and only the caller that
 moved it acts on it: one job submitted, one completion message.
+
+Money goes through the spend gate (bot/spend.py): a paid run's estimate is
+reserved when it is requested and settled at its actual cost when it ends.
+External submissions go through a claim (bot/claims.py): the run moves to
+``submitting`` with an owner and a lease before the slow upload, only the
+claimant uploads and creates, and the job carries an idempotency key unique
+to this installation, so a poll, a retry or a restart finds the job instead
+of making a second one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import re
 import threading
 import time
@@ -18,10 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
 
-from bot import approvals, render
+from bot import approvals, egress, render
 from bot.approvals import Policy
+from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
-from bot.workflow import UserError, Workflow
+from bot.errors import SpendRefused, UserError
+from bot.spend import SpendGate
+from bot.workflow import Busy, Workflow
 from storage import Dataset, Run
 from trainers import pricing
 
@@ -30,9 +42,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunebot")
 
-ACTIVE = ("approved", "queued", "running")  # committed at their estimate
+ACTIVE = ("approved", "queued", "submitting", "running")
+WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
 SPLIT_DEFAULT = 0.1
+APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
+APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
+RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
+RETRY_MAX_SECONDS = 600.0
 
 
 def _now() -> dt.datetime:
@@ -56,6 +73,14 @@ class Runs:
         self._local_lock = threading.Lock()
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
+        self.owner = new_owner()  # this process's name on the claims it takes
+        self.lease = dt.timedelta(seconds=self.settings.claim_lease_seconds)
+        self._approvers: tuple[float, frozenset[str]] | None = None
+        self._approvers_lock = threading.Lock()
+        self._approvers_refreshing = False
+        self.gate = SpendGate(
+            self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
+        )
         from bot.evaluation import Evaluations
 
         self.evals = Evaluations(self)
@@ -80,10 +105,64 @@ class Runs:
             self._tuner = self._tuner_factory()
         return self._tuner
 
+    def key(self, run_id: str) -> str:
+        """The idempotency key for run `run_id`'s external work: unique to this installation."""
+        return f"{self.store.installation_id}:{run_id}"
+
+    def approvers(self) -> frozenset[str]:
+        """Approver user ids, user groups resolved through Slack at most every few minutes.
+
+        Acks ask this, so it never waits on Slack once known: a list older than
+        APPROVERS_TTL_SECONDS (APPROVERS_RETRY_SECONDS when Slack would not list
+        a group) is answered as it is and refreshed on a job thread. Only the
+        very first call resolves in place (the workflow asks for it at start
+        when there are groups, see `warm_approvers`).
+        """
+        with self._approvers_lock:
+            cached = self._approvers  # (when to refresh, the ids), time.monotonic()
+            if cached is None:
+                cached = self._approvers = self._resolved()
+                return cached[1]
+            stale = time.monotonic() > cached[0]
+            refresh = stale and self._has_groups() and not self._approvers_refreshing
+            if refresh:
+                self._approvers_refreshing = True
+        if refresh:
+            try:
+                self.wf.submit(
+                    "resolving the approvers' user groups", self._refresh_approvers, "", None
+                )
+            except RuntimeError:  # stopping: the pool takes no more work
+                self._approvers_refreshing = False
+        return cached[1]
+
+    def warm_approvers(self) -> None:
+        """Resolve the approvers' user groups on a job thread now, so no ack waits for it."""
+        if self._has_groups():
+            self.wf.submit("resolving the approvers' user groups", self.approvers, "", None)
+
+    def _has_groups(self) -> bool:
+        return any(ident.startswith("S") for ident in self.settings.approvers)
+
+    def _refresh_approvers(self) -> None:
+        try:
+            resolved = self._resolved()
+            with self._approvers_lock:
+                self._approvers = resolved
+        finally:
+            self._approvers_refreshing = False
+
+    def _resolved(self) -> tuple[float, frozenset[str]]:
+        """(when to ask again, the approver ids), resolved through Slack now."""
+        failed: list[str] = []
+        users = frozenset(self._resolve_approvers(self.settings.approvers, failed))
+        ttl = APPROVERS_RETRY_SECONDS if failed else APPROVERS_TTL_SECONDS
+        return time.monotonic() + ttl, users
+
     def policy(self) -> Policy:
         s = self.settings
         return Policy(
-            approvers=frozenset(self._resolve_approvers(s.approvers)),
+            approvers=self.approvers(),
             required=s.required_approvals,
             two_approvals_above_usd=s.two_approvals_above_usd,
             max_run_usd=s.max_run_usd,
@@ -92,7 +171,7 @@ class Runs:
             local_needs_approval=s.local_needs_approval,
         )
 
-    def _resolve_approvers(self, ids: tuple[str, ...]) -> set[str]:
+    def _resolve_approvers(self, ids: tuple[str, ...], failed: list[str] | None = None) -> set[str]:
         users = set()
         for ident in ids:
             if ident.startswith("S"):  # a user group: its members approve
@@ -100,35 +179,27 @@ class Runs:
                     users.update(self.wf.client.usergroups_users_list(usergroup=ident)["users"])
                 except SlackApiError as exc:
                     log.error("cannot list user group %s: %s", ident, exc.response.get("error"))
+                    if failed is not None:
+                        failed.append(ident)
             else:
                 users.add(ident)
         return users
 
     def committed_usd(self) -> float:
-        """This calendar month's spend: active runs at estimate, finished at actual, evals."""
-        since = approvals.month_start(self.clock())
-        total = 0.0
-        for run in self.store.runs(limit=None):
-            if run.created_at < since:
-                continue
-            if run.status in ACTIVE:
-                total += run.estimate_usd or 0.0
-            elif run.status in FINISHED:
-                total += run.actual_usd or 0.0
-            total += sum(e.cost_usd or 0.0 for e in self.store.evals(run.id))
-        return total
+        """This calendar month's spend (the ledger: reserved at estimate, settled at actual)."""
+        return self.gate.committed_usd()
 
     # --- /finetune train --------------------------------------------------------------
 
     def request(self, cmd: Command, channel: str, user: str) -> render.Message:
         if cmd.name == "distill":
-            return self._put_to_approvers(self.distiller.plan(cmd, channel), channel, user)
+            return self.distiller.request(cmd, channel, user)
         dataset = self.wf.find_dataset(channel, cmd.target)
         report = self.wf.stored_report(dataset)
         if report.has_errors:
             codes = ", ".join(f"{c} ×{n}" for c, n in _error_codes(dataset).items())
             raise UserError(
-                f"{dataset.id} has {len(report.errors):,} error(s) and cannot be trained: {codes}.",
+                f"{dataset.id} has {report.error_count:,} error(s) and cannot be trained: {codes}.",
                 "Fix them and upload the file again; `/finetune validate` shows where they are.",
             )
         opts = cmd.options
@@ -141,8 +212,13 @@ class Runs:
             plan = self._openai_plan(dataset, report, opts, channel)
         return self._put_to_approvers(plan, channel, user)
 
-    def _put_to_approvers(self, plan: dict, channel: str, user: str) -> render.Message:
-        """Check a frozen plan against the policy, record the run, and post its card."""
+    def _put_to_approvers(
+        self, plan: dict, channel: str, user: str, *, run_id: str | None = None
+    ) -> render.Message:
+        """Check a frozen plan against the policy, record the run, and post its card.
+
+        `run_id`: an id the ack already named (`Store.new_run_id`), for plans
+        priced after the ack (distillation)."""
         dataset = self.store.get_dataset(plan["dataset_id"])
         provider = plan["provider"]
         policy = self.policy()
@@ -156,7 +232,35 @@ class Runs:
             requester=user,
         )
         digest = approvals.plan_hash(plan)
-        if reasons:
+        run = None
+        if not reasons:
+            now = self.clock()
+            try:
+                # One transaction: the run exists only if its reservation fits the budget.
+                with self.store.transaction():
+                    run = self.store.add_run(
+                        id=run_id,
+                        dataset_id=dataset.id,
+                        eval_dataset_id=plan.get("eval_dataset_id"),
+                        provider=provider,
+                        model=plan["model"],
+                        status="pending_approval",
+                        plan_json=plan,
+                        plan_hash=digest,
+                        estimate_usd=estimate_usd,
+                        requested_by=user,
+                        channel=channel,
+                        thread_ts=dataset.thread_ts,
+                        expires_at=now + policy.ttl,
+                    )
+                    if provider != "local":
+                        self.gate.reserve(
+                            "run", run.id, estimate_usd, what="This run",
+                            run_id=run.id, channel=channel, user=user,
+                        )  # fmt: skip
+            except SpendRefused as exc:
+                reasons = [exc.summary.rstrip(".")]
+        if reasons or run is None:
             self.store.audit(
                 user,
                 "refused",
@@ -164,22 +268,9 @@ class Runs:
                 plan_hash=digest,
                 detail={"reasons": reasons},
             )
-            raise UserError("This run cannot be requested: " + "; ".join(reasons) + ".")
-        now = self.clock()
-        run = self.store.add_run(
-            dataset_id=dataset.id,
-            eval_dataset_id=plan.get("eval_dataset_id"),
-            provider=provider,
-            model=plan["model"],
-            status="pending_approval",
-            plan_json=plan,
-            plan_hash=digest,
-            estimate_usd=estimate_usd,
-            requested_by=user,
-            channel=channel,
-            thread_ts=dataset.thread_ts,
-            expires_at=now + policy.ttl,
-        )
+            raise SpendRefused(
+                f"{run_id or 'This run'} cannot be requested: " + "; ".join(reasons) + "."
+            )
         self.store.audit(
             user, "requested", run_id=run.id, dataset_id=dataset.id, plan_hash=digest, detail=plan
         )
@@ -235,7 +326,10 @@ class Runs:
             "suffix": suffix,
             "eval_dataset_id": eval_id,
             "split": split,
-            "secret_hold": "possible_secret" in (dataset.report_json or {}).get("codes", {}),
+            "secret_hold": bool(
+                egress.secret_findings(dataset)
+                or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
+            ),
             "estimate": {
                 "billed_tokens": estimate.billed_tokens,
                 "cost_usd": round(estimate.cost_usd, 4),
@@ -253,13 +347,17 @@ class Runs:
             epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        model = opts.get("model", self.settings.local_base_model)
+        from bot.local_models import LocalModels
+
+        # Checked here and again at launch: see bot/local_models.py for what is allowed.
+        source = LocalModels(self.settings, self.store).check(opts.get("model"), channel)
+        model = source.ref
         targets = opts.get("targets", "all-linear")
         if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
             raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
         max_length = _positive(opts, "max_length", int) or 2048
         eval_id, split = self._eval_choice(opts, channel, dataset)
-        params = _params_billions(model)
+        params = source.params_billions or _params_billions(model)
         qlora = _flag(opts, "qlora")
         local = pricing.local_estimate(
             _training_share(report.token_counts, split),
@@ -336,8 +434,9 @@ class Runs:
 
     def _post_card(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
-        self.evals.prepare(run)  # the held-out split, before anyone approves the plan
-        run = self.store.get_run(run_id)
+        if run.provider != "eval":
+            self.evals.prepare(run)  # the held-out split, before anyone approves the plan
+            run = self.store.get_run(run_id)
         if not approvals.needs_approval(self.policy(), run.provider):
             self._approve_without_card(run)
             return
@@ -420,6 +519,9 @@ class Runs:
             run_id, user, decision, reason=reason, plan_hash=run.plan_hash
         ):
             return None  # the same click again (a double click or Slack's retry): already counted
+        if decision == "override_secret":  # names what it releases: the run's datasets
+            for dataset_id in {run.dataset_id, run.eval_dataset_id} - {None}:
+                egress.release(self.store, self.store.get_dataset(dataset_id), user, run_id=run_id)
         self.store.audit(
             user,
             decision,
@@ -430,6 +532,7 @@ class Runs:
         log.info("run %s: %s by %s", run_id, decision, user)
         if decision == "reject":
             if self.store.transition_run(run_id, ["pending_approval"], "rejected"):
+                self.gate.settle("run", run_id, 0.0, note="rejected")
                 self.refresh_card(run_id)
                 why = f": {reason}" if reason else ""
                 self.wf.post(
@@ -441,6 +544,17 @@ class Runs:
         decisions = [(a.user, a.decision) for a in self.store.approvals(run_id)]
         needed = approvals.quorum(self.policy(), run.estimate_usd or 0.0)
         t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
+        if t.approved and (why := self._budget_changed(run)):
+            if self.store.transition_run(run_id, ["pending_approval"], "rejected", error=why):
+                self.gate.settle("run", run_id, 0.0, note="over budget at approval")
+                self.store.audit("tunebot", "refused_budget", run_id=run_id, detail={"why": why})
+                self.refresh_card(run_id)
+                self.wf.post(
+                    run.channel,
+                    run.thread_ts,
+                    render.note(f"<@{run.requested_by}> {run_id} cannot start: {why}."),
+                )
+            return None
         if t.approved and self.store.transition_run(run_id, ["pending_approval"], "approved"):
             self.store.audit(
                 "tunebot",
@@ -455,68 +569,213 @@ class Runs:
             self.refresh_card(run_id)
         return None
 
+    def _budget_changed(self, run: Run) -> str | None:
+        """Checked again at the last approval: why the run no longer fits, or None."""
+        if run.provider == "local":
+            return None
+        reservation = self.gate.ledger.open("run", run.id)
+        if reservation is None:  # requested before the ledger existed: reserve now
+            try:
+                self.gate.reserve(
+                    "run", run.id, run.estimate_usd or 0.0, what=run.id,
+                    run_id=run.id, channel=run.channel, user=run.requested_by,
+                )  # fmt: skip
+            except SpendRefused as exc:
+                return exc.summary.rstrip(".")
+            return None
+        return self.gate.fits(reservation)
+
     # --- starting and following a job ------------------------------------------------
 
     def start(self, run_id: str) -> None:
-        """Submit an approved run. Safe to call again: the tuner finds a job it made before."""
-        if not self.store.transition_run(run_id, ["approved"], "queued"):
-            return  # someone else is starting it, or it is no longer approved
+        """Start an approved run. Safe to call from racing threads: one claim wins."""
         run = self.store.get_run(run_id)
         if run.provider == "local":
-            self.dispatch_local()
+            if self.store.transition_run(run_id, ["approved"], "queued"):
+                self.dispatch_local()
         elif run.provider == "distill":
             self.distiller.start(run)
-        else:
-            self._submit(run)
+        elif run.provider == "eval":
+            self.evals.start_approved(run)
+        elif self.store.claim_run(
+            run_id, ["approved"], "submitting", owner=self.owner, lease=self.lease
+        ):
+            try:
+                self.wf.submit(
+                    f"submitting {run_id}", lambda: self._submit(run_id), run.channel,
+                    run.thread_ts, long=True,
+                    on_busy=lambda: self.store.release_claim(
+                        run_id, self.owner, from_status="submitting"
+                    ),
+                )  # fmt: skip
+            except Busy as exc:  # released: the scheduler submits it once a thread is free
+                log.info("run %s: approved; submission waits (%s)", run_id, exc.summary)
+                self.wf.post(
+                    run.channel, run.thread_ts,
+                    render.note(f"{run_id} is approved; it is submitted as soon as a job thread "
+                                f"is free ({exc.ahead} jobs ahead)."),
+                )  # fmt: skip
 
-    def _submit(self, run: Run) -> None:
+    def _submit(self, run_id: str) -> None:
+        """Upload once and create the job once, holding the claim on `run_id` throughout.
+
+        Every way out leaves the run somewhere a person can see: running with
+        its job, back to be retried after a back-off (a retryable error), or
+        failed with the reason posted once and its reservation released.
+        """
         from trainers.openai_ft import OpenAIError
 
-        plan = run.plan_json
-        data = self.evals.prepare(run)
-        path = self.wf.blobs.path(data["train_sha256"])
-        try:
-            job = self.tuner.start(
-                run.id,
-                str(path),
-                run.model,
-                epochs=None if plan.get("epochs_auto") else plan["epochs"],
-                batch_size=plan.get("batch"),
-                lr_multiplier=plan.get("lr_mult"),
-                suffix=plan.get("suffix"),
-            )
-        except OpenAIError as exc:
-            if exc.retryable:
-                log.info(
-                    "run %s: OpenAI unavailable (%s); retrying at the next poll",
-                    run.id,
-                    exc.message,
+        with Held(self.store, run_id, self.owner, self.lease, "submitting") as held:
+            run = self.store.get_run(run_id)
+            try:
+                job = self._create_job(run, held)
+            except ClaimLost:
+                log.info("run %s: claim lost while submitting (cancelled?)", run_id)
+                self._cleanup_after_cancel(run_id)
+                return
+            except OpenAIError as exc:
+                if exc.retryable:
+                    self._retry_later(run, exc.message)
+                else:
+                    self._fail_submission(run_id, _openai_text(exc))
+                return
+            except UserError as exc:
+                self._fail_submission(run_id, exc.summary)
+                return
+            except Exception as exc:  # anything else still ends the run, visibly
+                log.error("run %s: submission failed: %s: %s", run_id, type(exc).__name__, exc)
+                self._fail_submission(
+                    run_id, f"tunebot could not submit it ({type(exc).__name__}: {exc})"
                 )
-                return  # stays queued without a job: the poller tries again
-            self._finish(run, "queued", "failed", error=_openai_text(exc))
-            return
-        self.store.transition_run(
-            run.id,
-            ["queued"],
-            "running",
-            external_id=job.id,
-            result_json={
-                **(self.store.get_run(run.id).result_json or {}),
-                "training_file": job.training_file,
-            },
-        )
+                return
+            record = {**(self.store.get_run(run_id).result_json or {}), "training_file": job.training_file}
+            record.pop("submit_attempts", None)
+            if not self.store.release_claim(
+                run_id, self.owner, from_status="submitting", to_status="running",
+                external_id=job.id, result_json=record,
+            ):  # fmt: skip
+                # Cancelled while the job was being created: stop the job too.
+                self._cancel_orphan_job(run_id, job.id)
+                return
         self.store.audit(
-            "tunebot", "submitted", run_id=run.id, plan_hash=run.plan_hash, detail={"job": job.id}
+            "tunebot",
+            "adopted" if job.reused else "submitted",
+            run_id=run_id,
+            plan_hash=run.plan_hash,
+            detail={"job": job.id},
         )
-        log.info("run %s: submitted as %s", run.id, job.id)
+        log.info("run %s: %s as %s", run_id, "found" if job.reused else "submitted", job.id)
         ts = self.wf.post(
-            run.channel, run.thread_ts, render.progress(self.store.get_run(run.id), None)
+            run.channel, run.thread_ts, render.progress(self.store.get_run(run_id), None)
         )
-        self.store.update_run(run.id, progress_ts=ts)
+        self.store.update_run(run_id, progress_ts=ts)
+
+    def _create_job(self, run: Run, held: Held):
+        """The job for the run's key: found if it exists, else created from one upload."""
+        plan = run.plan_json
+        key = self.key(run.id)
+        dataset = self.store.get_dataset(run.dataset_id)
+        if dataset.forgotten_at:
+            raise UserError(f"its dataset {dataset.id} was forgotten")
+        data = self.evals.prepare(run)
+        found = self.tuner.find(key)
+        if found is not None:
+            return found
+        held.check()
+        file_id = self._training_file(run, key, data, held)
+        held.check()
+        return self.tuner.create(
+            key,
+            run.model,
+            file_id,
+            epochs=None if plan.get("epochs_auto") else plan["epochs"],
+            batch_size=plan.get("batch"),
+            lr_multiplier=plan.get("lr_mult"),
+            suffix=plan.get("suffix"),
+        )
+
+    def _training_file(self, run: Run, key: str, data: dict, held: Held) -> str:
+        """The run's one uploaded training file: saved, found by name, or uploaded now."""
+        saved = (self.store.get_run(run.id).result_json or {}).get("training_file")
+        if saved:
+            return saved
+        path = self.wf.blobs.path(data["train_sha256"])
+        file_id = self.tuner.find_file(key, size=path.stat().st_size)
+        if file_id is None:
+            held.check()
+            file_id = self.tuner.upload(path, filename=self.tuner.file_name(key))
+        self.store.add_provider_file(
+            "openai", file_id, run_id=run.id, dataset_id=run.dataset_id
+        )
+        record = {**(self.store.get_run(run.id).result_json or {}), "training_file": file_id}
+        self.store.update_run(run.id, result_json=record)
+        return file_id
+
+    def _retry_later(self, run: Run, why: str) -> None:
+        record = dict(self.store.get_run(run.id).result_json or {})
+        attempts = int(record.get("submit_attempts", 0)) + 1
+        record["submit_attempts"] = attempts
+        delay = min(RETRY_BASE_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
+        delay = max(delay, self.settings.poll_seconds)
+        self.store.release_claim(
+            run.id, self.owner, from_status="submitting",
+            retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record,
+        )  # fmt: skip
+        log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
+
+    def _fail_submission(self, run_id: str, error: str) -> None:
+        if not self.store.transition_run(
+            run_id, ["submitting"], "failed", error=error, owner=None, lease_expires_at=None
+        ):
+            return
+        self._delete_run_files(run_id)
+        self.gate.settle("run", run_id, 0.0, note="failed before training")
+        run = self.store.get_run(run_id)
+        self.store.audit(
+            "tunebot", "failed", run_id=run_id, plan_hash=run.plan_hash, detail={"error": error}
+        )
+        log.info("run %s: failed before training: %s", run_id, error)
+        self.wf.post(run.channel, run.thread_ts, render.run_result(run))
+        self._refresh_homes(run)
+
+    def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
+        from trainers.openai_ft import OpenAIError
+
+        try:
+            self.tuner.cancel(job_id)
+        except OpenAIError as exc:
+            log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
+        self.store.update_run(run_id, external_id=job_id)
+        self._cleanup_after_cancel(run_id)
+        self.store.audit("tunebot", "cancelled_job", run_id=run_id, detail={"job": job_id})
+
+    def _cleanup_after_cancel(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        if run.status in FINISHED:
+            self._delete_run_files(run_id)
+
+    def _delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
+        """Delete what was uploaded to OpenAI for a run (or a dataset); returns how many."""
+        from trainers.openai_ft import OpenAIError
+
+        files = self.store.provider_files(run_id=run_id, dataset_id=dataset_id)
+        deleted = 0
+        for row in files:
+            try:
+                self.tuner.delete_file(row["file_id"])
+            except (OpenAIError, UserError) as exc:
+                log.error("cannot delete %s: %s", row["file_id"], getattr(exc, "message", exc))
+                continue
+            self.store.provider_file_deleted(row["provider"], row["file_id"])
+            deleted += 1
+        return deleted
 
     def poll_all(self) -> None:
-        """One scheduler tick: start what is approved, follow what runs."""
-        for run in self.store.runs(status=["approved", "queued", "running"], limit=None):
+        """One scheduler tick: start what is approved, follow what runs.
+
+        Nothing slow happens here: submissions and launches go to job threads.
+        """
+        for run in self.store.runs(status=list(ACTIVE), limit=None):
             try:
                 self._poll_one(run)
             except UserError as exc:
@@ -524,23 +783,38 @@ class Runs:
             except Exception as exc:  # one run's trouble must not stop the others
                 self.wf.unexpected(exc, f"polling {run.id}")
 
+    def _take_over(self, run: Run, from_status: str) -> None:
+        """Claim a submission nobody holds (a crash, a back-off over) and finish it on a job thread."""
+        if self.store.claim_run(
+            run.id, [from_status], "submitting", owner=self.owner, lease=self.lease
+        ):
+            log.info("run %s: taking over its submission", run.id)
+            self.wf.submit(
+                f"submitting {run.id}", lambda: self._submit(run.id), run.channel, run.thread_ts,
+                long=True,
+                on_busy=lambda: self.store.release_claim(
+                    run.id, self.owner, from_status="submitting"
+                ),
+            )  # fmt: skip
+
     def _poll_one(self, run: Run) -> None:
         from trainers.openai_ft import OpenAIError
 
-        if run.status == "approved":
-            self.start(run.id)
-            return
         if run.provider == "local":
-            self._poll_local(run)
+            if run.status == "approved":
+                self.start(run.id)
+            else:
+                self._poll_local(run)
             return
         if run.provider == "distill":
-            if run.status == "running":
-                self.distiller.poll(run)
-            elif run.status == "queued":
-                self.distiller.start(run)
+            self.distiller.poll(run)
             return
-        if run.status == "queued" and not run.external_id:
-            self._submit(run)  # a crash or an outage between approval and submission
+        if run.provider == "eval":
+            self.evals.poll(run)
+            return
+        if run.status in ("approved", "queued", "submitting"):
+            if lapsed(run, self.clock()):
+                self._take_over(run, run.status)
             return
         state_data = dict(run.result_json or {})
         try:
@@ -600,6 +874,7 @@ class Runs:
             run.id, [from_status], status, actual_usd=actual, result_json=data, error=error
         ):
             return  # another tick finished it: report once
+        self.gate.settle("run", run.id, actual or 0.0, note=status)
         self.store.audit(
             "tunebot",
             status,
@@ -613,10 +888,8 @@ class Runs:
             self._edit_progress(done, state)
         self.wf.post(run.channel, run.thread_ts, render.run_result(done))
         self._refresh_homes(done)
-        if status == "succeeded":
-            self.evals.after_success(done)
-        if state is not None and state.metrics:
-            self._upload_loss_curve(done, state.metrics)
+        metrics = state.metrics if state is not None else ()
+        self._after_end(done, metrics)
 
     def _upload_loss_curve(self, run: Run, metrics) -> None:
         from bot.charts import loss_curve
@@ -635,6 +908,19 @@ class Runs:
         except SlackApiError as exc:
             log.error("loss curve for %s not uploaded: %s", run.id, exc.response.get("error"))
 
+    def _upload_worker_log(self, run: Run, log_tail: str) -> None:
+        """A failed local run's last log lines, as a file in its thread (never in a message)."""
+        try:
+            self.wf.client.files_upload_v2(
+                channel=run.channel,
+                thread_ts=run.thread_ts,
+                content=log_tail.encode("utf-8", "replace"),
+                filename=render.log_name(run),
+                title=f"Last lines of {run.id}'s worker log",
+            )
+        except SlackApiError as exc:
+            log.error("worker log of %s not uploaded: %s", run.id, exc.response.get("error"))
+
     def expire_all(self) -> None:
         now = self.clock()
         for run in self.store.runs(status="pending_approval", limit=None):
@@ -643,6 +929,7 @@ class Runs:
                 and run.expires_at <= now
                 and self.store.transition_run(run.id, ["pending_approval"], "expired")
             ):
+                self.gate.settle("run", run.id, 0.0, note="expired")
                 self.store.audit("tunebot", "expired", run_id=run.id, plan_hash=run.plan_hash)
                 log.info("run %s: expired", run.id)
                 self.refresh_card(run.id)
@@ -662,22 +949,58 @@ class Runs:
                 key=lambda r: r.created_at,
             )
             for run in queued[: max(0, self.settings.local_slots - running)]:
-                if self.store.transition_run(run.id, ["queued"], "running"):
-                    self._launch_local(self.store.get_run(run.id))
+                # Claimed here, launched on a job thread: fetching or converting a
+                # model can take minutes and must not hold this lock or the poller.
+                if self.store.claim_run(
+                    run.id, ["queued"], "running", owner=self.owner, lease=self.lease,
+                    external_id=None,
+                ):  # fmt: skip
+                    try:
+                        self.wf.submit(
+                            f"starting {run.id}",
+                            lambda run_id=run.id: self._launch_claimed(run_id),
+                            run.channel,
+                            run.thread_ts,
+                            long=True,
+                            on_busy=lambda run_id=run.id: self.store.release_claim(
+                                run_id, self.owner, from_status="running", to_status="queued"
+                            ),
+                        )
+                    except Busy:  # queued again: a later tick starts it
+                        break
             for position, run in enumerate(
                 queued[max(0, self.settings.local_slots - running) :], 1
             ):
                 self._show_queue_position(run, position, len(queued))
 
+    def _launch_claimed(self, run_id: str) -> None:
+        """Launch a claimed local run; whatever goes wrong ends it, visibly."""
+        with Held(self.store, run_id, self.owner, self.lease, "running"):
+            run = self.store.get_run(run_id)
+            try:
+                self._launch_local(run)
+            except Exception as exc:
+                log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
+                self._finish(
+                    run, "running", "failed",
+                    error=f"the worker could not start ({type(exc).__name__}: {exc})",
+                )  # fmt: skip
+            finally:
+                self.store.release_claim(run_id, self.owner, from_status="running")
+        self.dispatch_local()  # a failed launch frees its slot
+
     def _launch_local(self, run: Run) -> None:
-        from trainers import local, models
+        from bot.local_models import LocalModels
+        from trainers import local
 
         plan = run.plan_json
         run_dir = self.run_dir(run.id)
         resume = bool(local.complete_checkpoints(run_dir))
-        try:
-            model = models.resolve(plan["model"], self.settings.home / "models")
-        except (models.ModelFetchError, ValueError) as exc:
+        try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
+            model = LocalModels(self.settings, self.store).for_launch(
+                plan["model"], run.channel, run_dir
+            )
+        except Exception as exc:
             self._finish(run, "running", "failed", error=f"cannot get model {plan['model']}: {exc}")
             return
         data = self._training_files(run)
@@ -750,6 +1073,13 @@ class Runs:
         if run.status in ("approved", "queued"):
             self.dispatch_local()
             return
+        if not run.external_id:  # being launched, or its launcher died
+            if lapsed(run, self.clock()) and self.store.transition_run(
+                run.id, ["running"], "queued", owner=None, lease_expires_at=None
+            ):
+                log.info("run %s: launch interrupted; queued again", run.id)
+                self.dispatch_local()
+            return
         run_dir = self.run_dir(run.id)
         state = local.read_state(run_dir, local.worker_of(run_dir))
         if state.status in ("succeeded", "failed", "cancelled"):
@@ -792,10 +1122,20 @@ class Runs:
             self._update(done, done.progress_ts, render.local_progress(done, state))
         self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
         self._refresh_homes(done)
-        if state.status == "succeeded":
-            self.evals.after_success(done)
-        if state.metrics:
-            self._upload_loss_curve(done, state.metrics)
+        self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
+
+    def _after_end(self, done: Run, metrics, log_tail: str | None = None) -> None:
+        """Charts, logs and the evaluation, on a job thread: never on the scheduler's."""
+
+        def report() -> None:
+            if done.status == "succeeded":
+                self.evals.after_success(done)
+            if metrics:
+                self._upload_loss_curve(done, metrics)
+            if log_tail:
+                self._upload_worker_log(done, log_tail)
+
+        self.wf.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
 
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
         from trainers import local
@@ -823,24 +1163,21 @@ class Runs:
     # --- cancel, forget, audit -------------------------------------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """Cancel a run from any state that is not final, whatever its provider."""
         run = self._find_run(cmd.target, channel)
-        if user != run.requested_by and user not in self.policy().approvers:
+        if user != run.requested_by and not self.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
-        if run.status in ("pending_approval", "approved") and self.store.transition_run(
-            run.id, [run.status], "cancelled"
-        ):
-            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-            self.wf.submit(
-                f"updating {run.id}", lambda: self.refresh_card(run.id), channel, run.thread_ts
-            )
-            return render.note(f"{run.id} is cancelled.", in_channel=True)
-        if (
-            run.provider == "local"
-            and run.status == "queued"
-            and self.store.transition_run(run.id, ["queued"], "cancelled")
-        ):
-            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-            return render.note(f"{run.id} left the queue and is cancelled.", in_channel=True)
+        if run.status in WAITING and not (run.provider == "openai" and run.external_id):
+            if self.store.transition_run(run.id, [run.status], "cancelled"):
+                self.gate.settle("run", run.id, 0.0, note="cancelled before it started")
+                self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
+                self.wf.submit(
+                    f"updating {run.id}", lambda: self._after_cancel(run.id), channel,
+                    run.thread_ts,
+                )  # fmt: skip
+                where = "left the queue and " if run.status == "queued" else ""
+                return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
+            run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
         if run.provider == "local" and run.status == "running":
             from trainers import local
 
@@ -853,7 +1190,18 @@ class Runs:
                 f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
                 in_channel=True,
             )
-        if run.status in ("queued", "running") and run.external_id:
+        if (
+            run.provider in ("distill", "eval")
+            and run.status == "running"
+            and self.store.transition_run(run.id, ["running"], "cancelled")
+        ):
+            self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
+            return render.note(
+                f"Stopping {run.id}: no new model calls start; what was done is kept and "
+                "its spend recorded.",
+                in_channel=True,
+            )
+        if run.status in ("submitting", "running") and run.external_id:
             from trainers.openai_ft import OpenAIError
 
             try:
@@ -866,47 +1214,120 @@ class Runs:
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
 
-    def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
-        from trainers.openai_ft import OpenAIError
+    def _after_cancel(self, run_id: str) -> None:
+        """A run cancelled before it started: its card says so and its uploads go."""
+        self._cleanup_after_cancel(run_id)
+        self.refresh_card(run_id)
+        self._refresh_homes(self.store.get_run(run_id))
 
+    def release(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """An approver lets a dataset that may hold secrets go to hosted models."""
         dataset = self.wf.find_dataset(channel, cmd.target)
-        if user != dataset.user and user not in self.policy().approvers:
-            raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
-        removed_remote = []
-        for run in self.store.runs(channel=channel, limit=None):
-            file_id = (run.result_json or {}).get("training_file")
-            if run.dataset_id == dataset.id and file_id:
-                try:
-                    self.tuner.delete_file(file_id)
-                    removed_remote.append(file_id)
-                except OpenAIError as exc:
-                    if exc.status != 404:
-                        raise UserError(
-                            f"OpenAI did not delete {file_id}: {_openai_text(exc)}"
-                        ) from None
-        self.wf.blobs.delete(dataset.sha256)
-        record = dict(dataset.report_json or {})
-        record["forgotten_at"] = self.clock().isoformat()
-        self.store.update_dataset(dataset.id, report_json=record)
-        self.store.audit(
-            user, "forgot", dataset_id=dataset.id, detail={"openai_files": removed_remote}
+        if not self.gate.is_approver(user):
+            raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
+        if not egress.secret_findings(dataset):
+            return render.note(f"{dataset.id} has no possible secrets: there is nothing to release.")
+        if not egress.release(self.store, dataset, user):
+            return render.note(
+                f"{dataset.id} was already released by <@{egress.released_by(self.store, dataset.id)}>."
+            )
+        log.info("dataset %s released for hosted models by %s", dataset.id, user)
+        return render.note(
+            f"<@{user}> released {dataset.id} ({egress.secret_findings(dataset):,} possible "
+            "secret(s)): it may now go to hosted models for evaluation and chat.",
+            in_channel=True,
         )
-        where = f" and {len(removed_remote)} copy(ies) on OpenAI" if removed_remote else ""
-        return render.note(f"{dataset.id}'s stored file{where} deleted.", in_channel=True)
+
+    def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """Forget a dataset: its bytes (if no other dataset has them), its splits, its
+        uploads to providers, and the runs still waiting on it."""
+        dataset = self.wf.find_dataset(channel, cmd.target)
+        if user != dataset.user and not self.gate.is_approver(user):
+            raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
+        self.store.update_dataset(dataset.id, forgotten_at=self.clock(), forgotten_by=user)
+        cancelled = []
+        for run in self.store.runs(status=list(WAITING), limit=None):
+            if dataset.id not in (run.dataset_id, run.eval_dataset_id):
+                continue
+            if run.external_id and run.provider == "openai":
+                continue  # already training: cancel it by name if it should stop
+            if self.store.transition_run(
+                run.id, [run.status], "cancelled", error=f"its dataset {dataset.id} was forgotten"
+            ):
+                self.gate.settle("run", run.id, 0.0, note="dataset forgotten")
+                self.store.audit(user, "cancelled", run_id=run.id, detail={"why": "forgotten"})
+                cancelled.append(run)
+        self.wf.submit(
+            f"forgetting {dataset.id}",
+            lambda: self._forget_files(dataset, user, cancelled),
+            channel,
+            dataset.thread_ts,
+        )
+        also = f"; {', '.join(r.id for r in cancelled)} cancelled" if cancelled else ""
+        return render.note(f"{dataset.id} is forgotten{also}.", in_channel=True)
+
+    def _forget_files(self, dataset: Dataset, user: str, cancelled: list[Run]) -> None:
+        shas = {dataset.sha256}
+        for run in self.store.runs(channel=dataset.channel, limit=None):
+            if run.dataset_id == dataset.id:
+                data = (run.result_json or {}).get("data") or {}
+                shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
+        if not self.store.sha_in_use(dataset.sha256, besides=dataset.id):
+            report = dataset.report_json or {}
+            shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
+        removed_blobs = 0
+        for sha in shas:
+            if not self.store.sha_in_use(sha, besides=dataset.id) and self.wf.blobs.delete(sha):
+                removed_blobs += 1
+        removed_remote = (
+            self._delete_run_files(dataset_id=dataset.id) if self.settings.openai_api_key else 0
+        )
+        self.store.audit(
+            user,
+            "forgot",
+            dataset_id=dataset.id,
+            detail={
+                "blobs": removed_blobs,
+                "provider_files": removed_remote,
+                "cancelled": [r.id for r in cancelled],
+            },
+        )
+        for run in cancelled:
+            self.refresh_card(run.id)
+            self.wf.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"<@{run.requested_by}> {run.id} is cancelled: its dataset {dataset.id} "
+                    f"was forgotten by <@{user}>."
+                ),
+            )
+        where = f" and {removed_remote} upload(s) to OpenAI" if removed_remote else ""
+        self.wf.post(
+            dataset.channel,
+            dataset.thread_ts,
+            render.note(f"{dataset.id} was forgotten by <@{user}>: its stored file(s){where} deleted."),
+        )
 
     def budget(self, channel: str) -> render.Message:
-        """This month's spend, by run and by person (all channels: the budget is shared)."""
+        """This month's spend: the shared total, this channel's paid runs by run and by
+        person, and all other channels as one sum (their runs, models and people stay
+        in their channels). Totals come from the spend ledger."""
         now = self.clock()
         since = approvals.month_start(now)
         rows = [
-            r for r in self.store.runs(limit=None)
+            r for r in self.store.runs(channel=channel, limit=None)
             if r.created_at >= since and r.provider != "local" and r.status not in ("rejected", "expired")
         ]  # fmt: skip
+        total = self.gate.committed_usd()
+        here = self.gate.ledger.committed(self.gate.since(), channel=channel)
         return render.budget_report(
             rows,
-            spent_usd=self.committed_usd(),
+            spent_usd=total,
             budget_usd=self.settings.monthly_budget_usd,
             month=f"{now:%B %Y}",
+            here_usd=here,
+            others_usd=max(total - here, 0.0),
         )
 
     def audit(self, cmd: Command, channel: str) -> render.Message:
@@ -928,16 +1349,21 @@ class Runs:
 
 
 def _positive(opts: dict[str, str], key: str, kind: type) -> Any:
+    """A hyper-parameter given as `key=`: a finite number above 0, or a usage error naming it.
+
+    nan, inf, negatives, zero and non-numbers are refused when the run is
+    requested, never discovered by a provider later.
+    """
     if key not in opts:
         return None
+    raw = opts[key].strip()
+    what = "a whole number" if kind is int else "a number"
     try:
-        value = kind(opts[key])
+        value = int(raw) if kind is int else float(raw)
     except ValueError:
-        raise UserError(
-            f"{key}= must be a {'whole ' if kind is int else ''}number, not `{opts[key]}`."
-        ) from None
-    if value <= 0:
-        raise UserError(f"{key}= must be positive, not `{opts[key]}`.")
+        raise UserError(f"{key}= must be {what} above 0, not `{opts[key]}`.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{key}= must be {what} above 0, not `{opts[key]}`.")
     return value
 
 

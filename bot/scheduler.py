@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from bot.runs import Runs
 
 EXPIRY_SECONDS = 60
+PRUNE_SECONDS = 3600  # how often seen delivery ids and file keys are pruned
+SEEN_KEPT = dt.timedelta(days=1)  # Slack stops redelivering an event within hours
+RESUME_SECONDS = 60  # how often acked work nobody holds (a full queue at start) is taken up
+
+
+def prune_seen(runs: Runs) -> int:
+    """Forget seen keys older than a day: the table would otherwise grow without end."""
+    pruned = runs.store.prune_seen(SEEN_KEPT)
+    if pruned:
+        import logging
+
+        logging.getLogger("tunebot").info("%d seen key(s) older than a day pruned", pruned)
+    return pruned
 
 
 def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
@@ -26,6 +39,11 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
         timezone=dt.UTC,
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
+    recovered = runs.gate.recover()  # spend a dead process left open
+    if recovered:
+        import logging
+
+        logging.getLogger("tunebot").info("%d open evaluation/chat reservation(s) closed", recovered)
     now = dt.datetime.now(dt.UTC)
     scheduler.add_job(
         runs.poll_all, "interval", seconds=settings.poll_seconds, id="poll_runs", next_run_time=now
@@ -33,5 +51,13 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
     scheduler.add_job(
         runs.expire_all, "interval", seconds=EXPIRY_SECONDS, id="expire_requests", next_run_time=now
     )
+    scheduler.add_job(
+        prune_seen, "interval", args=[runs], seconds=PRUNE_SECONDS, id="prune_seen",
+        next_run_time=now,
+    )  # fmt: skip
+    scheduler.add_job(
+        runs.wf.resume, "interval", kwargs={"at_start": False}, seconds=RESUME_SECONDS,
+        id="resume_work",
+    )  # fmt: skip
     scheduler.start()
     return scheduler

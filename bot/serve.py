@@ -60,17 +60,35 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"tunebot serve: {message}", file=sys.stderr)
+    """Every start-up problem: one line on stderr, exit code 2, no traceback."""
+    print(f"tunebot serve: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
 
 
+def _check_prices(settings: Settings) -> str | None:
+    """What is wrong with TUNEBOT_PRICES or TUNEBOT_DEFAULT_MODEL, before anything starts."""
+    from trainers.pricing import PriceTable
+
+    try:
+        table = PriceTable.from_file(settings.prices_file) if settings.prices_file else PriceTable()
+    except ValueError as exc:
+        return f"TUNEBOT_PRICES: {exc}"
+    try:
+        table.resolve(settings.default_model)
+    except ValueError as exc:  # UnknownModel
+        return f"TUNEBOT_DEFAULT_MODEL: {exc}"
+    return None
+
+
 def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
+    import sqlite3
+
     from slack_bolt.error import BoltError
     from slack_sdk.errors import SlackApiError
 
     from bot.app import create_app, make_client
     from bot.workflow import Workflow
-    from storage import BlobStore, HomeLock, HomeLocked, Store
+    from storage import BlobStore, HomeLock, HomeLocked, SchemaTooNew, Store
 
     if not settings.slack_bot_token:
         return _fail("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…)")
@@ -81,15 +99,35 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
     if not http and not settings.slack_app_token.startswith("xapp-"):
         return _fail("SLACK_APP_TOKEN must be an app-level token (xapp-…)")
 
+    problem = _check_prices(settings)
+    if problem:
+        return _fail(problem)
+
     configure_logging()
     lock = HomeLock(settings.home)
     try:
         lock.acquire()
     except HomeLocked as exc:
         return _fail(str(exc))
-    store = Store.in_home(settings.home)
+    except OSError as exc:
+        return _fail(f"cannot use TUNEBOT_HOME {settings.home}: {exc.strerror or exc}")
+    try:
+        store = Store.in_home(settings.home)
+    except SchemaTooNew as exc:
+        lock.release()
+        return _fail(f"the database was written by a newer tunebot: {exc}")
+    except (sqlite3.Error, OSError) as exc:
+        lock.release()
+        return _fail(f"cannot open the database in TUNEBOT_HOME {settings.home}: {exc}")
     scheduler = None
-    workflow = Workflow(settings, store, BlobStore(settings.home / "blobs"), make_client(settings))
+    try:
+        workflow = Workflow(
+            settings, store, BlobStore(settings.home / "blobs"), make_client(settings)
+        )
+    except (ValueError, OSError) as exc:  # the price table, the blob folder
+        store.close()
+        lock.release()
+        return _fail(str(exc))
     try:
         try:
             app = create_app(settings, workflow)
@@ -98,6 +136,7 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
         except OSError as exc:
             return _fail(f"cannot reach Slack at {settings.slack_api_url}: {exc}")
         _stop_on_sigterm()
+        workflow.resume()  # file checks, clicks and pricing acked before the last stop
         from bot.scheduler import start_scheduler
 
         scheduler = start_scheduler(workflow.runs, settings)
@@ -110,7 +149,7 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
-        workflow.close()
+        workflow.close()  # what was acked gets a bounded time; the rest resumes at the next start
         store.close()
         lock.release()
 

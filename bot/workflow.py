@@ -9,24 +9,28 @@ it and posts `render.error`.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import render
+from bot.claims import new_owner
 from bot.commands import Command
 from bot.config import Settings
+from bot.errors import UserError
 from storage import BlobStore, BlobTooLarge, Dataset, Store
 from trainers import pricing
 from trainers.data import Finding, Report, TokenStats
@@ -34,15 +38,25 @@ from trainers.data import Finding, Report, TokenStats
 log = logging.getLogger("tunebot")
 
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+# How long App Home trusts a user's channel list from Slack (users.conversations).
+# Someone who leaves a channel may go on seeing its items on Home for up to this long.
+MEMBERSHIP_TTL_SECONDS = 180
+# Threads for interactive work: clicks, posts, approval cards, Home tabs. Long
+# jobs have a bounded pool of their own (TUNEBOT_JOB_THREADS, TUNEBOT_JOB_QUEUE).
+INTERACTIVE_THREADS = 4
+# At shutdown, how long acked work may take to finish before it is left for the next start.
+DRAIN_SECONDS = 20.0
+# A claim on acked work (pending_work) lapses after this unless renewed; long
+# work renews it every third of it while it runs.
+WORK_LEASE = dt.timedelta(minutes=15)
 
 
-class UserError(Exception):
-    """A problem a person can act on; `summary` and `detail` are shown as they are."""
+class Busy(UserError):
+    """The long-job queue is full: the request is refused at once, not queued."""
 
-    def __init__(self, summary: str, detail: str | None = None) -> None:
-        super().__init__(summary)
-        self.summary = summary
-        self.detail = detail
+    def __init__(self, ahead: int) -> None:
+        super().__init__(f"busy: {ahead} jobs ahead, try again in a few minutes.")
+        self.ahead = ahead
 
 
 @dataclass(frozen=True)
@@ -80,44 +94,268 @@ class Workflow:
         self.blobs = blobs
         self.client = client
         self.prices = _price_table(settings)
-        self.jobs = jobs or ThreadPoolExecutor(max_workers=4, thread_name_prefix="tunebot-job")
+        self.jobs = jobs or ThreadPoolExecutor(
+            max_workers=INTERACTIVE_THREADS, thread_name_prefix="tunebot-click"
+        )
+        self.long_jobs = ThreadPoolExecutor(
+            max_workers=settings.job_threads, thread_name_prefix="tunebot-job"
+        )
+        self._long_in_flight = 0  # long jobs queued or running
+        self._closing = False
+        self.owner = new_owner()  # this process's name on the pending work it holds
         self._validation_pool = validation_pool
+        self._owns_validation_pool = validation_pool is None  # one given is the giver's to close
         self._pending: set[Future] = set()
         self._pending_lock = threading.Lock()
+        # user -> (time.monotonic() when asked, their channels); see member_channels.
+        self._memberships: dict[str, tuple[float, frozenset[str]]] = {}
+        self._memberships_lock = threading.Lock()
         from bot.runs import Runs  # runs build on this class
 
         self.runs = Runs(self, tuner=tuner)
+        # What each kind of acked work runs (see start_work); its args come from pending_work.
+        self._work: dict[str, Callable[[dict], Any]] = {
+            "ingest": self._ingest_work,
+            "decide": self._decide_work,
+            "price": self.runs.distiller.price_work,
+        }
+        self.runs.warm_approvers()  # so that no ack waits on Slack for them
 
     # --- plumbing -------------------------------------------------------------
 
     @property
     def validation_pool(self) -> Executor:
-        if self._validation_pool is None:
-            import multiprocessing
+        with self._pending_lock:  # job threads ask at once; make one pool
+            if self._validation_pool is None:
+                import multiprocessing
 
-            # forkserver: the bot is multi-threaded, and fork would copy held locks.
-            self._validation_pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+                # forkserver: the bot is multi-threaded, and fork would copy held locks.
+                self._validation_pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+                )
+                self._owns_validation_pool = True
+            return self._validation_pool
+
+    def _validate(self, path: str, context: int, encoding: str, name: str) -> Report:
+        """Validate in the worker; a dead worker (killed, out of memory) gets a new pool.
+
+        A broken pool fails every file in it, so each is tried once more on a
+        fresh one; a file that breaks that too is the culprit, and says so.
+        """
+        from concurrent.futures.process import BrokenProcessPool
+
+        for attempt in (1, 2):
+            pool = self.validation_pool
+            try:
+                return pool.submit(
+                    validate_file, path, context, self.settings.max_file_bytes, encoding
+                ).result()
+            except BrokenProcessPool:
+                log.error("the validation worker died on %s (attempt %d); new pool", name, attempt)
+                with self._pending_lock:
+                    if self._validation_pool is pool:
+                        self._validation_pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+        raise UserError(
+            f"The checker crashed on {name} (out of memory?), so it has no report. "
+            "The checker was restarted: other files are checked as usual.",
+            "Split the file or sample it, and drop it again; the bot's log has the details.",
+        )
+
+    def close(self, timeout: float = DRAIN_SECONDS) -> bool:
+        """Stop: let the jobs finish for up to `timeout` seconds, then drop what is left.
+
+        Work Slack was told was received (file ingests, clicks, distillation
+        pricing) has had a pending_work row since before its ack, so what does
+        not finish in time is not lost: the next start resumes it (`resume`).
+        True when every job finished.
+        """
+        drained = self.drain(timeout)
+        self._closing = True  # a job failing from here on keeps its pending_work row
+        for pool in (self.jobs, self.long_jobs):
+            pool.shutdown(wait=False, cancel_futures=True)
+        if not drained:
+            left = len(self.store.pending_work())
+            log.warning(
+                "stopping with jobs still running; %d piece(s) of acknowledged work resume at "
+                "the next start",
+                left,
             )
-        return self._validation_pool
-
-    def close(self) -> None:
-        self.jobs.shutdown(wait=True, cancel_futures=True)
-        if self._validation_pool is not None:
-            self._validation_pool.shutdown(wait=True, cancel_futures=True)
+        if self._validation_pool is not None and self._owns_validation_pool:
+            self._validation_pool.shutdown(wait=drained, cancel_futures=True)
+        return drained
 
     def submit(
-        self, what: str, fn: Callable[[], Any], channel: str, thread_ts: str | None
+        self,
+        what: str,
+        fn: Callable[[], Any],
+        channel: str,
+        thread_ts: str | None,
+        *,
+        long: bool = False,
+        on_busy: Callable[[], Any] | None = None,
     ) -> Future:
-        future = self.jobs.submit(self._job, what, fn, channel, thread_ts)
+        """Run `fn` on a job thread; what goes wrong is posted to (channel, thread_ts).
+
+        Interactive work (clicks, posts, cards, Home tabs) has a small pool of
+        its own. `long=True` work (ingests, evaluations, distillations, chats,
+        submissions) goes to the bounded pool: when TUNEBOT_JOB_QUEUE jobs
+        already wait there, nothing is queued; `on_busy` (which undoes what the
+        caller began) is called and `Busy` raised, for the caller's answer.
+        """
+        if long:
+            with self._pending_lock:
+                ahead = self._long_in_flight
+                full = ahead >= self.settings.job_threads + self.settings.job_queue
+                if not full:
+                    self._long_in_flight += 1
+            if full:
+                log.warning("%s refused: %d long jobs ahead", what, ahead)
+                if on_busy is not None:
+                    on_busy()
+                raise Busy(ahead)
+            try:
+                future = self.long_jobs.submit(self._job, what, fn, channel, thread_ts)
+            except BaseException:
+                self._long_done(None)
+                raise
+            future.add_done_callback(self._long_done)
+        else:
+            future = self.jobs.submit(self._job, what, fn, channel, thread_ts)
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(self._forget)
         return future
 
+    def check_room(self) -> None:
+        """Raise Busy now if a long job would be refused (before starting anything)."""
+        with self._pending_lock:
+            ahead = self._long_in_flight
+        if ahead >= self.settings.job_threads + self.settings.job_queue:
+            raise Busy(ahead)
+
+    def _long_done(self, future: Future | None) -> None:
+        with self._pending_lock:
+            self._long_in_flight -= 1
+
     def _forget(self, future: Future) -> None:
         with self._pending_lock:
             self._pending.discard(future)
+
+    # --- acked work: recorded before the ack, resumed after a restart -----------
+
+    def start_work(
+        self,
+        kind: str,
+        key: str,
+        args: dict,
+        *,
+        what: str,
+        channel: str,
+        thread_ts: str | None,
+        long: bool,
+    ) -> bool:
+        """Take on work that Slack is about to be told was received.
+
+        A pending_work row (`key`, claimed by this process under a lease) is
+        written first, so the work survives a stop or a crash; a job does it
+        and deletes the row. False when `key` is already held (another
+        delivery of the same thing). Raises Busy when the long pool is full,
+        leaving nothing behind.
+        """
+        token = f"{self.owner}:{uuid.uuid4().hex[:8]}"
+        payload = {
+            "what": what,
+            "channel": channel,
+            "thread_ts": thread_ts,
+            "long": long,
+            "args": args,
+        }
+        if not self.store.claim_work(key, kind, payload, owner=token, lease=WORK_LEASE):
+            return False
+        self._run_work(
+            kind, key, token, payload, on_busy=lambda: self.store.finish_work(key, token)
+        )
+        return True
+
+    def _run_work(
+        self, kind: str, key: str, token: str, payload: dict, *, on_busy: Callable[[], Any]
+    ) -> None:
+        self.submit(
+            payload["what"],
+            lambda: self._do_work(kind, key, token, payload),
+            payload["channel"],
+            payload["thread_ts"],
+            long=payload["long"],
+            on_busy=on_busy,
+        )
+
+    def _do_work(self, kind: str, key: str, token: str, payload: dict) -> None:
+        if not self.store.renew_work(key, token, WORK_LEASE):
+            log.info("%s: taken over while it waited; left to its new owner", key)
+            return
+        beat = _Renewal(self.store, key, token, WORK_LEASE) if payload["long"] else None
+        try:
+            self._work[kind](payload["args"])
+        except BaseException:
+            # Failed: forget it, so that the same thing asked again is done afresh
+            # (a re-shared file is ingested). Stopping: keep it for the next start.
+            if not self._closing:
+                self.store.finish_work(key, token)
+            raise
+        finally:
+            if beat is not None:
+                beat.stop()
+        self.store.finish_work(key, token)
+
+    def resume(self, *, at_start: bool = True) -> int:
+        """Take up acked work left undone: at start-up all of it (the process that held
+        it is gone), later only what nobody holds. Returns how many were resumed."""
+        resumed = 0
+        for work in self.store.pending_work():
+            token = f"{self.owner}:{uuid.uuid4().hex[:8]}"
+            if work.kind not in self._work or not self.store.claim_work(
+                work.key, work.kind, work.payload_json, owner=token, lease=WORK_LEASE,
+                force=at_start,
+            ):  # fmt: skip
+                continue
+            try:
+                self._run_work(
+                    work.kind, work.key, token, work.payload_json,
+                    on_busy=lambda key=work.key, token=token: self.store.release_work(key, token),
+                )  # fmt: skip
+            except Busy:
+                log.info("resuming acked work: the job queue is full; the rest waits")
+                break
+            resumed += 1
+        if resumed:
+            log.info("resumed %d piece(s) of acknowledged work", resumed)
+        return resumed
+
+    def decide_later(
+        self, run_id: str, user: str, decision: str, channel: str, reason: str | None = None
+    ) -> bool:
+        """A click: recorded (pending_work) before Slack hears 200, counted on a job thread."""
+        run = self.store.find_run(run_id)
+        return self.start_work(
+            "decide",
+            f"decide:{run_id}:{user}:{decision}",
+            {"run_id": run_id, "user": user, "decision": decision, "reason": reason,
+             "channel": channel},
+            what=f"recording {user}'s {decision} of {run_id}",
+            channel=channel or (run.channel if run else "") or "",
+            thread_ts=run.thread_ts if run else None,
+            long=False,
+        )  # fmt: skip
+
+    def _decide_work(self, args: dict) -> None:
+        refusal = self.runs.decide(
+            args["run_id"], args["user"], args["decision"], reason=args.get("reason")
+        )
+        if refusal and args.get("channel"):  # a refused click is answered to the clicker alone
+            self.client.chat_postEphemeral(
+                channel=args["channel"], user=args["user"], text=f"⚠️ Not counted: {refusal}."
+            )
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait for every job started so far (and the jobs they start). False on timeout."""
@@ -177,21 +415,67 @@ class Workflow:
         """Dedupe and hand off. True when this call scheduled the work.
 
         Slack retries deliveries and sends both message/file_share and
-        file_shared for one file: the first of them wins, atomically.
+        file_shared for one file: per (file, channel), the first of them
+        claims the ingest (a pending_work row under a lease), atomically, and
+        the others are dropped while it holds it. The file is marked seen only
+        once its dataset is recorded: a claim given up by an ingest that
+        failed unexpectedly lets a re-share (or the next start) do it again.
+        Nothing here waits on the network.
         """
         if not self.settings.serves(drop.channel):
             return False
         if drop.file and not _is_jsonl(drop.file):
             return False
-        if not self.store.mark_seen(f"file:{drop.file_id}"):
+        if self.store.seen(_file_key(drop)):
             return False
-        self.submit(
-            f"checking file {drop.file_id}", lambda: self.ingest(drop), drop.channel, drop.thread_ts
-        )
-        return True
+        try:
+            return self.start_work(
+                "ingest",
+                f"ingest:{drop.file_id}:{drop.channel}",
+                asdict(drop),
+                what=f"checking file {drop.file_id}",
+                channel=drop.channel,
+                thread_ts=drop.thread_ts,
+                long=True,
+            )
+        except Busy as exc:
+            # Once per file, though Slack sends two events for it; on a job thread.
+            if self.store.mark_seen(f"busy:{drop.file_id}:{drop.channel}"):
+                message = render.error(f"{drop.file.get('name') if drop.file else 'This file'} "
+                                       f"was not checked: {exc.summary}")  # fmt: skip
+                self.submit(
+                    "saying the bot is busy",
+                    lambda: self.post(drop.channel, drop.thread_ts, message),
+                    "",
+                    None,
+                )
+            return False
+
+    def _ingest_work(self, args: dict) -> None:
+        drop = FileDrop(**args)
+        key = _file_key(drop)
+        if self.store.seen(key):  # done meanwhile
+            return
+        try:
+            self.ingest(drop)
+        except UserError:
+            # Answered in its thread: the same file again gets no second answer.
+            self.store.mark_seen(key)
+            raise
+        self.store.mark_seen(key)
 
     def ingest(self, drop: FileDrop) -> Dataset | None:
+        """Download, validate and record a dropped file; its report goes to its thread.
+
+        Idempotent per (file, channel): a file already recorded with its report
+        is returned as it is, and a dataset row left without one (a stop in the
+        middle) is completed rather than recorded twice.
+        """
         started = time.monotonic()
+        existing = self.store.dataset_for_file(drop.file_id, drop.channel)
+        if existing is not None and existing.report_json:
+            log.info("file %s is %s already", drop.file_id, existing.id)
+            return existing
         file = (
             drop.file
             if drop.file and drop.file.get("url_private_download")
@@ -221,11 +505,12 @@ class Workflow:
             thread_ts=thread_ts,
             user=drop.user or file.get("user"),
             file_id=drop.file_id,
+            dataset=existing if existing is not None and existing.sha256 == sha else None,
         )
         log.info(
             "file %s -> %s: %d examples, %d valid, %d errors, %d warnings (%.1f s)",
             drop.file_id, dataset.id, report.examples, report.valid_examples,
-            len(report.errors), len(report.warnings), time.monotonic() - started,
+            report.error_count, report.warning_count, time.monotonic() - started,
         )  # fmt: skip
         return self.store.get_dataset(dataset.id)
 
@@ -240,9 +525,11 @@ class Workflow:
         user: str | None,
         file_id: str | None = None,
         source_dataset_id: str | None = None,
+        dataset: Dataset | None = None,
     ) -> tuple[Dataset, Report]:
-        """Record a stored file as a dataset, validate it, and post its report in the thread."""
-        dataset = self.store.add_dataset(
+        """Record a stored file as a dataset (or complete `dataset`, recorded before a
+        stop), validate it, and post its report in the thread."""
+        dataset = dataset or self.store.add_dataset(
             sha256=sha,
             name=name,
             channel=channel,
@@ -253,13 +540,7 @@ class Workflow:
             source_dataset_id=source_dataset_id,
         )
         model = self.prices.resolve(self.settings.default_model)
-        report = self.validation_pool.submit(
-            validate_file,
-            str(self.blobs.path(sha)),
-            model.context,
-            self.settings.max_file_bytes,
-            model.encoding,
-        ).result()
+        report = self._validate(str(self.blobs.path(sha)), model.context, model.encoding, name)
         report.path = name
         costs, local = self._costs(report.token_counts, model.name, None)
         counts_sha = self.blobs.put_bytes(report.token_counts.tobytes())
@@ -270,8 +551,8 @@ class Workflow:
             dataset.id,
             examples=report.examples,
             valid_examples=report.valid_examples,
-            errors=len(report.errors),
-            warnings=len(report.warnings),
+            errors=report.error_count,
+            warnings=report.warning_count,
             tokens_total=report.tokens.total,
             report_json=_report_record(report, counts_sha, findings_sha),
         )
@@ -292,33 +573,51 @@ class Workflow:
             ) from None
 
     def _download(self, file: dict, limit: int) -> tuple[str, int]:
+        """Fetch a dropped file with the bot token, from Slack's file hosts only.
+
+        The link must be https to a host in TUNEBOT_SLACK_FILE_HOSTS (or SLACK_API_URL's
+        own host, which gets the token anyway); plain http only to a loopback host named
+        there. Anything else (another host, file:, ftp:, data:) is refused before a
+        byte is sent, and a redirect never carries the token to another host.
+        """
+        name = render.escape(file.get("name") or file.get("id") or "the file")
         url = file.get("url_private_download") or file.get("url_private")
         if not url:
-            raise UserError(f"Slack gave no download link for {file.get('name')}.")
+            raise UserError(f"Slack gave no download link for {name}.")
+        allowed = _file_origins(self.settings)
+        if _origin(url) not in allowed:
+            log.warning("file %s: download link refused (%s)", file.get("id"), _link_kind(url))
+            raise UserError(
+                f"{name} is not a Slack file link; tunebot only downloads from "
+                f"{_hosts_named(self.settings)}.",
+                "Upload the file itself to Slack instead of sharing a link to it.",
+            )
         request = urllib.request.Request(
             url, headers={"Authorization": f"Bearer {self.settings.slack_bot_token}"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=60) as resp:
+            with _file_opener(allowed).open(request, timeout=60) as resp:
                 # Slack answers a bad token with its HTML sign-in page and a 200.
                 if resp.headers.get_content_type() == "text/html":
                     raise UserError(
-                        f"Could not download {file.get('name')}: Slack sent a sign-in page.",
+                        f"Could not download {name}: Slack sent a sign-in page.",
                         "Check that the bot has the files:read scope and is in this channel.",
                     )
                 return self.blobs.put_stream(resp, max_bytes=limit)
+        except _RefusedRedirect as exc:
+            log.warning("file %s: redirect refused (%s)", file.get("id"), _link_kind(exc.url))
+            raise UserError(
+                f"Could not download {name}: Slack redirected it to a link that is not a Slack "
+                f"file link; tunebot only downloads from {_hosts_named(self.settings)}."
+            ) from None
         except BlobTooLarge:
             raise UserError(
-                f"{file.get('name')} is over the {self.settings.max_file_mb:,} MiB limit."
+                f"{name} is over the {self.settings.max_file_mb:,} MiB limit."
             ) from None
         except urllib.error.HTTPError as exc:
-            raise UserError(
-                f"Could not download {file.get('name')}: Slack answered HTTP {exc.code}."
-            ) from None
+            raise UserError(f"Could not download {name}: Slack answered HTTP {exc.code}.") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise UserError(
-                f"Could not download {file.get('name')}: {getattr(exc, 'reason', exc)}."
-            ) from None
+            raise UserError(f"Could not download {name}: {getattr(exc, 'reason', exc)}.") from None
 
     def _upload_histogram(
         self,
@@ -355,17 +654,57 @@ class Workflow:
     def refresh_home(self, user: str) -> None:
         self.submit("refreshing the Home tab", lambda: self.publish_home(user), "", None)
 
+    def member_channels(self, user: str) -> frozenset[str]:
+        """The public and private channels `user` belongs to, as Slack says (users.conversations).
+
+        Cached per user for MEMBERSHIP_TTL_SECONDS. When Slack will not answer,
+        the answer is no channels (Home then shows nothing rather than everything),
+        and that failure is not cached.
+        """
+        now = time.monotonic()
+        with self._memberships_lock:
+            cached = self._memberships.get(user)
+        if cached is not None and now - cached[0] < MEMBERSHIP_TTL_SECONDS:
+            return cached[1]
+        found: set[str] = set()
+        try:
+            pages = self.client.users_conversations(
+                user=user, types="public_channel,private_channel", exclude_archived=True, limit=200
+            )
+            for page in pages:  # the SDK follows response_metadata.next_cursor
+                found.update(c["id"] for c in page.get("channels") or [] if c.get("id"))
+        except SlackApiError as exc:
+            log.error("cannot list %s's channels: %s", user, exc.response.get("error"))
+            return frozenset()
+        channels = frozenset(found)
+        with self._memberships_lock:
+            self._memberships = {
+                u: entry
+                for u, entry in self._memberships.items()
+                if now - entry[0] < MEMBERSHIP_TTL_SECONDS
+            }  # expired entries go, so the cache holds only recent viewers
+            self._memberships[user] = (now, channels)
+        return channels
+
     def home(self, user: str) -> dict:
-        """The Home tab for `user`; channels outside TUNEBOT_CHANNELS stay out of it."""
-        runs = [r for r in self.store.runs(limit=200) if self.settings.serves(r.channel)]
+        """The Home tab for `user`: only channels they belong to and TUNEBOT_CHANNELS allows.
+
+        Runs, approvals waiting for them, datasets and evaluations come from those
+        channels alone; the month's spend is one total, since the budget is shared.
+        """
+        visible = sorted(c for c in self.member_channels(user) if self.settings.serves(c))
+        if visible:  # a list of channels is one `channel IN (...)` query in the store
+            runs = self.store.runs(channel=visible, limit=200)
+            datasets = self.store.datasets(channel=visible, limit=5)
+        else:
+            runs, datasets = [], []
         approvers = self.runs.policy().approvers
         waiting = [
             r for r in runs
             if r.status == "pending_approval" and user in approvers and r.requested_by != user
         ]  # fmt: skip
-        active = [r for r in runs if r.status in ("approved", "queued", "running")]
+        active = [r for r in runs if r.status in ("approved", "queued", "submitting", "running")]
         evals = [e for r in runs[:20] for e in self.store.evals(r.id)][-5:]
-        datasets = [d for d in self.store.datasets(limit=20) if self.settings.serves(d.channel)][:5]
         return render.home_view(
             user=user,
             active=active,
@@ -390,6 +729,12 @@ class Workflow:
         dataset = self.store.find_dataset(ref.lower())
         if dataset is None or dataset.channel != channel:
             raise UserError(f"No dataset `{ref}` in this channel. `/finetune datasets` lists them.")
+        if dataset.forgotten_at:
+            raise UserError(
+                f"{dataset.id} was forgotten on {dataset.forgotten_at:%Y-%m-%d} by "
+                f"<@{dataset.forgotten_by}>.",
+                "Upload the file again to use it.",
+            )
         return dataset
 
     def stored_report(self, dataset: Dataset) -> Report:
@@ -413,6 +758,7 @@ class Workflow:
             token_counts=counts,
             encoding=record.get("encoding", "o200k_base"),
             context_tokens=record.get("context_tokens", 65_536),
+            counts=record.get("codes"),  # the true counts: the stored findings are capped
         )
 
     def repost_report(self, dataset: Dataset) -> None:
@@ -451,17 +797,19 @@ class Workflow:
         if cmd.name in ("train", "distill"):
             return self.runs.request(cmd, channel, user)
         if cmd.name == "chat":
-            return self.runs.distiller.chat(cmd, channel)
+            return self.runs.distiller.chat(cmd, channel, user)
         if cmd.name == "cancel":
             return self.runs.cancel(cmd, channel, user)
         if cmd.name == "eval":
-            return self.runs.evals.request(cmd.target, channel, cmd.options.get("eval"))
+            return self.runs.evals.request(cmd.target, channel, cmd.options.get("eval"), user)
         if cmd.name == "budget":
             return self.runs.budget(channel)
         if cmd.name == "resume":
             return self.runs.resume(cmd, channel, user)
         if cmd.name == "audit":
             return self.runs.audit(cmd, channel)
+        if cmd.name == "release":
+            return self.runs.release(cmd, channel, user)
         if cmd.name == "forget":
             return self.runs.forget(cmd, channel, user)
         if cmd.name == "validate":
@@ -514,6 +862,34 @@ def _price_table(settings: Settings) -> pricing.PriceTable:
     return pricing.PriceTable.from_file(settings.prices_file)
 
 
+def _file_key(drop: FileDrop) -> str:
+    """The seen key of a dropped file: marked once its dataset is recorded."""
+    return f"file:{drop.file_id}:{drop.channel}"
+
+
+class _Renewal:
+    """Renews a claim on acked work every third of its lease while a long job runs."""
+
+    def __init__(self, store: Store, key: str, owner: str, lease: dt.timedelta) -> None:
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(store, key, owner, lease), name=f"tunebot-lease-{key}",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+
+    def _beat(self, store: Store, key: str, owner: str, lease: dt.timedelta) -> None:
+        while not self._stopped.wait(lease.total_seconds() / 3):
+            try:
+                if not store.renew_work(key, owner, lease):
+                    return
+            except Exception as exc:  # a locked or closed database: try at the next beat
+                log.warning("%s: lease not renewed: %s", key, exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 def _is_jsonl(file: dict) -> bool:
     name = (file.get("name") or "").lower()
     return name.endswith(JSONL_SUFFIXES) or file.get("filetype") in ("jsonl",)
@@ -533,9 +909,124 @@ def _report_record(report: Report, counts_sha: str, findings_sha: str) -> dict:
         "examples": report.examples,
         "valid_examples": report.valid_examples,
         "findings_sha256": findings_sha,
-        "codes": {code: len(group) for code, group in report.by_code().items()},
+        "codes": report.counts_by_code(),
         "tokens": {**report.tokens.to_dict(), "mean": report.tokens.mean},
         "counts_sha256": counts_sha,
         "encoding": report.encoding,
         "context_tokens": report.context_tokens,
     }
+
+
+# --- downloads from Slack's file hosts ----------------------------------------------
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def _origin(url: str) -> Origin | None:
+    """(scheme, host, port) of an http(s) URL; None for any other scheme or a malformed URL."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except (ValueError, AttributeError):
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _file_origins(settings: Settings) -> frozenset[Origin]:
+    """Where the bot token may go for a download: https to each TUNEBOT_SLACK_FILE_HOSTS
+    entry and to SLACK_API_URL's origin; plain http only where the host is loopback."""
+    from urllib.parse import urlsplit
+
+    origins: set[Origin] = set()
+    api = _origin(settings.slack_api_url)
+    if api is not None and (api[0] == "https" or _loopback(api[1])):
+        origins.add(api)
+    for entry in settings.slack_file_hosts:
+        entry = entry.strip().lower()
+        try:
+            parts = urlsplit(entry if "://" in entry else f"//{entry}")
+            port = parts.port
+        except ValueError:
+            continue
+        if not parts.hostname:
+            continue
+        origins.add(("https", parts.hostname, port or 443))
+        if _loopback(parts.hostname):
+            origins.add(("http", parts.hostname, port or 80))
+    return frozenset(origins)
+
+
+def _hosts_named(settings: Settings) -> str:
+    return ", ".join(settings.slack_file_hosts) or "files.slack.com"
+
+
+def _link_kind(url: str) -> str:
+    """What a refused link was, for the log: its scheme and host, never the whole URL."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+        return f"{parts.scheme or '?'}://{parts.hostname or ''}"
+    except ValueError:
+        return "malformed"
+
+
+class _RefusedRedirect(Exception):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+class _SlackFileRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects of a file download: the token never leaves the origin it was sent to.
+
+    Same origin: followed with the Authorization header. Another origin: followed
+    without it, and only over https (or to an allowed origin). Anything else
+    (http elsewhere, ftp:, file:) is refused.
+    """
+
+    def __init__(self, allowed: frozenset[Origin]) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = _origin(newurl)
+        if target is None or (target[0] != "https" and target not in self.allowed):
+            fp.close()
+            raise _RefusedRedirect(newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and target != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _file_opener(allowed: frozenset[Origin]) -> urllib.request.OpenerDirector:
+    """An opener that speaks http(s) only: no file:, ftp: or data: handlers at all."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _SlackFileRedirects(allowed),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener

@@ -10,17 +10,20 @@ from storage.db import (
     Dataset,
     Eval,
     NotFound,
+    PendingWork,
     Run,
     RunEvent,
     SchemaTooNew,
     Store,
 )
+from storage.ledger import AlreadyReserved, Ledger, OverBudget, Reservation
 from storage.lock import HomeLock, HomeLocked
 
 __all__ = [
     "DECISIONS",
     "MIGRATIONS",
     "RUN_STATUSES",
+    "AlreadyReserved",
     "Approval",
     "AuditEntry",
     "BlobNotFound",
@@ -30,7 +33,11 @@ __all__ = [
     "Eval",
     "HomeLock",
     "HomeLocked",
+    "Ledger",
     "NotFound",
+    "OverBudget",
+    "PendingWork",
+    "Reservation",
     "Run",
     "RunEvent",
     "SchemaTooNew",

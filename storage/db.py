@@ -40,6 +40,7 @@ RUN_STATUSES = (
     "rejected",
     "expired",
     "queued",
+    "submitting",
     "running",
     "succeeded",
     "failed",
@@ -175,9 +176,100 @@ CREATE TABLE seen (
 CREATE INDEX seen_created ON seen(created_at);
 """
 
+# Claims and leases on runs, forgotten datasets, the installation id, the
+# spend ledger and the files uploaded to providers.
+_SCHEMA_2 = """
+ALTER TABLE runs ADD COLUMN owner TEXT;
+ALTER TABLE runs ADD COLUMN lease_expires_at TEXT;
+ALTER TABLE datasets ADD COLUMN forgotten_at TEXT;
+ALTER TABLE datasets ADD COLUMN forgotten_by TEXT;
+
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE spend (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    run_id TEXT,
+    channel TEXT,
+    user TEXT,
+    estimate_usd REAL NOT NULL,
+    actual_usd REAL,
+    status TEXT NOT NULL,
+    note TEXT,
+    created_at TEXT NOT NULL,
+    settled_at TEXT
+) STRICT;
+CREATE INDEX spend_created ON spend(created_at);
+CREATE UNIQUE INDEX spend_one_open ON spend(kind, ref) WHERE status = 'reserved';
+
+CREATE TABLE provider_files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    run_id TEXT,
+    dataset_id TEXT,
+    purpose TEXT,
+    created_at TEXT NOT NULL,
+    deleted_at TEXT,
+    UNIQUE (provider, file_id)
+) STRICT;
+CREATE INDEX provider_files_dataset ON provider_files(dataset_id);
+CREATE INDEX provider_files_run ON provider_files(run_id);
+"""
+
+
+def _backfill_spend(db: sqlite_utils.Database) -> None:
+    """The ledger starts with what the runs and evaluations before it committed."""
+    for run_id, status, estimate, actual, channel, user, created in db.execute(
+        "SELECT id, status, estimate_usd, actual_usd, channel, requested_by, created_at FROM runs"
+        " WHERE provider != 'local'"
+    ).fetchall():
+        if status in ("pending_approval", "approved", "queued", "running"):
+            row = (estimate or 0.0, None, "reserved")
+        elif status in ("succeeded", "failed", "cancelled") and actual:
+            row = (estimate or 0.0, actual, "settled")
+        else:
+            continue
+        db.execute(
+            "INSERT INTO spend (kind, ref, run_id, channel, user, estimate_usd, actual_usd, status,"
+            " created_at) VALUES ('run', ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, run_id, channel, user, *row, created],
+        )
+    for eval_id, run_id, cost, created in db.execute(
+        "SELECT id, run_id, cost_usd, created_at FROM evals WHERE cost_usd > 0"
+    ).fetchall():
+        db.execute(
+            "INSERT INTO spend (kind, ref, run_id, estimate_usd, actual_usd, status, created_at)"
+            " VALUES ('eval', ?, ?, ?, ?, 'settled', ?)",
+            [f"{run_id}#e{eval_id}", run_id, cost, cost, created],
+        )
+
+
+# Work acknowledged to Slack but not done yet (file ingests, clicks, distillation
+# pricing): a row per piece, claimed by one owner under a lease, deleted when
+# done, resumed at start-up. Datasets are looked up by the file they came from.
+_SCHEMA_PENDING_WORK = """
+CREATE TABLE pending_work (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    owner TEXT,
+    lease_expires_at TEXT,
+    created_at TEXT NOT NULL
+) STRICT;
+CREATE INDEX datasets_file ON datasets(file_id, channel);
+"""
+
+
 # Applied in order; `PRAGMA user_version` counts how many a file has had.
 # Append only: never edit or reorder an entry once it has shipped.
-MIGRATIONS: list[Migration] = [_SCHEMA_1]
+MIGRATIONS: list[Migration] = [
+    _SCHEMA_1, _SCHEMA_2, _backfill_spend, _SCHEMA_PENDING_WORK,
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------- rows
@@ -201,6 +293,8 @@ class Dataset:
     report_json: Any
     source_dataset_id: str | None
     created_at: datetime
+    forgotten_at: datetime | None = None
+    forgotten_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +320,8 @@ class Run:
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None
+    owner: str | None = None  # who holds the claim on the run's external submission
+    lease_expires_at: datetime | None = None  # the claim lapses then unless renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +365,18 @@ class AuditEntry:
     dataset_id: str | None
     plan_hash: str | None
     detail_json: Any
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWork:
+    """Work acknowledged to Slack and not done yet; `owner` holds it until `lease_expires_at`."""
+
+    key: str
+    kind: str
+    payload_json: Any
+    owner: str | None
+    lease_expires_at: datetime | None
+    created_at: datetime
 
 
 _Row = TypeVar("_Row")
@@ -413,6 +521,7 @@ class Store:
         self._open: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._guard = threading.Lock()
         self._closed = False
+        self._installation_id: str | None = None
         try:
             # WAL belongs to the file, not the connection: setting it once is enough.
             self.db.conn.execute("PRAGMA journal_mode = WAL").fetchall()
@@ -654,10 +763,28 @@ class Store:
         )
 
     def latest_dataset(self, channel: str) -> Dataset | None:
-        """The newest dataset in `channel`: the one a command that names none means."""
+        """The newest dataset in `channel` not forgotten: the one a command that names none means."""
         _require_text("channel", channel)
-        found = self.datasets(channel=channel, limit=1)
-        return found[0] if found else None
+        rows = list(
+            self.db.query(
+                "SELECT * FROM datasets WHERE channel = ? AND forgotten_at IS NULL"
+                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                [channel],
+            )
+        )
+        return _from_row(Dataset, rows[0]) if rows else None
+
+    def dataset_for_file(self, file_id: str, channel: str) -> Dataset | None:
+        """The newest dataset not forgotten that Slack file `file_id` became in `channel`."""
+        _require_text("file_id", file_id)
+        rows = list(
+            self.db.query(
+                "SELECT * FROM datasets WHERE file_id = ? AND channel = ? AND forgotten_at IS NULL"
+                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                [file_id, channel],
+            )
+        )
+        return _from_row(Dataset, rows[0]) if rows else None
 
     def dataset_by_sha(self, sha256: str, channel: str | None = None) -> Dataset | None:
         """The newest dataset with this content, optionally only in `channel`."""
@@ -683,18 +810,26 @@ class Store:
 
     # -- runs
 
-    def add_run(self, **fields: Any) -> Run:
-        """Record a run; allocates the next id ("r1", ...). Status defaults to pending_approval."""
+    def add_run(self, *, id: str | None = None, **fields: Any) -> Run:
+        """Record a run; allocates the next id ("r1", ...), or takes one `new_run_id`
+        allocated earlier. Status defaults to pending_approval."""
         fields.setdefault("status", "pending_approval")
         values = _check_fields("run", Run, fields)
         _check_statuses([values["status"]])
         for name in ("dataset_id", "provider", "model"):
             _require_text(name, values.get(name))
+        if id is not None and not re.fullmatch(r"r[0-9]+", str(id)):
+            raise ValueError(f"a run id is r and a number, not {id!r}")
         with self.transaction() as db:
             self._require_refs(db, values)
-            values["id"] = self._next_id(db, "runs", "r")
+            values["id"] = id or self._next_id(db, "runs", "r")
             values["created_at"] = values["updated_at"] = self._now()
             return _from_row(Run, self._insert(db, "runs", values))
+
+    def new_run_id(self) -> str:
+        """Allocate the next run id now, for a run recorded later with ``add_run(id=...)``."""
+        with self.transaction() as db:
+            return self._next_id(db, "runs", "r")
 
     def find_run(self, id: str) -> Run | None:
         return self._find("runs", Run, id)
@@ -770,6 +905,168 @@ class Store:
             if not self._exists(db, "runs", id):
                 raise NotFound(f"no run {id!r}")
             return False
+
+    # -- claims: one owner, under a lease, for a run's external side effects
+
+    def claim_run(
+        self,
+        id: str,
+        from_statuses: Iterable[str],
+        to_status: str,
+        *,
+        owner: str,
+        lease: timedelta,
+        **fields: Any,
+    ) -> bool:
+        """Move run `id` to `to_status` and make `owner` its claimant until now + `lease`.
+
+        Only when its status is one of `from_statuses` and nobody else holds a
+        live claim (no owner, a lapsed lease, or `owner` itself). True for
+        exactly one of many racing callers. Raises NotFound for no such run.
+        """
+        _require_text("owner", owner)
+        if not isinstance(lease, timedelta) or lease <= timedelta(0):
+            raise ValueError(f"lease must be a positive timedelta, not {lease!r}")
+        sources = _as_statuses(from_statuses)
+        if not sources:
+            raise ValueError("from_statuses is empty: no run could ever move")
+        _check_statuses([to_status])
+        values = _check_fields("run", Run, fields)
+        for name in ("status", "owner", "lease_expires_at"):
+            if name in values:
+                raise ValueError(f"{name} is set by claim_run, not passed as a field")
+        with self.transaction() as db:
+            now = self._now()
+            values.update(
+                status=to_status,
+                owner=owner,
+                lease_expires_at=_iso(self._clock() + lease, "clock()"),
+                updated_at=now,
+            )
+            sets = ", ".join(f"[{name}] = ?" for name in values)
+            marks = ", ".join("?" for _ in sources)
+            cursor = db.execute(
+                f"UPDATE runs SET {sets} WHERE id = ? AND status IN ({marks})"
+                " AND (owner IS NULL OR owner = ? OR lease_expires_at IS NULL OR lease_expires_at < ?)",
+                [*values.values(), id, *sources, owner, now],
+            )
+            if cursor.rowcount == 1:
+                return True
+            if not self._exists(db, "runs", id):
+                raise NotFound(f"no run {id!r}")
+            return False
+
+    def renew_claim(
+        self, id: str, owner: str, lease: timedelta, *, status: str | None = None
+    ) -> bool:
+        """Extend `owner`'s claim on run `id` (and check its status). False: the claim is lost."""
+        statuses = [] if status is None else _as_statuses(status)
+        with self.transaction() as db:
+            sql = "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND owner = ?"
+            args: list[object] = [_iso(self._clock() + lease, "clock()"), id, owner]
+            if statuses:
+                sql += " AND status = ?"
+                args.append(statuses[0])
+            return db.execute(sql, args).rowcount == 1
+
+    def release_claim(
+        self, id: str, owner: str, *, from_status: str, to_status: str | None = None,
+        retry_at: datetime | None = None, **fields: Any,
+    ) -> bool:  # fmt: skip
+        """Give up `owner`'s claim on run `id` while it is `from_status`, optionally
+        moving it to `to_status`. False, and nothing changes, when the claim is
+        no longer `owner`'s or the run has moved on (cancelled meanwhile).
+
+        `retry_at` keeps the run unclaimable until then (a back-off before the
+        poller tries again); otherwise anyone may claim it at once.
+        """
+        _check_statuses([from_status])
+        values = _check_fields("run", Run, fields)
+        if to_status is not None:
+            _check_statuses([to_status])
+            values["status"] = to_status
+        values["owner"] = None if retry_at is None else f"backoff:{owner}"
+        values["lease_expires_at"] = None if retry_at is None else _iso(retry_at, "retry_at")
+        with self.transaction() as db:
+            values["updated_at"] = self._now()
+            sets = ", ".join(f"[{name}] = ?" for name in values)
+            cursor = db.execute(
+                f"UPDATE runs SET {sets} WHERE id = ? AND owner = ? AND status = ?",
+                [*values.values(), id, owner, from_status],
+            )
+            return cursor.rowcount == 1
+
+    # -- the installation, and files uploaded to providers
+
+    @property
+    def installation_id(self) -> str:
+        """A random id made once per database: half of every idempotency key sent out.
+
+        Two installations sharing one provider account (staging and
+        production), or a database reset, never take each other's jobs.
+        """
+        import secrets
+
+        if self._installation_id is not None:
+            return self._installation_id
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('installation_id', ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                [f"tb{secrets.token_hex(8)}"],
+            )
+            found = db.execute("SELECT value FROM meta WHERE key = 'installation_id'").fetchone()
+        self._installation_id = found[0]
+        return self._installation_id
+
+    def add_provider_file(
+        self,
+        provider: str,
+        file_id: str,
+        *,
+        run_id: str | None = None,
+        dataset_id: str | None = None,
+        purpose: str = "fine-tune",
+    ) -> None:
+        """Record a file uploaded to a provider (before anything else uses it)."""
+        _require_text("provider", provider)
+        _require_text("file_id", file_id)
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO provider_files (provider, file_id, run_id, dataset_id, purpose,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (provider, file_id) DO NOTHING",
+                [provider, file_id, run_id, dataset_id, purpose, self._now()],
+            )
+
+    def provider_files(
+        self, *, run_id: str | None = None, dataset_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Files uploaded to providers and not yet deleted, oldest first."""
+        wheres, args = ["deleted_at IS NULL"], []
+        for column, value in (("run_id", run_id), ("dataset_id", dataset_id)):
+            if value is not None:
+                wheres.append(f"{column} = ?")
+                args.append(value)
+        return list(
+            self.db.query(
+                f"SELECT * FROM provider_files WHERE {' AND '.join(wheres)} ORDER BY id", args
+            )
+        )
+
+    def provider_file_deleted(self, provider: str, file_id: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE provider_files SET deleted_at = ? WHERE provider = ? AND file_id = ?",
+                [self._now(), provider, file_id],
+            )
+
+    def sha_in_use(self, sha256: str, *, besides: str | None = None) -> bool:
+        """Whether a dataset other than `besides`, in any channel, still needs these bytes."""
+        row = self.db.execute(
+            "SELECT 1 FROM datasets WHERE sha256 = ? AND forgotten_at IS NULL AND id != ? LIMIT 1",
+            [sha256, besides or ""],
+        ).fetchone()
+        return row is not None
 
     # -- run events, approvals, evals
 
@@ -901,3 +1198,80 @@ class Store:
         cutoff = _iso(self._clock() - older_than, "clock()")
         with self.transaction() as db:
             return db.execute("DELETE FROM seen WHERE created_at < ?", [cutoff]).rowcount
+
+    def seen(self, key: str) -> bool:
+        """Whether `key` was marked (and not pruned since)."""
+        _require_text("key", key)
+        return self.db.execute("SELECT 1 FROM seen WHERE key = ?", [key]).fetchone() is not None
+
+    # -- work acknowledged to Slack and not done yet
+
+    def claim_work(
+        self,
+        key: str,
+        kind: str,
+        payload: Any,
+        *,
+        owner: str,
+        lease: timedelta,
+        force: bool = False,
+    ) -> bool:
+        """Record work `key` for `owner` until `lease` from now, or take it over.
+
+        True when `owner` holds it after this call: the key is new, or nobody
+        holds it (released, or its lease lapsed), or `force` (at start-up, when
+        no other process can hold any). A key held by a live claim stays with
+        its holder: two deliveries of one file cannot both take it. A key taken
+        over keeps the payload it was first recorded with.
+        """
+        for name, value in (("key", key), ("kind", kind), ("owner", owner)):
+            _require_text(name, value)
+        now = self._now()
+        until = _iso(self._clock() + lease, "clock()")
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO pending_work (key, kind, payload_json, owner, lease_expires_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " owner = excluded.owner, lease_expires_at = excluded.lease_expires_at"
+                " WHERE ? OR pending_work.owner IS NULL OR pending_work.lease_expires_at IS NULL"
+                " OR pending_work.lease_expires_at < ?",
+                [key, kind, _encode("payload_json", payload), owner, until, now, int(force), now],
+            )
+            return cursor.rowcount == 1
+
+    def renew_work(self, key: str, owner: str, lease: timedelta) -> bool:
+        """Extend `owner`'s claim on `key`; False when it is no longer theirs (or done)."""
+        until = _iso(self._clock() + lease, "clock()")
+        with self.transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE pending_work SET lease_expires_at = ? WHERE key = ? AND owner = ?",
+                    [until, key, owner],
+                ).rowcount
+                == 1
+            )
+
+    def release_work(self, key: str, owner: str) -> bool:
+        """Give up `owner`'s claim on `key` and keep the work: anyone may take it now."""
+        with self.transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE pending_work SET owner = NULL, lease_expires_at = NULL"
+                    " WHERE key = ? AND owner = ?",
+                    [key, owner],
+                ).rowcount
+                == 1
+            )
+
+    def finish_work(self, key: str, owner: str | None = None) -> bool:
+        """The work `key` is done (or given up): forget it. With `owner`, only while theirs."""
+        sql, args = "DELETE FROM pending_work WHERE key = ?", [key]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        with self.transaction() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def pending_work(self, kind: str | None = None) -> list[PendingWork]:
+        """Work not done yet, oldest first."""
+        return self._list("pending_work", PendingWork, {"kind": kind}, order_by="created_at, rowid")

@@ -17,6 +17,7 @@ from bot.config import Settings
 from bot.serve import ThreadingWSGIServer, _QuietHandler, wsgi_app
 from bot.workflow import Workflow
 from storage import BlobStore, Store
+from tests.fakes.openai_api import FakeOpenAI
 from tests.fakes.signing import event_body, post_signed, slash_command_body
 from tests.fakes.slack_api import FakeSlack
 
@@ -123,9 +124,38 @@ def make_bot(tmp_path, slack, validation_pool):
         server.shutdown()
         server.server_close()
         workflow.jobs.shutdown(wait=True)
+        workflow.long_jobs.shutdown(wait=True)
         store.close()
 
 
 @pytest.fixture
 def bot(make_bot) -> RunningBot:
     return make_bot()
+
+
+APPROVERS = ("UA", "UB")
+
+
+@pytest.fixture
+def openai_fake():
+    with FakeOpenAI(api_key="sk-test") as fake:
+        yield fake
+
+
+@pytest.fixture
+def paid_bot(make_bot, openai_fake):
+    """A bot for paid runs: OpenAI is the local fake, approvers UA and UB."""
+    def start(**overrides):
+        settings = {
+            "openai_api_key": "sk-test",
+            "openai_base_url": openai_fake.base_url,
+            "approvers": APPROVERS,
+            "default_provider": "openai",
+            "progress_seconds": 0.0,
+            **overrides,
+        }
+        bot = make_bot(**settings)
+        bot.openai = openai_fake
+        return bot
+
+    return start

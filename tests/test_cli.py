@@ -131,3 +131,60 @@ def test_max_file_setting_flags_large_files(good_file):
     assert {"line": 0, "severity": "error", "code": "file_too_large"}.items() <= json.loads(
         out.stdout
     )["findings"][0].items()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \r\n\t\n"])
+def test_an_empty_file_is_one_empty_file_error(tmp_path, content):
+    # /work/shared/cases/19-empty-file.jsonl: a preparation script that wrote nothing.
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    for command in ("validate", "estimate"):
+        out = run(command, str(path), "--json")
+        assert out.returncode == 1, out.stderr
+        assert "Traceback" not in out.stderr
+        data = json.loads(out.stdout)
+        assert [f["code"] for f in data["findings"]] == ["empty_file"]
+        assert data["counts"] == {"empty_file": 1} and data["examples"] == 0
+    out = run("validate", str(path))
+    assert out.returncode == 1 and out.stderr == ""
+    assert "1 error, 0 warnings" in out.stdout and "empty_file ×1: the file " in out.stdout
+
+
+def test_a_million_blank_lines_print_a_count_and_the_first_lines(good_file):
+    good = good_file.read_bytes()
+    path = good_file.parent / "blanks.jsonl"
+    path.write_bytes(good + b"\n" * 1_000_000)
+    out = run("validate", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "blank_line ×1,000,000 — lines 21, 22, 23, 24, 25 and 999,995 more" in out.stdout
+    out = run("validate", str(path), "--json")
+    data = json.loads(out.stdout)
+    assert data["counts"] == {"blank_line": 1_000_000}
+    assert len(data["findings"]) == 1_000 and len(out.stdout) < 200_000
+    assert data["summary"][0].startswith(
+        "blank_line ×1,000,000 — lines 21, 22, 23, 24, 25 and 999,995 more"
+    )
+
+
+def test_a_malformed_price_file_is_one_line(good_file, tmp_path):
+    import os
+
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"models": {"x": {"aliases": 5}}}')
+    env = {**os.environ, "TUNEBOT_PRICES": str(prices)}
+    out = run("validate", str(good_file), env=env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "TUNEBOT_PRICES" in out.stderr and "aliases must be a list" in out.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_exit_2(monkeypatch, capsys, good_file):
+    import bot.cli as cli
+
+    def broken(args, settings):
+        raise RuntimeError("something broke\n  deep inside")
+
+    monkeypatch.setattr(cli, "_check_file", broken)
+    assert cli.main(["validate", str(good_file)], env={}) == 2
+    err = capsys.readouterr().err
+    assert err == "tunebot validate: unexpected error: RuntimeError: something broke deep inside\n"

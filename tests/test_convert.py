@@ -105,3 +105,47 @@ def test_unknown_format_is_a_value_error(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match="unknown format"):
         convert(path, "parquet")
+
+
+def _cli_convert(path, fmt):
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", "convert", str(path), "--from", fmt],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_csv_field_over_128_kib_names_its_row(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("prompt,completion\nHi,Hello there!\nq," + "x" * 200 * 1024 + "\nq3,a3\n")
+    result = convert(path, "csv")
+    assert len(result.examples) == 1
+    ((where, what),) = result.problems
+    assert where == "line 3 (row 2)" and "over 128 KiB" in what
+    import csv
+
+    assert csv.field_size_limit() == 128 * 1024  # the process-wide limit is put back
+    out = _cli_convert(path, "csv")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "long.csv line 3 (row 2): a field is over 128 KiB (131,072 characters); shorten or "
+        "split it; this row and the rest of the file were not read"
+    ]
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_json_nested_10000_deep_names_its_line(tmp_path, as_array):
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo!"}]}
+    deep = '{"a":' * 10_000 + "1" + "}" * 10_000
+    if as_array:
+        text = "[\n" + json.dumps(good) + ",\n" + deep + "\n]\n"
+    else:
+        text = json.dumps(good) + "\n" + deep + "\n"
+    path = tmp_path / "deep.json"
+    path.write_text(text)
+    result = convert(path, "sharegpt")
+    assert [w for w, _ in result.problems] == [f"line {3 if as_array else 2}"]
+    assert "nested too deep" in result.problems[0][1]
+    out = _cli_convert(path, "sharegpt")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"deep.json line {3 if as_array else 2}: JSON nested too deep")

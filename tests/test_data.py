@@ -6,12 +6,23 @@ import io
 import json
 import subprocess
 import sys
+from array import array
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainers.data import CODES, ERROR, WARNING, validate, validate_bytes
+from trainers.data import (
+    CODES,
+    ERROR,
+    MAX_FINDINGS_PER_CODE,
+    WARNING,
+    Finding,
+    Report,
+    TokenStats,
+    validate,
+    validate_bytes,
+)
 
 SYSTEM = {"role": "system", "content": "You are a concise support assistant."}
 
@@ -196,6 +207,7 @@ def test_every_code_is_covered_by_a_test(code):
         "inconsistent_system",
         "over_token_limit",
         "line_too_long",
+        "empty_file",
     }
     assert code in covered
 
@@ -432,3 +444,96 @@ def test_mutated_valid_files_always_give_a_report(keys, value, cut):
     report = validate_bytes(data)
     assert all(f.code in CODES for f in report.findings)
     assert report.valid_examples <= report.examples
+
+
+# --- memory is bounded: findings past the first 1,000 of a code are counted ------------
+
+
+def test_a_megabyte_of_blank_lines_is_counted_not_stored():
+    blank = 1_000_000
+    report = validate_bytes(padded(GOOD) + b"\n" * blank)
+    assert report.counts["blank_line"] == blank
+    stored = [f for f in report.findings if f.code == "blank_line"]
+    assert len(stored) == MAX_FINDINGS_PER_CODE
+    assert [f.line for f in stored] == list(range(12, 12 + MAX_FINDINGS_PER_CODE))
+    assert report.warning_count == blank and report.error_count == 0 and not report.has_errors
+    assert report.examples == report.valid_examples == 11  # blank lines are not examples
+    assert len(report.token_counts) == 11
+    assert report.summary() == [
+        "blank_line ×1,000,000 — lines 12, 13, 14, 15, 16 and 999,995 more: "
+        "blank line; remove it (it is skipped)"
+    ]
+    # What the worker sends back to the bot, and what --json prints, stays small.
+    import pickle
+
+    assert len(pickle.dumps(report)) < 200_000
+    assert len(json.dumps(report.to_dict())) < 200_000
+    assert report.to_dict()["counts"] == {"blank_line": blank}
+
+
+def test_blank_lines_between_examples_keep_their_line_numbers():
+    data = jsonl(GOOD, "", "  ", "\t", GOOD) + b"\r\n\n \n" + padded(b"{x")
+    report = validate_bytes(data)
+    lines = [f.line for f in report.findings if f.code == "blank_line"]
+    assert lines == [2, 3, 4, 6, 7, 8]
+    assert [f.line for f in report.findings if f.code == "invalid_json"] == [9]
+
+
+def test_errors_are_capped_in_file_order_across_processes(tmp_path):
+    bad = 5_000
+    path = tmp_path / "bad.jsonl"
+    # Over PARALLEL_MIN_BYTES: two processes scan halves; the first 1,000 are the file's.
+    filler = b"\n" * (5 * 2**20)
+    path.write_bytes(padded(GOOD) + b"{nope\n" * bad + filler + b"[1]\n" * 3)
+    code = (
+        "import json, sys, trainers.data as d; "
+        f"r = d.validate({str(path)!r}, workers=2); "
+        "print(json.dumps([r.to_dict(), r.error_count, r.warning_count]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    report, errors, warnings = json.loads(out.stdout)
+    assert report["counts"] == {"invalid_json": bad, "not_an_object": 3, "blank_line": 5 * 2**20}
+    assert errors == bad + 3 and warnings == 5 * 2**20
+    invalid = [f["line"] for f in report["findings"] if f["code"] == "invalid_json"]
+    assert invalid == list(range(12, 12 + MAX_FINDINGS_PER_CODE))
+    assert len(report["findings"]) == 2 * MAX_FINDINGS_PER_CODE + 3
+
+
+def test_duplicates_are_capped_in_file_order():
+    report = validate_bytes(jsonl(*[GOOD] * 3_000))
+    dups = [f for f in report.findings if f.code == "duplicate_example"]
+    assert report.counts["duplicate_example"] == 2_999
+    assert [f.line for f in dups] == list(range(2, 2 + MAX_FINDINGS_PER_CODE))
+    assert {f.duplicate_of for f in dups} == {1}
+
+
+def test_a_report_with_capped_findings_counts_from_counts():
+    findings = [Finding(i, ERROR, "invalid_json", "x") for i in range(1, 4)]
+    report = Report("f", 0, 9, 0, findings, TokenStats(), array("q"), counts={"invalid_json": 9})
+    assert report.error_count == 9 and report.has_errors and report.truncated
+    assert report.counts_by_code() == {"invalid_json": 9}
+    plain = Report("f", 0, 3, 0, findings, TokenStats(), array("q"))
+    assert plain.counts == {"invalid_json": 3} and not plain.truncated
+
+
+# --- empty files (/work/shared/cases/19-empty-file.jsonl is the 0-byte case) ---------------
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b" \r\n\t\n\n", b"\xef\xbb\xbf", b"\n" * 100_000])
+def test_an_empty_or_whitespace_file_is_one_empty_file_error(data, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(data)
+    for report in (validate(path), validate(path, workers=2), validate_bytes(data)):
+        assert [(f.line, f.code, f.severity) for f in report.findings] == [(0, "empty_file", ERROR)]
+        assert report.counts == {"empty_file": 1} and report.examples == 0
+        assert len(report.token_counts) == 0
+
+
+@pytest.mark.parametrize("data", [b"", b"\n"])
+def test_fewer_lines_than_workers_is_not_an_error(data, tmp_path, monkeypatch):
+    import trainers.data as d
+
+    monkeypatch.setattr(d, "PARALLEL_MIN_BYTES", 0)  # was: "max_workers must be greater than 0"
+    path = tmp_path / "tiny.jsonl"
+    path.write_bytes(data)
+    assert [f.code for f in validate(path, workers=4).findings] == ["empty_file"]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 
-from tests.test_runs import click, openai_fake, paid_bot, request, run_to_end, texts, upload  # noqa: F401
+from tests.test_runs import click, request, run_to_end, texts, upload
 from trainers.distill import load_prompts
 
 ERROR_BODY = {
@@ -52,12 +53,13 @@ def test_load_prompts_reports_lines_it_cannot_use(tmp_path):
     )
 
 
-def test_distillation_is_approved_run_and_listed_failures(paid_bot):  # noqa: F811
+def test_distillation_is_approved_run_and_listed_failures(paid_bot):
     bot = paid_bot()
     bot.openai.chat_script = teacher
     upload(bot, prompts_file(12), name="prompts.jsonl")
     body = request(bot, 'distill teacher=gpt-4.1 system="You are Parcelino support."')
-    assert "r1 needs approval" in body["text"], body
+    # The ack only names the run: the prompts are read and priced after it.
+    assert body["text"].startswith("r1: pricing 12 prompts of d1"), body
     run = bot.store.get_run("r1")
     assert run.provider == "distill" and run.estimate_usd > 0 and run.plan_json["prompts"] == 12
     card = next(m for m in bot.slack.messages(channel="C1") if m["ts"] == run.card_ts)
@@ -80,14 +82,14 @@ def test_distillation_is_approved_run_and_listed_failures(paid_bot):  # noqa: F8
     assert any(t.startswith(f"prompts-gpt-4.1-2025-04-14.jsonl ({new.id})") for t in texts(bot))
 
 
-def test_distill_needs_a_teacher_with_a_price(paid_bot):  # noqa: F811
+def test_distill_needs_a_teacher_with_a_price(paid_bot):
     bot = paid_bot()
     upload(bot, prompts_file(), name="prompts.jsonl")
     assert "Name the teacher" in request(bot, "distill")["text"]
     assert "unknown model" in request(bot, "distill teacher=gpt-9")["text"]
 
 
-def test_chat_puts_base_and_tuned_side_by_side(paid_bot):  # noqa: F811
+def test_chat_puts_base_and_tuned_side_by_side(paid_bot):
     bot = paid_bot()
     upload(bot)
     request(bot)
@@ -97,6 +99,9 @@ def test_chat_puts_base_and_tuned_side_by_side(paid_bot):  # noqa: F811
     bot.wait_idle()
     bot.openai.chat_script = lambda req: f"answer from {req['model']}"
     _, body = bot.command('chat r1 "How do I reset my password?"')
+    assert "Only <@UR> or an approver can ask r1's models" in body["text"]
+    chats = len(bot.openai.chat_calls())
+    _, body = bot.command('chat r1 "How do I reset my password?"', user_id="UR")
     assert "Asking the base and the tuned model of r1" in body["text"]
     bot.wait_idle()
     reply = [t for t in texts(bot) if t.startswith("r1 — prompt: How do I reset my password?")]
@@ -105,11 +110,14 @@ def test_chat_puts_base_and_tuned_side_by_side(paid_bot):  # noqa: F811
         "answer from gpt-4o-mini-2024-07-18" in reply[0]
         and "answer from ft:gpt-4o-mini" in reply[0]
     )
-    _, body = bot.command("chat r1")
+    assert len(bot.openai.chat_calls()) == chats + 2
+    (entry,) = [e for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2000, 1, 1, tzinfo=dt.UTC)) if e.kind == "chat"]
+    assert entry.status == "settled" and 0 < entry.actual_usd <= entry.estimate_usd
+    _, body = bot.command("chat r1", user_id="UR")
     assert "Give a prompt" in body["text"]
 
 
-def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):  # noqa: F811
+def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):
     bot = paid_bot(judge_model="")  # offline scorers: the fake has no judge to play
 
     def models(req):
@@ -161,21 +169,33 @@ def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):  # 
     csv_upload = next(u for u in bot.slack.uploads if u.filename == "eval-r2.csv")
     assert b"rouge_l_teacher" in csv_upload.content
 
-    # With the month's budget all spent, evaluating again leaves the teacher out and says why.
-    evals = bot.workflow.runs.evals
-    evals.settings = dataclasses.replace(
-        evals.settings, monthly_budget_usd=bot.workflow.runs.committed_usd()
-    )
+    # With a month's budget that covers the students' answers but not the teacher's,
+    # evaluating again leaves the teacher out and says why.
+    runs = bot.workflow.runs
+
+    def set_budget(usd):
+        changed = dataclasses.replace(runs.settings, monthly_budget_usd=usd)
+        runs.settings = runs.evals.settings = runs.gate.settings = changed
+
+    set_budget(runs.committed_usd() + 0.01)
     calls_before = len(bot.openai.chat_calls())
     request(bot, "eval r2")
     assert any(
-        t.startswith("r2: asking the teacher gpt-4.1-2025-04-14 (about $")
-        and "left out of the comparison" in t
+        t.startswith("r2: the teacher gpt-4.1-2025-04-14 left out of the evaluation: ")
+        and "of this month's" in t
         for t in texts(bot)
     )
     again = [t for t in texts(bot) if t.startswith("r2 evaluation:")]
     assert len(again) == 2 and again[1].startswith("r2 evaluation: base `gpt-4o-mini")
     assert len(bot.openai.chat_calls()) == calls_before + 2 * held_out  # base and tuned only
+
+    # With the budget spent, nothing is generated at all, and the answer says what is left.
+    set_budget(runs.committed_usd())
+    calls_before = len(bot.openai.chat_calls())
+    body = request(bot, "eval r2")
+    assert "An evaluation of r2 would cost about $" in body["text"]
+    assert "only $0.00 of this month's" in body["text"]
+    assert len(bot.openai.chat_calls()) == calls_before
 
 
 def test_a_local_student_has_no_per_call_price_and_a_missing_teacher_score_shows():

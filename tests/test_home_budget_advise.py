@@ -7,13 +7,7 @@ import subprocess
 import sys
 
 from tests.fakes.signing import interaction_body, view_submission_payload
-from tests.test_runs import (  # noqa: F401 (fixtures and helpers)
-    click,
-    openai_fake,
-    paid_bot,
-    request,
-    upload,
-)
+from tests.test_runs import click, request, upload
 
 
 def advise_submission(
@@ -64,7 +58,7 @@ def test_advise_without_a_problem_is_refused_in_the_modal(bot):
     assert answer["response_action"] == "errors" and "at least one" in answer["errors"]["problems"]
 
 
-def test_budget_by_run_and_person(paid_bot):  # noqa: F811
+def test_budget_by_run_and_person(paid_bot):
     bot = paid_bot(monthly_budget_usd=100.0)
     upload(bot)
     request(bot, user="UR")
@@ -79,8 +73,9 @@ def test_budget_by_run_and_person(paid_bot):  # noqa: F811
     assert "actual —" in body["text"] and "By person: <@UR> $" in body["text"]
 
 
-def test_home_tab_shows_runs_approvals_spend_and_datasets(paid_bot):  # noqa: F811
+def test_home_tab_shows_runs_approvals_spend_and_datasets(paid_bot):
     bot = paid_bot(monthly_budget_usd=50.0)
+    bot.slack.memberships.update(UA=["C1"], UR=["C1"])  # Home shows only the viewer's channels
     upload(bot)
     request(bot, user="UR")
     view = bot.workflow.home("UA")

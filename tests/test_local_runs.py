@@ -6,7 +6,9 @@ Real training: the worker trains a tiny Llama built from a config (the
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 
@@ -17,18 +19,23 @@ pytest.importorskip("trl", reason="local training needs the [local] extra")
 
 from tests.conftest import training_file
 from tests.test_lora import tiny  # noqa: F401 (the session fixture)
-from tests.test_runs import openai_fake, paid_bot, request, texts, upload  # noqa: F401
+from tests.test_runs import request, texts, upload
 from trainers import local
 
 FAST = {"lr": 1e-2, "grad_accum": 1, "max_length": 128}
 
 
 @pytest.fixture
-def local_bot(paid_bot, tiny):  # noqa: F811
+def local_bot(paid_bot, tiny):  # noqa: F811 (tiny)
     homes = []
 
     def start(**overrides):
-        bot = paid_bot(local_base_model=str(tiny.model), default_provider="local", **overrides)
+        bot = paid_bot(
+            local_base_model=str(tiny.model),
+            model_dirs=(str(tiny.root),),  # a folder model must be inside TUNEBOT_MODEL_DIRS
+            default_provider="local",
+            **overrides,
+        )
         bot.workflow.runs.local_overrides.update(FAST)
         homes.append(bot.settings.home)
         return bot
@@ -124,12 +131,35 @@ def test_a_killed_worker_is_reported_with_its_log(local_bot):
     assert len(final) == 1 and "`/finetune resume r1`" in final[0]
 
 
+def test_a_failed_worker_is_told_in_words_and_its_log_is_a_file(local_bot):
+    bot = local_bot()
+    missing = "/nonexistent/tunebot-home/runs/r1/train.jsonl"
+    bot.workflow.runs.local_overrides.update(train_file=missing)
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    run = tick_until(bot, "r1", ("failed", "succeeded"))
+    assert run.status == "failed" and missing in run.error  # the record keeps the detail
+    (final,) = [m for m in bot.slack.messages(channel="C1") if m["text"].startswith("<@UR> r1 ❌")]
+    shown = final["text"] + json.dumps(final["blocks"])
+    assert "Traceback" not in shown and "```" not in shown
+    assert not re.search(r"(?<![\w:/.])/[\w.-]+/", shown), shown  # no absolute path
+    assert str(bot.settings.home) not in shown and "lora.py" not in shown
+    assert "What failed: the local training of" in final["text"]
+    assert "Error: FileNotFoundError: train_file: train.jsonl does not exist" in final["text"]
+    assert "Next: `/finetune resume r1`" in final["text"] and "worker-r1.log" in final["text"]
+    (log,) = [u for u in bot.slack.uploads if u.filename == "worker-r1.log"]
+    assert log.thread_ts == run.thread_ts and log.channel_id == "C1"
+    assert b"Traceback (most recent call last)" in log.content and missing.encode() in log.content
+
+
 def test_a_restarted_bot_reattaches_to_a_running_worker(local_bot, make_bot, tiny):  # noqa: F811
     bot = local_bot()
     upload(bot, training_file(40))
     request(bot, "train provider=local epochs=3")
     tick_until(bot, "r1", ("running",), timeout=30)
-    again = make_bot(local_base_model=str(tiny.model), progress_seconds=0.0)
+    again = make_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), progress_seconds=0.0
+    )
     assert local.alive(local.worker_of(again.workflow.runs.run_dir("r1")))
     run = tick_until(again, "r1", ("succeeded", "failed"))
     assert run.status == "succeeded"

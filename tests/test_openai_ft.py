@@ -106,7 +106,7 @@ def test_start_uploads_and_creates_with_method_metadata_and_suffix(fake, tuner, 
         },
     }
     assert "hyperparameters" not in body  # the deprecated top-level form
-    assert body["metadata"] == {"tunebot_run_id": "run-1"}
+    assert body["metadata"] == {"tunebot_key": "run-1"}
     assert body["suffix"] == "support" and body["seed"] == 7
     assert body["training_file"] == job.training_file
     assert body["validation_file"] == job.validation_file != job.training_file
@@ -128,7 +128,7 @@ def test_a_second_start_with_the_same_run_id_returns_the_existing_job(fake, tune
     assert len(creates(fake)) == 1
     assert len(fake.calls_to("POST", "/files")) == 1  # nothing uploaded the second time
     lookups = fake.calls_to("GET", JOBS, exact=True)
-    assert lookups[-1].query["metadata[tunebot_run_id]"] == "run-1"
+    assert lookups[-1].query["metadata[tunebot_key]"] == "run-1"
 
     other = tuner.start("run-2", train, MODEL, epochs=1)
     assert other.id != first.id and not other.reused
@@ -434,7 +434,7 @@ def test_bad_input_is_a_value_error_before_any_request(fake, tuner, train, kwarg
 def test_from_settings_checks_its_input():
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         OpenAIFineTuner.from_settings("", None)
-    with pytest.raises(ValueError, match="run_id"):
+    with pytest.raises(ValueError, match="key"):
         OpenAIFineTuner.from_settings("sk-x", None).start("", "x.jsonl", MODEL)
 
 
@@ -476,3 +476,27 @@ def test_fake_lists_page_newest_first_with_after_and_metadata_filter(fake, train
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(made[0]))
     assert [c.step_number for c in checkpoints] == [36, 24, 12]  # newest first, one per epoch
     assert checkpoints[0].fine_tuned_model_checkpoint.startswith(f"ft:{MODEL}:")
+
+
+def test_an_upload_is_found_again_by_its_key_and_size(fake, tuner, train):
+    key = "tbabc:r7"
+    name = tuner.file_name(key)
+    assert name == "tunebot-tbabc-r7-train.jsonl"
+    assert tuner.find_file(key) is None
+    file_id = tuner.upload(train, filename=name)
+    tuner.upload(train, filename=tuner.file_name("tbother:r7"))  # another installation's
+    assert tuner.find_file(key, size=train.stat().st_size) == file_id
+    assert tuner.find_file(key, size=1) is None  # a half-written upload is not reused
+    assert tuner.find_file("tbabc:r8") is None
+
+
+def test_create_from_an_uploaded_file_carries_the_key_and_is_found_by_it(fake, tuner, train):
+    file_id = tuner.upload(train, filename=tuner.file_name("tbabc:r1"))
+    job = tuner.create("tbabc:r1", MODEL, file_id, epochs=2)
+    assert fake.job(job.id)["metadata"] == {"tunebot_key": "tbabc:r1"}
+    assert tuner.find("tbabc:r1").id == job.id and tuner.find("tbxyz:r1") is None
+    with pytest.raises(ValueError, match="training_file is empty"):
+        tuner.create("tbabc:r2", MODEL, "")
+    with pytest.raises(ValueError, match="key is over"):
+        tuner.create("k" * 65, MODEL, file_id)
+    assert len(creates(fake)) == 1

@@ -9,40 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bot.approvals import Policy, click_refusal, quorum, refusals, tally
-from tests.conftest import training_file
-from tests.fakes.openai_api import FakeOpenAI
+from tests.conftest import APPROVERS, training_file
 from tests.fakes.signing import (
     file_share_message_event,
     interaction_body,
     view_submission_payload,
 )
 
-APPROVERS = ("UA", "UB")
 JOBS = "/fine_tuning/jobs"
-
-
-@pytest.fixture
-def openai_fake():
-    with FakeOpenAI(api_key="sk-test") as fake:
-        yield fake
-
-
-@pytest.fixture
-def paid_bot(make_bot, openai_fake):
-    def start(**overrides):
-        settings = {
-            "openai_api_key": "sk-test",
-            "openai_base_url": openai_fake.base_url,
-            "approvers": APPROVERS,
-            "default_provider": "openai",
-            "progress_seconds": 0.0,
-            **overrides,
-        }
-        bot = make_bot(**settings)
-        bot.openai = openai_fake
-        return bot
-
-    return start
 
 
 def upload(bot, content: bytes | None = None, name="support.jsonl"):
@@ -173,7 +147,8 @@ def test_the_whole_loop_submits_once_and_reports_once(paid_bot):
     assert run.status == "running" and run.external_id.startswith("ftjob-")
     (create,) = bot.openai.calls_to("POST", JOBS, exact=True)
     body = json.loads(create.body)
-    assert body["metadata"] == {"tunebot_run_id": "r1"} and body["suffix"] == "support"
+    key = f"{bot.store.installation_id}:r1"
+    assert body["metadata"] == {"tunebot_key": key} and body["suffix"] == "support"
     assert body["method"]["supervised"]["hyperparameters"]["n_epochs"] == 2
 
     done = run_to_end(bot)
@@ -250,9 +225,9 @@ def test_not_enough_approvers_is_refused_at_once(paid_bot):
     assert bot.store.runs() == []
 
 
-def test_user_groups_are_resolved(paid_bot):
+def test_user_groups_are_resolved(paid_bot, slack):
+    slack.usergroups["S1"] = ["UG1", "UG2"]  # in Slack before the bot starts: resolved at start
     bot = paid_bot(approvers=("S1",))
-    bot.slack.usergroups["S1"] = ["UG1", "UG2"]
     upload(bot)
     request(bot)
     click(bot, "UG2", "approve_run")
@@ -438,10 +413,14 @@ def test_forget_deletes_the_file_here_and_on_openai(paid_bot):
     _, body = bot.command("forget d1", user_id="UX")
     assert "Only <@U1> or an approver" in body["text"]
     _, body = bot.command("forget d1", user_id="U1")
-    assert "deleted" in body["text"] and "1 copy(ies) on OpenAI" in body["text"]
+    assert body["text"] == "d1 is forgotten."
+    bot.wait_idle()
+    assert "its stored file(s) and 1 upload(s) to OpenAI deleted" in texts(bot)[-1]
     assert not bot.workflow.blobs.exists(sha)
-    assert bot.openai.calls_to("DELETE", "/files/")
+    assert len(bot.openai.calls_to("DELETE", "/files/")) == 1
     assert bot.store.audit_log(dataset_id="d1")[0].action == "forgot"
+    _, body = bot.command("train d1", user_id="U1")
+    assert "d1 was forgotten on" in body["text"] and "by <@U1>" in body["text"]
 
 
 def test_local_runs_can_require_approval_and_show_gpu_time(paid_bot):
@@ -463,7 +442,12 @@ def test_local_runs_can_require_approval_and_show_gpu_time(paid_bot):
     [
         ("train provider=local suffix=x", "`suffix=` is for provider=openai"),
         ("train provider=local qlora=maybe", "qlora= takes true or false"),
-        ("train provider=local r=-2", "r= must be positive"),
+        ("train provider=local r=-2", "r= must be a whole number above 0"),
+        ("train lr_mult=nan", "lr_mult= must be a number above 0, not `nan`"),
+        ("train lr_mult=inf", "lr_mult= must be a number above 0"),
+        ("train batch=0", "batch= must be a whole number above 0"),
+        ("train batch=2.5", "batch= must be a whole number above 0"),
+        ("train provider=local lr=-1e-4", "lr= must be a number above 0"),
         ("train provider=gpu", "provider must be openai or local"),
         ("train provider=openai model=gpt-3.5-turbo", "retired"),
         ("train split=0.9", "split= takes a fraction between 0 and 0.5"),

@@ -37,6 +37,26 @@ HIGH_VOLUME_CALLS_PER_DAY = 1_000  # below this, a longer prompt costs little
 ENOUGH_EXAMPLES = 50  # OpenAI trains on 10, but 50-100 good ones is where it shows
 TARGET_EXAMPLES = (300, 500)
 TOKENS_PER_EXAMPLE = 500  # a planning figure for the cost range
+MAX_COUNT = 10**12  # calls a day or examples: anything above is a typo, not a situation
+
+
+def parse_count(text: object) -> int:
+    """A count typed by a person (calls a day, examples): a whole number, 0 to MAX_COUNT.
+
+    Digits only, commas allowed as thousands separators. Anything else raises
+    ValueError with a sentence to show next to the field: empty input, "nan", "inf",
+    "1e309", "-5", "2.5", "lots", or a number past MAX_COUNT.
+    """
+    raw = str(text if text is not None else "").strip()
+    if not raw:
+        raise ValueError("Enter a whole number, 0 or more.")
+    digits = raw.replace(",", "")
+    shown = raw if len(raw) <= 20 else raw[:20] + "…"
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(f"Enter a whole number, 0 or more, not “{shown}”.")
+    if len(digits.lstrip("0")) > len(str(MAX_COUNT)) or int(digits) > MAX_COUNT:
+        raise ValueError(f"Enter a whole number up to {MAX_COUNT:,}, not “{shown}”.")
+    return int(digits)
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,10 @@ class Situation:
             raise ValueError(f"unknown approach {sorted(unknown)[0]!r}; known: {', '.join(TRIED)}")
         if not self.problems:
             raise ValueError("problems: name at least one thing that is wrong today")
+        for name in ("calls_per_day", "good_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, not {value!r}")
         if self.calls_per_day < 0 or self.good_examples < 0:
             raise ValueError("calls_per_day and good_examples cannot be negative")
 

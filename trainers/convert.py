@@ -4,6 +4,10 @@ ShareGPT (`conversations` of `from`/`value` turns), Alpaca (`instruction`,
 `input`, `output`) and CSV (a prompt and a completion column). Input may be a
 JSON array or JSON Lines. A row that cannot be converted is reported with
 where it was, never dropped silently.
+
+Input is bounded: a CSV field over `MAX_CSV_FIELD_CHARS`, or JSON nested
+deeper than Python's parser goes (about 1,000 levels), is a problem reported
+with its line, not a crash.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMATS = ("sharegpt", "alpaca", "csv")
+MAX_CSV_FIELD_CHARS = 128 * 1024  # csv's own default, stated: one field, not one file
 
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -72,6 +79,10 @@ def _json_rows(text: str, out: Conversion) -> Iterator[tuple[str, object]]:
         except json.JSONDecodeError as exc:
             out.problems.append((f"line {exc.lineno}", f"not valid JSON: {exc.msg}"))
             return
+        except RecursionError:
+            line = _too_deep_line(text)
+            out.problems.append((f"line {line}", _TOO_DEEP + "; the file was not converted"))
+            return
         for i, item in enumerate(items, 1):
             yield f"item {i}", item
         return
@@ -79,9 +90,32 @@ def _json_rows(text: str, out: Conversion) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            yield f"line {n}", json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
             out.problems.append((f"line {n}", f"not valid JSON: {exc.msg}"))
+            continue
+        except RecursionError:
+            out.problems.append((f"line {n}", _TOO_DEEP))
+            continue
+        yield f"line {n}", row
+
+
+_TOO_DEEP = "JSON nested too deep to read (about 1,000 levels; a chat example needs under 20)"
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep_line(text: str) -> int:
+    """The line where `text` first nests about as deep as the parser's limit (1 if never)."""
+    deepest, depth = max(1, sys.getrecursionlimit() - 100), 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > deepest:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in "]}":
+            depth -= 1
+    return 1
 
 
 def _text(value: object, what: str) -> str:
@@ -132,20 +166,41 @@ def _from_alpaca(row: object) -> dict:
 
 def _csv_rows(text: str, out: Conversion) -> Iterator[tuple[str, object]]:
     reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip().lower() for h in reader.fieldnames or []]
-    pair = next(((p, c) for p, c in _CSV_COLUMNS if p in header and c in header), None)
-    if pair is None:
-        options = "; ".join(f"{p},{c}" for p, c in _CSV_COLUMNS)
+    rows = 0
+    header: list[str] | None = None
+    limit = csv.field_size_limit(MAX_CSV_FIELD_CHARS)  # process-wide: put back after
+    try:
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        pair = next(((p, c) for p, c in _CSV_COLUMNS if p in header and c in header), None)
+        if pair is None:
+            options = "; ".join(f"{p},{c}" for p, c in _CSV_COLUMNS)
+            out.problems.append(
+                ("line 1", f"the header needs a prompt and a completion column ({options})")
+            )
+            return
+        reader.fieldnames = header
+        for row in reader:
+            rows += 1
+            if None in row:
+                out.problems.append((f"line {reader.line_num}", "more fields than the header has"))
+                continue
+            yield f"line {reader.line_num}", {"pair": pair, **row}
+    except csv.Error as exc:  # an over-long field, a NUL byte: stop there, and say where
+        reason = str(exc)
+        if "field larger than field limit" in reason:
+            reason = (
+                f"a field is over {MAX_CSV_FIELD_CHARS // 1024:,} KiB "
+                f"({MAX_CSV_FIELD_CHARS:,} characters); shorten or split it"
+            )
+        row_label = "the header" if header is None else f"row {rows + 1}"
         out.problems.append(
-            ("line 1", f"the header needs a prompt and a completion column ({options})")
+            (
+                f"line {reader.reader.line_num} ({row_label})",  # DictReader's lags on errors
+                f"{reason}; this row and the rest of the file were not read",
+            )
         )
-        return
-    reader.fieldnames = header
-    for row in reader:
-        if None in row:
-            out.problems.append((f"line {reader.line_num}", "more fields than the header has"))
-            continue
-        yield f"line {reader.line_num}", {"pair": pair, **row}
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _from_csv(row: dict) -> dict:

@@ -5,6 +5,11 @@ size), records every problem as a `Finding` with its 1-based line number, and
 counts tokens of the valid examples by OpenAI's chat formula. One bad line
 never stops the scan, and a `Report` is always produced.
 
+Memory is bounded by design: past the first `MAX_FINDINGS_PER_CODE` findings
+of one code they are counted, not stored (`Report.counts` has the true number
+per code), and runs of blank lines are skipped in bulk, so a file of a billion
+blank or broken lines costs what a file of a thousand does.
+
 Large files are split at line boundaries and scanned by two processes (JSON
 parsing and tokenising are CPU-bound; threads would fight over the GIL). The
 cross-line checks (duplicates, the dominant system prompt) run afterwards on
@@ -55,6 +60,7 @@ CODES: dict[str, tuple[str, str]] = {
     "too_few_examples": (ERROR, "fewer than 10 valid examples"),
     "file_too_large": (ERROR, "the file is over the upload limit"),
     "not_jsonl": (ERROR, "the file is binary, or no line parses as JSON"),
+    "empty_file": (ERROR, "the file is empty, or holds only whitespace"),
     "blank_line": (WARNING, "a blank line"),
     "unknown_key": (WARNING, "the example has a top-level key OpenAI ignores"),
     "missing_system": (WARNING, "no system message"),
@@ -83,6 +89,8 @@ DEFAULT_CONTEXT_TOKENS = 65_536
 MAX_LINE_BYTES = 8 * 1024 * 1024  # beyond any trainable example; bounds memory
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # below this, a second process costs more than it saves
 _COUNT_BATCH = 4_096  # strings per tokenizer call
+MAX_FINDINGS_PER_CODE = 1_000  # stored per code; the rest are only counted
+_BLANK = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -149,6 +157,14 @@ def _nearest_rank(ordered, pct: int) -> int:
 
 @dataclass
 class Report:
+    """What `validate` found.
+
+    `findings` holds at most `MAX_FINDINGS_PER_CODE` findings of each code (the
+    first ones, in line order); `counts` holds how many of each code there were
+    in all. Count with `error_count`, `warning_count` and `counts`, never with
+    `len(findings)`: a million blank lines are 1,000 findings and a count.
+    """
+
     path: str
     size_bytes: int
     examples: int  # non-blank lines, valid or not
@@ -158,30 +174,79 @@ class Report:
     token_counts: array = field(repr=False)  # per valid example, in file order
     encoding: str = "o200k_base"
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    counts: dict[str, int] | None = None  # code -> findings in all; None: len of the stored ones
+
+    def __post_init__(self) -> None:
+        stored: dict[str, int] = {}
+        self._severity = {c: sev for c, (sev, _) in CODES.items()}
+        for f in self.findings:
+            stored[f.code] = stored.get(f.code, 0) + 1
+            self._severity[f.code] = f.severity
+        # Never below what is stored: a report built from findings alone stays right.
+        given = {c: n for c, n in (self.counts or {}).items() if n > 0}
+        self.counts = {c: max(given.get(c, 0), stored.get(c, 0)) for c in sorted({*given, *stored})}
 
     @property
     def errors(self) -> list[Finding]:
+        """The stored error findings (capped per code; `error_count` is the true number)."""
         return [f for f in self.findings if f.severity == ERROR]
 
     @property
     def warnings(self) -> list[Finding]:
+        """The stored warning findings (capped per code; see `warning_count`)."""
         return [f for f in self.findings if f.severity == WARNING]
 
     @property
+    def error_count(self) -> int:
+        return sum(n for c, n in self.counts.items() if self._severity.get(c) == ERROR)
+
+    @property
+    def warning_count(self) -> int:
+        return sum(n for c, n in self.counts.items() if self._severity.get(c) != ERROR)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether some findings were counted but not stored."""
+        return sum(self.counts.values()) > len(self.findings)
+
+    @property
     def has_errors(self) -> bool:
-        return any(f.severity == ERROR for f in self.findings)
+        return self.error_count > 0
 
     def codes(self) -> set[str]:
-        return {f.code for f in self.findings}
+        return set(self.counts)
+
+    def counts_by_code(self) -> dict[str, int]:
+        """How many findings of each code, errors first, then the most frequent."""
+        severity = self._severity
+        return dict(
+            sorted(self.counts.items(), key=lambda kv: (severity.get(kv[0]) != ERROR, -kv[1]))
+        )
 
     def by_code(self) -> dict[str, list[Finding]]:
-        """Findings grouped by code, errors first, then by how often they occur."""
+        """Stored findings grouped by code, in the order of `counts_by_code()`."""
         groups: dict[str, list[Finding]] = {}
         for f in self.findings:
             groups.setdefault(f.code, []).append(f)
-        return dict(
-            sorted(groups.items(), key=lambda kv: (kv[1][0].severity != ERROR, -len(kv[1])))
-        )
+        return {code: groups[code] for code in self.counts_by_code() if code in groups}
+
+    def summary(self, shown: int = 5) -> list[str]:
+        """One line per code, errors first: its count, its first lines, its first message.
+
+        E.g. "blank_line ×1,000,000 — lines 1, 2, 3, 4, 5 and 999,995 more: blank line; …".
+        """
+        out = []
+        for code, group in self.by_code().items():
+            total = self.counts[code]
+            lines = [f.line for f in group if f.line > 0]
+            where = ""
+            if lines:
+                total_lines = total - (len(group) - len(lines))  # file-level ones have no line
+                word = "line" if total_lines == 1 else "lines"
+                more = f" and {total_lines - shown:,} more" if total_lines > shown else ""
+                where = f" — {word} {', '.join(map(str, lines[:shown]))}{more}"
+            out.append(f"{code} ×{total:,}{where}: {group[0].message}")
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -189,6 +254,7 @@ class Report:
             "size_bytes": self.size_bytes,
             "examples": self.examples,
             "valid_examples": self.valid_examples,
+            "counts": self.counts_by_code(),
             "findings": [f.to_dict() for f in self.findings],
             "tokens": self.tokens.to_dict(),
         }
@@ -204,7 +270,8 @@ class _Chunk:
     lines: int = 0
     examples: int = 0
     parsed: int = 0  # lines that were JSON at all
-    findings: list[tuple[int, str, str]] = field(default_factory=list)
+    findings: list[tuple[int, str, str]] = field(default_factory=list)  # capped per code
+    counts: dict[str, int] = field(default_factory=dict)  # code -> findings in all
     ex_lines: array = field(default_factory=lambda: array("q"))
     ex_tokens: array = field(default_factory=lambda: array("q"))
     ex_hash: array = field(default_factory=lambda: array("q"))
@@ -223,16 +290,37 @@ class _Scanner:
         self._strings: list[str] = []
         self._pending: list[tuple[int, int, int, int]] = []  # slot, fixed, start, end
         self._system_ids: dict[str, int] = {}
+        self._errors = 0  # error findings so far, to tell whether a line had any
 
-    def scan(self, lines: Iterator[bytes]) -> _Chunk:
+    def scan(self, lines: Iterator[bytes | int]) -> _Chunk:
         for raw in lines:
+            if type(raw) is int:  # a run of `raw` blank lines, read in bulk
+                self._blank_run(raw)
+                continue
             self.out.lines += 1
             self._line(raw, self.out.lines)
         self._flush()
         return self.out
 
     def _flag(self, line: int, code: str, message: str) -> None:
-        self.out.findings.append((line, code, message))
+        counts = self.out.counts
+        seen = counts[code] = counts.get(code, 0) + 1
+        if seen <= MAX_FINDINGS_PER_CODE:
+            self.out.findings.append((line, code, message))
+        if CODES[code][0] == ERROR:
+            self._errors += 1
+
+    def _full(self, code: str) -> bool:
+        """Whether findings of `code` are only counted from now on (skip the wording)."""
+        return self.out.counts.get(code, 0) >= MAX_FINDINGS_PER_CODE
+
+    def _blank_run(self, n: int) -> None:
+        out = self.out
+        stored = max(0, min(n, MAX_FINDINGS_PER_CODE - out.counts.get("blank_line", 0)))
+        for k in range(1, stored + 1):
+            self._flag(out.lines + k, "blank_line", _BLANK_MESSAGE)
+        out.counts["blank_line"] = out.counts.get("blank_line", 0) + n - stored
+        out.lines += n
 
     def _line(self, raw: bytes, n: int) -> None:
         if raw is _TOO_LONG:
@@ -241,7 +329,7 @@ class _Scanner:
             return
         raw = raw.rstrip(b"\r\n")
         if not raw.strip():
-            self._flag(n, "blank_line", "blank line; remove it (it is skipped)")
+            self._flag(n, "blank_line", _BLANK_MESSAGE)
             return
         self.out.examples += 1
         try:
@@ -258,16 +346,19 @@ class _Scanner:
                 f"not {_json_type(obj)}",
             )
             return
-        errors_before = len(self.out.findings)
+        errors_before = self._errors
         messages = self._check_example(obj, n)
         if secrets.might_contain_secret(raw):
             self._check_secrets(obj, n)  # rare: say which message, if any
-        has_error = any(CODES[code][0] == ERROR for _, code, _ in self.out.findings[errors_before:])
-        if messages is None or has_error:
+        if messages is None or self._errors > errors_before:
             return
         self._add_valid(obj, raw, n)
 
     def _bad_line(self, raw: bytes, n: int, exc: orjson.JSONDecodeError) -> None:
+        if self._full("invalid_utf8") and self._full("invalid_json"):
+            code = "invalid_json" if raw.isascii() or _is_utf8(raw) else "invalid_utf8"
+            self._flag(n, code, "")  # counted only: the wording would never be shown
+            return
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
@@ -579,6 +670,17 @@ class _Scanner:
         self._pending.clear()
 
 
+_BLANK_MESSAGE = "blank line; remove it (it is skipped)"
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _text(content: object) -> str:
     if isinstance(content, str):
         return content
@@ -618,8 +720,13 @@ def _json_type(value: object) -> str:
 _TOO_LONG = b"<line too long>"
 
 
-def _lines(f: BinaryIO, end: int | None, first_chunk: bool) -> Iterator[bytes]:
-    """Lines of `f` from its position up to byte `end`, each at most MAX_LINE_BYTES."""
+def _lines(f: BinaryIO, end: int | None, first_chunk: bool) -> Iterator[bytes | int]:
+    """Lines of `f` from its position up to byte `end`, each at most MAX_LINE_BYTES.
+
+    After a blank line, the blank lines that follow it are read in bulk and
+    yielded as their number (an int): a file of a billion newlines is read at
+    the speed of the disk, not one Python loop turn per line.
+    """
     pos = f.tell()
     first = first_chunk
     while end is None or pos < end:
@@ -638,6 +745,35 @@ def _lines(f: BinaryIO, end: int | None, first_chunk: bool) -> Iterator[bytes]:
             line = line[len(_BOM) :]
         first = False
         yield line
+        if not line.strip():
+            run, used = _blank_run(f, None if end is None else end - pos)
+            pos += used
+            if run:
+                yield run
+
+
+def _blank_run(f: BinaryIO, limit: int | None) -> tuple[int, int]:
+    """Consume the whole blank lines at `f`'s position: (lines, bytes).
+
+    Reads a small probe first and doubles it while it is all blank, so a blank
+    line between examples costs one small read, and a long run few large ones.
+    """
+    lines = used = 0
+    size = 64
+    while limit is None or used < limit:
+        block = f.read(size if limit is None else min(size, limit - used))
+        if not block:
+            break
+        blank = len(block) - len(block.lstrip(_BLANK))
+        whole = block.rfind(b"\n", 0, blank) + 1  # up to the last newline in the blank part
+        if whole < len(block):
+            f.seek(whole - len(block), os.SEEK_CUR)
+        lines += block.count(b"\n", 0, whole)
+        used += whole
+        if blank < len(block) or whole == 0:
+            break
+        size = min(size * 2, 1 << 20)
+    return lines, used
 
 
 def _scan_range(path: str, start: int, end: int | None, encoding: str, backend: str) -> _Chunk:
@@ -678,6 +814,10 @@ def default_workers() -> int:
 def _run_chunks(
     path: str, ranges: list[tuple[int, int | None]], encoding: str, backend: str
 ) -> list[_Chunk]:
+    # _split returns fewer ranges than asked for when the file has fewer lines
+    # (none for an empty file): the pool is sized by the ranges, never below one.
+    if not ranges:
+        return []
     if len(ranges) == 1:
         return [_scan_range(path, *ranges[0], encoding, backend)]
     import multiprocessing
@@ -751,6 +891,7 @@ def _merge(
     encoding: str,
 ) -> Report:
     raw: list[tuple[int, str, str, int | None]] = []
+    counts: dict[str, int] = {}
     offset = 0
     lines = array("q")
     tokens = array("q")
@@ -760,6 +901,8 @@ def _merge(
     exact = True
     for chunk in chunks:
         raw.extend((line + offset, code, msg, None) for line, code, msg in chunk.findings)
+        for code, n in chunk.counts.items():
+            counts[code] = counts.get(code, 0) + n
         lines.extend(x + offset for x in chunk.ex_lines)
         tokens.extend(chunk.ex_tokens)
         hashes.extend(chunk.ex_hash)
@@ -769,7 +912,7 @@ def _merge(
         exact = exact and chunk.exact
         offset += chunk.lines
 
-    raw.extend(_cross_line_findings(lines, tokens, hashes, systems, context_tokens))
+    raw.extend(_cross_line_findings(lines, tokens, hashes, systems, context_tokens, counts))
 
     file_level: list[tuple[int, str, str, int | None]] = []
     if size > max_file_bytes:
@@ -782,12 +925,28 @@ def _merge(
                 None,
             )
         )
+    valid = len(tokens)
+    empty = False
     if _looks_binary(head):
         file_level.append((0, "not_jsonl", "this is a binary file, not JSONL text", None))
-    elif examples and not parsed:
+    elif not examples:
+        # Nothing but whitespace: one finding says it all (not a warning per blank line).
+        what = (
+            "is empty (0 bytes)" if not size else f"holds only whitespace ({offset:,} blank lines)"
+        )
+        raw, counts, empty = [], {}, True
+        file_level.append(
+            (
+                0,
+                "empty_file",
+                f"the file {what}; a training file has one JSON object per line, "
+                'like {"messages": [...]}',
+                None,
+            )
+        )
+    elif not parsed:
         file_level.append((0, "not_jsonl", "no line parses as JSON: is this really JSONL?", None))
-    valid = len(tokens)
-    if valid < MIN_EXAMPLES:
+    if valid < MIN_EXAMPLES and not empty:
         file_level.append(
             (
                 0,
@@ -797,10 +956,16 @@ def _merge(
                 None,
             )
         )
+    for _, code, _, _ in file_level:
+        counts[code] = counts.get(code, 0) + 1
     order = {code: i for i, code in enumerate(CODES)}
     raw.sort(key=lambda r: (r[0], order[r[1]]))
     findings = [Finding(0, CODES[c][0], c, m, d) for _, c, m, d in file_level]
-    findings += [Finding(line, CODES[c][0], c, m, d) for line, c, m, d in raw]
+    kept: dict[str, int] = {}
+    for line, c, m, d in raw:  # each chunk kept its first ones; keep the file's first ones
+        k = kept[c] = kept.get(c, 0) + 1
+        if k <= MAX_FINDINGS_PER_CODE:
+            findings.append(Finding(line, CODES[c][0], c, m, d))
     return Report(
         path=path,
         size_bytes=size,
@@ -811,19 +976,33 @@ def _merge(
         token_counts=tokens,
         encoding=encoding,
         context_tokens=context_tokens,
+        counts=counts,
     )
 
 
 def _cross_line_findings(
-    lines: array, tokens: array, hashes: array, systems: array, context_tokens: int
+    lines: array,
+    tokens: array,
+    hashes: array,
+    systems: array,
+    context_tokens: int,
+    counts: dict[str, int],
 ) -> Iterator[tuple[int, str, str, int | None]]:
-    """Duplicates, the odd system prompt out, and over-long examples."""
+    """Duplicates, the odd system prompt out, and over-long examples.
+
+    Adds every one to `counts`, and yields the first MAX_FINDINGS_PER_CODE of
+    each code in file order.
+    """
     import numpy as np
 
     if not len(lines):
         return
+    cap = MAX_FINDINGS_PER_CODE
     line_arr = np.frombuffer(lines, dtype=np.int64)
-    for i in np.flatnonzero(np.frombuffer(tokens, dtype=np.int64) > context_tokens):
+    over = np.flatnonzero(np.frombuffer(tokens, dtype=np.int64) > context_tokens)
+    if len(over):
+        counts["over_token_limit"] = len(over)
+    for i in over[:cap]:
         yield (
             int(line_arr[i]),
             "over_token_limit",
@@ -839,24 +1018,33 @@ def _cross_line_findings(
     if len(repeat):
         starts = np.flatnonzero(np.r_[True, sorted_h[1:] != sorted_h[:-1]])
         first_of = starts[np.searchsorted(starts, repeat, side="right") - 1]
-        for dup, first in zip(line_arr[order[repeat]], line_arr[order[first_of]], strict=True):
-            yield (int(dup), "duplicate_example", f"same as line {int(first)}", int(first))
+        dups, firsts = order[repeat], order[first_of]
+        del order, sorted_h, starts, first_of
+        counts["duplicate_example"] = len(dups)
+        in_file_order = np.argsort(dups, kind="stable")[:cap]
+        for dup, first in zip(dups[in_file_order], firsts[in_file_order], strict=True):
+            line, first_line = int(line_arr[dup]), int(line_arr[first])
+            yield (line, "duplicate_example", f"same as line {first_line}", first_line)
+    else:
+        del order, sorted_h
 
     s = np.frombuffer(systems, dtype=np.int64)
     with_system = s[s != 0]
     if len(with_system) < 2:
         return
-    values, counts = np.unique(with_system, return_counts=True)
+    values, n_each = np.unique(with_system, return_counts=True)
     if len(values) < 2:
         return
-    top = int(np.argmax(counts))
+    top = int(np.argmax(n_each))
     # Only when one prompt clearly dominates: a file of per-example prompts is a choice.
-    if counts[top] * 2 < len(with_system):
+    if n_each[top] * 2 < len(with_system):
         return
     dominant = values[top]
     first_line = int(line_arr[np.flatnonzero(s == dominant)[0]])
-    share = f"{int(counts[top]):,} of {len(with_system):,} examples"
-    for i in np.flatnonzero((s != 0) & (s != dominant)):
+    share = f"{int(n_each[top]):,} of {len(with_system):,} examples"
+    odd = np.flatnonzero((s != 0) & (s != dominant))
+    counts["inconsistent_system"] = len(odd)
+    for i in odd[:cap]:
         yield (
             int(line_arr[i]),
             "inconsistent_system",

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 RESULT_VERSION = 1
 TIE_MARGIN = 0.02  # primary scores this close are a tie
+ANSWER_MAX_TOKENS = 512  # what one generated answer may be at most (an estimate prices it)
+CHAT_MAX_TOKENS = ANSWER_MAX_TOKENS
 MIN_TRAIN = 10  # examples a split leaves for training, at least (OpenAI's minimum)
 CHEAP_SCORERS = ("exact", "rouge_l", "chrf")
 
@@ -249,7 +251,7 @@ def generate_openai(
     examples: Sequence[EvalExample],
     *,
     concurrency: int = 8,
-    max_tokens: int = 512,
+    max_tokens: int = ANSWER_MAX_TOKENS,
     attempts: int = OUTER_ATTEMPTS,
 ) -> list[Generation]:
     """One answer per example, in order, with at most ``concurrency`` requests in flight.
@@ -554,8 +556,16 @@ class EvalResult:
     def rows_csv(self) -> bytes:
         """Every row as UTF-8 CSV: texts, one column per scorer and model, reasons.
 
-        The teacher's columns are there only when a teacher was compared.
+        The teacher's columns are there only when a teacher was compared. A text
+        cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a
+        leading `'` (OWASP's rule against CSV injection), so a spreadsheet shows
+        it instead of running it as a formula; the scores are numbers and stay so.
         """
+
+        def text(value: str | None) -> str:
+            value = value or ""
+            return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
         out = io.StringIO()
         writer = csv.writer(out)
         teacher = self.teacher_model is not None
@@ -580,15 +590,16 @@ class EvalResult:
                     scores.append("" if value is None else f"{value:.4f}")
             writer.writerow(
                 [
-                    *(r.index, r.prompt, r.reference, r.base, r.tuned),
-                    *((r.teacher or "",) if teacher else ()),
+                    r.index,
+                    *(text(v) for v in (r.prompt, r.reference, r.base, r.tuned)),
+                    *((text(r.teacher),) if teacher else ()),
                     *scores,
-                    *(r.base_reason, r.tuned_reason),
-                    *((r.teacher_reason,) if teacher else ()),
-                    *(r.verdict or "", r.verdict_reason),
+                    *(text(r.base_reason), text(r.tuned_reason)),
+                    *((text(r.teacher_reason),) if teacher else ()),
+                    *(r.verdict or "", text(r.verdict_reason)),
                     "" if r.swapped is None else str(r.swapped).lower(),
-                    *(r.base_error or "", r.tuned_error or ""),
-                    *((r.teacher_error or "",) if teacher else ()),
+                    *(text(r.base_error), text(r.tuned_error)),
+                    *((text(r.teacher_error),) if teacher else ()),
                 ]
             )
         return out.getvalue().encode("utf-8")

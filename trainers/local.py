@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,9 +75,13 @@ def launch(
     *,
     processes: int = 1,
     accelerate_config: str | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Worker:
-    """Write the spec and start the worker in its own session (so a signal reaches all ranks)."""
+    """Write the spec and start the worker in its own session (so a signal reaches all ranks).
+
+    The worker gets `worker_env(env)`: `env` (default `os.environ`) reduced to
+    what Python, torch and the worker need; the bot's tokens and keys stay out.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / SPEC
     spec_path.write_text(json.dumps(spec, indent=2))
@@ -89,13 +93,78 @@ def launch(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=env,
+            env=worker_env(os.environ if env is None else env),
             cwd=_project_root(),
         )
     worker = Worker(proc.pid, _start_time(proc.pid) or "")
     (run_dir / PIDFILE).write_text(worker.to_json())
     _reap_later(proc)
     return worker
+
+
+# What the worker may inherit: names, and prefixes that carry no secrets.
+WORKER_ENV_NAMES = frozenset(
+    {
+        # the system and Python
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM",
+        "TMPDIR", "TEMP", "TMP", "XDG_CACHE_HOME", "LD_LIBRARY_PATH",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+        "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+        "PYTHONHASHSEED", "PYTHONIOENCODING", "PYTHONWARNINGS", "PYTHONFAULTHANDLER",
+        "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+        # Hugging Face caches and offline switches (never HF_TOKEN: the bot fetches models)
+        "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_ENABLE_HF_TRANSFER",
+        "TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_VERBOSITY",
+        "TOKENIZERS_PARALLELISM", "TORCH_HOME",
+        # threads and devices
+        "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+    }
+)  # fmt: skip
+WORKER_ENV_PREFIXES = (
+    "LC_", "CUDA_", "NCCL_", "NVIDIA_", "MKL_", "OPENBLAS_", "OMP_", "KMP_", "GOMP_",
+    "PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "ACCELERATE_", "BNB_", "DS_",
+)  # fmt: skip
+# Never passed, even under an allowed prefix.
+_SECRET_WORDS = frozenset(
+    {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIAL", "CREDENTIALS", "AUTH"}
+)
+
+
+def worker_env(source: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: only what Python, torch and the trainer need.
+
+    Kept by name: PATH, HOME, USER, LOGNAME, LANG, LANGUAGE, TZ, TERM, TMPDIR,
+    TEMP, TMP, XDG_CACHE_HOME, LD_LIBRARY_PATH, SSL_CERT_FILE, SSL_CERT_DIR,
+    REQUESTS_CA_BUNDLE; PYTHONPATH, PYTHONHOME, PYTHONUNBUFFERED,
+    PYTHONDONTWRITEBYTECODE, PYTHONHASHSEED, PYTHONIOENCODING, PYTHONWARNINGS,
+    PYTHONFAULTHANDLER, VIRTUAL_ENV, CONDA_PREFIX, CONDA_DEFAULT_ENV; HF_HOME,
+    HF_HUB_CACHE, HF_DATASETS_CACHE, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE,
+    HF_HUB_DISABLE_TELEMETRY, HF_HUB_DISABLE_PROGRESS_BARS,
+    HF_DATASETS_DISABLE_PROGRESS_BARS, HF_HUB_ENABLE_HF_TRANSFER,
+    TRANSFORMERS_CACHE, TRANSFORMERS_OFFLINE, TRANSFORMERS_VERBOSITY,
+    TOKENIZERS_PARALLELISM, TORCH_HOME; OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES,
+    HIP_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES.
+
+    Kept by prefix: LC_*, CUDA_*, NCCL_*, NVIDIA_*, MKL_*, OPENBLAS_*, OMP_*,
+    KMP_*, GOMP_*, PYTORCH_*, TORCH_*, TORCHINDUCTOR_*, TRITON_*, ACCELERATE_*,
+    BNB_* (bitsandbytes), DS_* (DeepSpeed).
+
+    Everything else stays out: SLACK_BOT_TOKEN, SLACK_APP_TOKEN,
+    SLACK_SIGNING_SECRET, OPENAI_API_KEY, HF_TOKEN, TUNEBOT_*, proxies (their
+    URLs can hold passwords; the worker needs no network, the bot fetches the
+    model first), cloud credentials. A prefixed name with a part TOKEN, SECRET,
+    PASSWORD, PASSWD, KEY, APIKEY, CREDENTIAL(S) or AUTH (as in TORCH_X_TOKEN)
+    is dropped even under an allowed prefix.
+    """
+    return {
+        name: value
+        for name, value in source.items()
+        if name in WORKER_ENV_NAMES
+        or (name.startswith(WORKER_ENV_PREFIXES) and not _SECRET_WORDS & set(name.split("_")))
+    }
 
 
 def _project_root() -> str:

@@ -3,10 +3,14 @@
 No Slack and no storage here: the caller keeps the run id, the job id and the
 last event id, and hands them back on the next call.
 
-One run id maps to at most one OpenAI job. The job carries
-``metadata={"tunebot_run_id": run_id}``; `OpenAIFineTuner.start` looks for it
-first and creates nothing if it exists, so a restarted bot or a double click
-never pays twice.
+One idempotency key maps to at most one OpenAI job. The caller makes the key
+unique to its installation and run (``tb3f…:r4``); the job carries it as
+``metadata={"tunebot_key": key}``, and the uploaded training file is named
+after it, so `find` and `find_file` can tell, after a crash or on another
+poll, whether the job or the upload already happened. `start` looks first
+and creates nothing if the job exists, so a restarted bot or a double click
+never pays twice, and two installations on one OpenAI project never take
+each other's jobs.
 
 Retries. The SDK retries 408/409/429/5xx and connection errors itself
 (``max_retries`` times; it waits for a ``Retry-After`` above 0 and up to 120 s,
@@ -37,13 +41,14 @@ if TYPE_CHECKING:
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-RUN_ID_KEY = "tunebot_run_id"
+KEY_NAME = "tunebot_key"  # the metadata field holding the idempotency key
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 EVENT_PAGE_SIZE = 100
 MAX_EVENT_PAGES = 20  # a first poll of a huge job returns the newest 2,000 events
 MAX_JOBS_SCANNED = 1_000  # bound on the run-id lookup if the API ignored the filter
-MAX_RUN_ID = 512  # OpenAI's limit on a metadata value
+MAX_KEY = 64  # kept short: it also names the uploaded file (OpenAI allows 512 in metadata)
+MAX_FILES_SCANNED = 2_000  # bound on the file-name lookup
 MAX_SUFFIX = 64
 MAX_CREATE_DELAY = 60.0  # longest Retry-After `start` waits between create attempts
 
@@ -97,7 +102,7 @@ class Job:
     training_file: str
     created_at: int
     validation_file: str | None = None
-    reused: bool = False  # start() found this job for the run id rather than creating it
+    reused: bool = False  # found for the key rather than created by this call
 
 
 @dataclass(frozen=True)
@@ -230,16 +235,75 @@ class OpenAIFineTuner:
 
     # -- jobs ------------------------------------------------------------------
 
-    def find(self, run_id: str) -> Job | None:
-        """The newest job started for ``run_id``, or None."""
-        _check_run_id(run_id)
+    @staticmethod
+    def file_name(key: str, part: str = "train") -> str:
+        """The name an upload for ``key`` carries, so `find_file` can find it again."""
+        _check_key(key)
+        return f"tunebot-{re.sub(r'[^A-Za-z0-9_-]', '-', key)}-{part}.jsonl"
+
+    def find_file(self, key: str, part: str = "train", *, size: int | None = None) -> str | None:
+        """The id of a fine-tune file already uploaded for ``key`` (newest), or None.
+
+        ``size`` (bytes), when given, must match too: a half-written upload
+        is not reused.
+        """
+        name = self.file_name(key, part)
         with _translated():
-            raw = self._find_raw(run_id)
+            files = self._client.files.list(purpose="fine-tune", limit=10_000, order="desc")
+            for scanned, obj in enumerate(files):
+                if obj.filename == name and (size is None or obj.bytes == size):
+                    return obj.id
+                if scanned + 1 >= MAX_FILES_SCANNED:
+                    break
+        return None
+
+    def find(self, key: str) -> Job | None:
+        """The newest job created for idempotency key ``key``, or None."""
+        _check_key(key)
+        with _translated():
+            raw = self._find_raw(key)
         return _job(raw, reused=True) if raw is not None else None
+
+    def create(
+        self,
+        key: str,
+        model: str,
+        training_file: str,
+        *,
+        validation_file: str | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr_multiplier: float | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+    ) -> Job:
+        """Create the job for ``key`` from files already uploaded, once.
+
+        Looks for the key before every retry of its own (the SDK's retries are
+        off for this call), and returns the job found there instead.
+        Raises ValueError for bad arguments and OpenAIError for refusals.
+        """
+        if not training_file:
+            raise ValueError("training_file is empty")
+        hyper = _check_job(key, model, epochs, batch_size, lr_multiplier, suffix, seed)
+        params: dict[str, Any] = {
+            "model": model,
+            "training_file": training_file,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            "metadata": {KEY_NAME: key},
+        }
+        if validation_file is not None:
+            params["validation_file"] = validation_file
+        if suffix is not None:
+            params["suffix"] = suffix
+        if seed is not None:
+            params["seed"] = seed
+        with _translated():
+            return _job(self._create_once(key, params))
 
     def start(
         self,
-        run_id: str,
+        key: str,
         training_path: str | Path,
         model: str,
         *,
@@ -250,45 +314,37 @@ class OpenAIFineTuner:
         suffix: str | None = None,
         seed: int | None = None,
     ) -> Job:
-        """The job for ``run_id``: the existing one if any (``reused=True``), else a new one.
+        """The job for ``key``: the existing one if any (``reused=True``), else a new one.
 
-        Unset hyper-parameters are left to OpenAI ("auto"). A job that exists is
-        returned whatever its status: a new attempt needs a new run id.
+        Uploads the training (and validation) file named after the key, then
+        `create`. Unset hyper-parameters are left to OpenAI ("auto"). A job
+        that exists is returned whatever its status: a new attempt needs a
+        new key. After a definite refusal the uploads are deleted.
         """
-        _check_run_id(run_id)
-        if not model:
-            raise ValueError("model is empty")
-        hyper = _hyperparameters(epochs, batch_size, lr_multiplier)
-        if suffix is not None and not 0 < len(suffix) <= MAX_SUFFIX:
-            raise ValueError(f"suffix must be 1..{MAX_SUFFIX} characters, got {len(suffix)}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        _check_job(key, model, epochs, batch_size, lr_multiplier, suffix, seed)
         for name, value in (("training_path", training_path), ("validation_path", validation_path)):
             if value is not None and not Path(value).is_file():
                 raise ValueError(f"{name}: no such file: {value}")
 
-        existing = self.find(run_id)
+        existing = self.find(key)
         if existing is not None:
             return existing
 
-        uploaded = [self.upload(training_path)]
+        uploaded = [self.upload(training_path, filename=self.file_name(key))]
         if validation_path is not None:
-            uploaded.append(self.upload(validation_path))
-        params: dict[str, Any] = {
-            "model": model,
-            "training_file": uploaded[0],
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-            "metadata": {RUN_ID_KEY: run_id},
-        }
-        if validation_path is not None:
-            params["validation_file"] = uploaded[1]
-        if suffix is not None:
-            params["suffix"] = suffix
-        if seed is not None:
-            params["seed"] = seed
+            uploaded.append(self.upload(validation_path, filename=self.file_name(key, "eval")))
         try:
-            with _translated():
-                return _job(self._create_once(run_id, params))
+            return self.create(
+                key,
+                model,
+                uploaded[0],
+                validation_file=uploaded[1] if validation_path is not None else None,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr_multiplier=lr_multiplier,
+                suffix=suffix,
+                seed=seed,
+            )
         except OpenAIError as err:
             if not err.retryable:
                 # A definite refusal: no job uses the files, so don't leave them behind.
@@ -350,17 +406,17 @@ class OpenAIFineTuner:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _find_raw(self, run_id: str) -> FineTuningJob | None:
-        jobs = self._client.fine_tuning.jobs.list(metadata={RUN_ID_KEY: run_id}, limit=100)
+    def _find_raw(self, key: str) -> FineTuningJob | None:
+        jobs = self._client.fine_tuning.jobs.list(metadata={KEY_NAME: key}, limit=100)
         for scanned, raw in enumerate(jobs):  # newest first; the SDK follows `after`
             # Checked here too, in case an API without the filter returns every job.
-            if (raw.metadata or {}).get(RUN_ID_KEY) == run_id:
+            if (raw.metadata or {}).get(KEY_NAME) == key:
                 return raw
             if scanned + 1 >= MAX_JOBS_SCANNED:
                 break
         return None
 
-    def _create_once(self, run_id: str, params: dict[str, Any]) -> FineTuningJob:
+    def _create_once(self, key: str, params: dict[str, Any]) -> FineTuningJob:
         import openai
 
         attempts = self._client.max_retries + 1
@@ -374,7 +430,7 @@ class OpenAIFineTuner:
             # The failed attempt may have created the job (a 502 after the work,
             # a reply lost on the wire): look before creating again.
             time.sleep(delay)
-            found = self._find_raw(run_id)
+            found = self._find_raw(key)
             if found is not None:
                 return found
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -441,11 +497,32 @@ def parse_step_metrics(text: str) -> tuple[tuple[int, float], ...]:
 # -- helpers -------------------------------------------------------------------
 
 
-def _check_run_id(run_id: str) -> None:
-    if not run_id:
-        raise ValueError("run_id is empty")
-    if len(run_id) > MAX_RUN_ID:
-        raise ValueError(f"run_id is over {MAX_RUN_ID} characters (OpenAI's metadata limit)")
+def _check_key(key: str) -> None:
+    if not key:
+        raise ValueError("key is empty")
+    if len(key) > MAX_KEY:
+        raise ValueError(f"key is over {MAX_KEY} characters")
+
+
+def _check_job(
+    key: str,
+    model: str,
+    epochs: int | None,
+    batch_size: int | None,
+    lr_multiplier: float | None,
+    suffix: str | None,
+    seed: int | None,
+) -> dict[str, Any]:
+    """Check a job's arguments before any request; returns the hyper-parameters to send."""
+    _check_key(key)
+    if not model:
+        raise ValueError("model is empty")
+    hyper = _hyperparameters(epochs, batch_size, lr_multiplier)
+    if suffix is not None and not 0 < len(suffix) <= MAX_SUFFIX:
+        raise ValueError(f"suffix must be 1..{MAX_SUFFIX} characters, got {len(suffix)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return hyper
 
 
 def _hyperparameters(

@@ -177,13 +177,24 @@ def _override(base: ModelPrice, fields: Mapping[str, object], where: str) -> Mod
             changes[name] = float(price)
     if "training_per_1m" in changes:
         price = changes["training_per_1m"]
-        if not isinstance(price, int | float) or price < 0:
+        if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
             raise ValueError(f"{where}: training_per_1m must be a number >= 0")
         changes["training_per_1m"] = float(price)
-    if "context" in changes and (not isinstance(changes["context"], int) or changes["context"] < 1):
+    context = changes.get("context", 1)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise ValueError(f"{where}: context must be a positive integer")
     if "aliases" in changes:
-        changes["aliases"] = tuple(str(a).lower() for a in changes["aliases"])  # type: ignore[union-attr]
+        aliases = changes["aliases"]
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise ValueError(f"{where}: aliases must be a list of strings")
+        changes["aliases"] = tuple(a.lower() for a in aliases)
+    if "encoding" in changes:
+        from trainers.tokens import ENCODING_NAMES
+
+        if changes["encoding"] not in ENCODING_NAMES:
+            raise ValueError(f"{where}: encoding must be one of {', '.join(ENCODING_NAMES)}")
+    if "retired" in changes and not isinstance(changes["retired"], str | None):
+        raise ValueError(f"{where}: retired must be a reason (a string) or null")
     return replace(base, **changes)  # type: ignore[arg-type]
 
 

@@ -252,6 +252,9 @@ class FakeOpenAI(LocalHTTPServer):
         # POST /chat/completions: request JSON -> reply text, or (status, JSON body).
         self.chat_script: Callable[[dict[str, Any]], str | tuple[int, Any]] | None = None
         self.latency = 0.0  # seconds per handled chat completion
+        # Seconds each upload is held before its answer (the file is stored
+        # first, so a client killed meanwhile leaves it behind, as on OpenAI).
+        self.upload_delay = 0.0
         self.in_flight = 0  # requests being served now
         self.max_in_flight = 0  # the most served at once since start (or reset)
 
@@ -494,7 +497,13 @@ class FakeOpenAI(LocalHTTPServer):
             case "POST", ["chat", "completions"]:
                 return self._chat_completion(params)
             case "POST", ["files"]:
-                return _json_reply(self._create_file(params))
+                reply = _json_reply(self._create_file(params))
+                reply.delay = self.upload_delay
+                return reply
+            case "GET", ["files"]:
+                purpose = dict(pairs).get("purpose")
+                files = [f for f in reversed(self.files.values()) if purpose in (None, f["purpose"])]
+                return _json_reply(_page(files, pairs, default_limit=10_000))
             case "GET", ["files", file_id]:
                 return _json_reply(self._get_file(file_id))
             case "DELETE", ["files", file_id]:
@@ -544,7 +553,12 @@ class FakeOpenAI(LocalHTTPServer):
             status, payload = answer
             return _json_reply(payload, status)
         prompt_tokens = sum(MESSAGE_OVERHEAD + len(_text_of(m).split()) for m in messages)
-        completion_tokens = len(answer.split())
+        words = answer.split()
+        limit = params.get("max_completion_tokens") or params.get("max_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and len(words) > limit:  # cut at the limit, as OpenAI does
+            answer, words, finish = " ".join(words[:limit]), words[:limit], "length"
+        completion_tokens = len(words)
         reply = _json_reply(
             {
                 "id": self._new_id("chatcmpl"),
@@ -557,7 +571,7 @@ class FakeOpenAI(LocalHTTPServer):
                         "index": 0,
                         "message": {"role": "assistant", "content": answer, "refusal": None},
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": finish,
                     }
                 ],
                 "usage": {

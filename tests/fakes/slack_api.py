@@ -13,6 +13,7 @@ requests are recorded as calls too, under the pseudo-methods ``DOWNLOAD``,
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import itertools
@@ -38,7 +39,8 @@ UPLOAD = "upload"
 RESPOND = "respond"
 
 # The bot scope each method needs; enforced only when FakeSlack(scopes=...) is given.
-# conversations.info depends on the channel type and is handled in `_required_scope`.
+# conversations.info and users.conversations depend on the channel types asked for and
+# are handled in `_required_scopes`.
 METHOD_SCOPES: dict[str, str] = {
     "chat.postMessage": "chat:write",
     "chat.update": "chat:write",
@@ -128,12 +130,18 @@ class FakeSlack(LocalHTTPServer):
         # Overrides for users.info / conversations.info; other ids get synthesised objects.
         self.users: dict[str, dict[str, Any]] = {}
         self.channels: dict[str, dict[str, Any]] = {}
+        # users.conversations: the channel ids each user belongs to, in order; a user
+        # not named here belongs to none. Channel objects come from conversations.info
+        # (so `channels` overrides, e.g. is_archived, apply).
+        self.memberships: dict[str, list[str]] = {}
         # Failure injection: an HTTP status for every download / raw upload while set.
         self.fail_downloads: int | None = None
         self.fail_uploads: int | None = None
         # Real Slack answers some unauthenticated file GETs with 200 and an HTML login
         # page; by default the fake answers 403 instead, which any client notices.
         self.login_page_on_bad_auth = False
+        # A URL every authorised download is redirected to (302) while set.
+        self.redirect_downloads: str | None = None
         self.socket_mode: FakeSocketMode | None = None
 
         self.calls: list[Call] = []
@@ -414,9 +422,10 @@ class FakeSlack(LocalHTTPServer):
         return {"ok": False, "error": "invalid_auth"}
 
     def _check_scope(self, method: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        needed = _required_scope(method, params)
-        if self.scopes is None or needed is None or needed in self.scopes:
+        missing = [s for s in _required_scopes(method, params) if s not in (self.scopes or ())]
+        if self.scopes is None or not missing:
             return None
+        needed = missing[0]
         return {
             "ok": False,
             "error": "missing_scope",
@@ -434,6 +443,8 @@ class FakeSlack(LocalHTTPServer):
             return _Reply(403, b"missing_scope: files:read\n", "text/plain")
         if self.fail_downloads is not None:
             return _Reply(self.fail_downloads, b"injected failure\n", "text/plain")
+        if self.redirect_downloads is not None:
+            return _Reply(302, b"", "text/plain", {"Location": self.redirect_downloads})
         # /files-pri/T1-F00000001/download/train.jsonl or /files-pri/T1-F00000001/train.jsonl
         parts = path.split("/")
         file_id = parts[2].split("-", 1)[-1] if len(parts) > 2 else ""
@@ -577,6 +588,38 @@ class FakeSlack(LocalHTTPServer):
                 "purpose": {"value": "", "creator": "", "last_set": 0},
             }
         return {"ok": True, "channel": channel}
+
+    def _m_users_conversations(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The channels `user` (default: the bot) belongs to, from `memberships`.
+
+        Honours `types` (default public_channel), `exclude_archived`, `limit` (1..1000,
+        default 100) and `cursor`; `response_metadata.next_cursor` is "" on the last page.
+        """
+        user = p.get("user") or self.bot_user_id
+        types = {t.strip() for t in str(p.get("types") or "public_channel").split(",") if t.strip()}
+        if not types <= _CONVERSATION_TYPES:
+            return {"ok": False, "error": "invalid_types"}
+        exclude_archived = str(p.get("exclude_archived") or "").lower() in ("1", "true")
+        try:
+            limit = min(max(int(p.get("limit") or 100), 1), 1000)
+            start = _cursor_offset(p.get("cursor"))
+        except ValueError:
+            return {"ok": False, "error": "invalid_cursor"}
+        found = []
+        for channel_id in self.memberships.get(user, []):
+            channel = self._m_conversations_info({"channel": channel_id}).get("channel")
+            if not channel or _conversation_type(channel) not in types:
+                continue
+            if exclude_archived and channel.get("is_archived"):
+                continue
+            found.append(json.loads(json.dumps(channel)))
+        end = start + limit
+        cursor = _cursor_for(end) if end < len(found) else ""
+        return {
+            "ok": True,
+            "channels": found[start:end],
+            "response_metadata": {"next_cursor": cursor},
+        }
 
     def _m_conversations_open(self, p: dict[str, Any]) -> dict[str, Any]:
         users = [u for u in str(p.get("users") or "").split(",") if u]
@@ -753,6 +796,49 @@ def _handler_for(fake: FakeSlack) -> type[BaseHTTPRequestHandler]:
             pass  # every request is in fake.calls; stderr noise helps no one
 
     return Handler
+
+
+_CONVERSATION_TYPES = frozenset({"public_channel", "private_channel", "mpim", "im"})
+_TYPE_SCOPES = {
+    "public_channel": "channels:read",
+    "private_channel": "groups:read",
+    "mpim": "mpim:read",
+    "im": "im:read",
+}
+
+
+def _required_scopes(method: str, params: dict[str, Any]) -> tuple[str, ...]:
+    if method == "users.conversations":
+        types = str(params.get("types") or "public_channel").split(",")
+        return tuple(_TYPE_SCOPES[t.strip()] for t in types if t.strip() in _TYPE_SCOPES)
+    needed = _required_scope(method, params)
+    return () if needed is None else (needed,)
+
+
+def _conversation_type(channel: dict[str, Any]) -> str:
+    if channel.get("is_im"):
+        return "im"
+    if channel.get("is_mpim"):
+        return "mpim"
+    return "private_channel" if channel.get("is_private") else "public_channel"
+
+
+def _cursor_for(offset: int) -> str:
+    """An opaque cursor, base64 like Slack's."""
+    return base64.b64encode(f"offset:{offset}".encode()).decode()
+
+
+def _cursor_offset(cursor: Any) -> int:
+    """The offset a cursor from `_cursor_for` stands for; ValueError for anything else."""
+    if not cursor:
+        return 0
+    try:
+        kind, _, offset = base64.b64decode(str(cursor), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"bad cursor {cursor!r}") from None
+    if kind != "offset" or not offset.isdigit():
+        raise ValueError(f"bad cursor {cursor!r}")
+    return int(offset)
 
 
 def _required_scope(method: str, params: dict[str, Any]) -> str | None:
