@@ -4,7 +4,14 @@ Every variant runs as a fresh subprocess and is timed by wall clock, so imports
 and tokenizer loading count as they do for a user. Variants are interleaved per
 repeat so machine noise hits all of them alike; the best run is reported.
 
+Besides the text chat file, a vision file (image parts in user messages: low
+detail URLs, and some high-detail PNG data URLs whose size the header gives)
+and a preference (DPO) file of the same number of examples are measured
+against cookbook-style counters written for those formats, which must agree
+on the token totals (`--kinds` picks which).
+
     .venv/bin/python bench/validate.py [--examples 100000] [--big-gb 1.0] [--skip-big]
+        [--kinds chat,vision,preference]
 """
 
 from __future__ import annotations
@@ -128,6 +135,172 @@ def make_file(path: Path, seed: int, examples: int = 0, min_bytes: int = 0) -> P
     return path
 
 
+# The cookbook's loop, extended the obvious way for the other kinds: image parts by
+# gpt-4o's published rule (85 at low detail; 85 + 170 per 512 px tile at high, the
+# size read from the PNG header), and a preference row as its input messages plus
+# both outputs (trainers.data's documented choice).
+_IMAGE_COST = """
+import base64, math
+def image_cost(spec):
+    if spec.get("detail") == "low":
+        return 85
+    head = base64.b64decode(spec["url"].split(",", 1)[1][:44])
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if max(w, h) > 2048:
+        w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
+    if min(w, h) > 768:
+        w, h = w * 768 / min(w, h), h * 768 / min(w, h)
+    return 85 + 170 * math.ceil(round(w) / 512) * math.ceil(round(h) / 512)
+"""
+
+COOKBOOK_VISION = (
+    _LOAD
+    + _IMAGE_COST
+    + """with open(sys.argv[1], encoding="utf-8") as f:
+    dataset = [json.loads(line) for line in f]
+t2 = time.perf_counter()
+total = 0
+for ex in dataset:
+    total += 3
+    for message in ex["messages"]:
+        total += 3
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += len(enc.encode(value))
+            else:
+                for part in value:
+                    if part["type"] == "text":
+                        total += len(enc.encode(part["text"]))
+                    else:
+                        total += image_cost(part["image_url"])
+            if key == "name":
+                total += 1
+t3 = time.perf_counter()
+print(json.dumps({"total": total, "load_s": t1 - t0, "parse_s": t2 - t1, "count_s": t3 - t2}))
+"""
+)
+
+COOKBOOK_PREFERENCE = (
+    _LOAD
+    + """with open(sys.argv[1], encoding="utf-8") as f:
+    dataset = [json.loads(line) for line in f]
+t2 = time.perf_counter()
+total = 0
+for ex in dataset:
+    total += 3
+    for message in ex["input"]["messages"] + ex["preferred_output"] + ex["non_preferred_output"]:
+        total += 3
+        for key, value in message.items():
+            total += len(enc.encode(value))
+            if key == "name":
+                total += 1
+t3 = time.perf_counter()
+print(json.dumps({"total": total, "load_s": t1 - t0, "parse_s": t2 - t1, "count_s": t3 - t2}))
+"""
+)
+
+
+def _png_data_url(width: int, height: int) -> str:
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x02\x00\x00\x00"
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR" + ihdr + bytes(300)
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _vision_example(rng: random.Random) -> str:
+    if rng.random() < 0.1:  # a high-detail image whose size the data URL gives
+        size = rng.choice([(512, 512), (1024, 768), (1600, 1200)])
+        spec = {"url": _png_data_url(*size), "detail": "high"}
+    else:
+        spec = {"url": f"https://cdn.example.com/p/{rng.randrange(10**9)}.jpg", "detail": "low"}
+    user = [
+        {"type": "text", "text": _sentence(rng, rng.randint(8, 40))},
+        {"type": "image_url", "image_url": spec},
+    ]
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _sentence(rng, rng.randint(30, 200))},
+    ]
+    return json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
+
+
+def _preference_example(rng: random.Random) -> str:
+    row = {
+        "input": {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": _sentence(rng, rng.randint(8, 40))},
+            ]
+        },
+        "preferred_output": [
+            {"role": "assistant", "content": _sentence(rng, rng.randint(30, 200))}
+        ],
+        "non_preferred_output": [
+            {"role": "assistant", "content": _sentence(rng, rng.randint(5, 60))}
+        ],
+    }
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+GENERATORS = {"chat": None, "vision": _vision_example, "preference": _preference_example}
+BASELINES = {"vision": COOKBOOK_VISION, "preference": COOKBOOK_PREFERENCE}
+
+
+def make_kind_file(path: Path, seed: int, examples: int, kind: str) -> Path:
+    """`examples` lines of one kind; reused when the file exists."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for done in range(0, examples, 10_000):
+            n = min(10_000, examples - done)
+            f.write("".join(GENERATORS[kind](rng) for _ in range(n)))
+    tmp.rename(path)
+    return path
+
+
+def bench_kind(args: argparse.Namespace, kind: str, tunebot: Path, python: Path) -> tuple:
+    """tunebot against the cookbook-style counter for one non-chat kind."""
+    t = time.perf_counter()
+    name = f"{kind}-{args.examples}ex-seed{args.seed}-v{GEN_VERSION}.jsonl"
+    path = make_kind_file(args.out / name, args.seed, args.examples, kind)
+    mb = path.stat().st_size / 1e6
+    print(
+        f"\n{kind} file: {path} ({args.examples:,} examples, {mb:,.1f} MB, "
+        f"{time.perf_counter() - t:.1f}s)"
+    )
+    variants = {
+        "(a) tunebot validate --json": [str(tunebot), "validate", str(path), "--json"],
+        f"(b) cookbook-style {kind} counter": [str(python), "-c", BASELINES[kind], str(path)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    outs: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for label, cmd in variants.items():
+            wall, out, _, _ = run(cmd, args.timeout)
+            times[label].append(wall)
+            outs[label] = json.loads(out)
+    _, _, rss, pss = run(variants["(a) tunebot validate --json"], args.timeout, sample=True)
+    a, b = outs.values()
+    totals = [a["tokens"]["total"], b["total"]]
+    a_s, b_s = (min(v) for v in times.values())
+    print(f"{'variant':<36}{'best s':>8}  {'runs':<20}{'tokens':>14}")
+    for (label, runs), total in zip(times.items(), totals, strict=True):
+        print(f"{label:<36}{min(runs):>8.2f}  {_fmt_runs(runs):<20}{total:>14,}")
+    verdict = "PASS" if b_s / a_s >= 2.5 else "FAIL"
+    same = "IDENTICAL" if totals[0] == totals[1] else "DIFFERENT"
+    print(f"(b)/(a) = {b_s / a_s:.2f}x   target >= 2.5x: {verdict}")
+    print(f"token totals (a) vs (b): {same}; kind {a['kind']!r}, exact {a['tokens']['exact']}")
+    print(f"(a) findings: {a['counts'] or 'none'}; images {a.get('images', 0):,}")
+    label = f"{kind}: {args.examples:,} examples, {mb:,.0f} MB"
+    row = (label, f"{a_s:.2f}", f"{b_s:.2f}", f"{b_s / a_s:.1f}x", f"{rss:,.0f}", f"{pss:,.0f}")
+    return row, same
+
+
 def _tree(pid: int) -> list[int]:
     """`pid` and all its descendants, from the kernel's per-thread children lists."""
     out, todo = [], [pid]
@@ -241,7 +414,7 @@ def bench_small(args: argparse.Namespace, tunebot: Path, python: Path) -> tuple:
         f"(a) peak memory, whole process tree: RSS {rss:,.0f} MiB summed, "
         f"PSS {pss:,.0f} MiB summed (PSS splits pages shared after fork)"
     )
-    row = (f"{args.examples:,} examples, {mb:,.0f} MB", f"{a_s:.2f}", f"{b_s:.2f}")
+    row = (f"chat: {args.examples:,} examples, {mb:,.0f} MB", f"{a_s:.2f}", f"{b_s:.2f}")
     return (*row, f"{b_s / a_s:.1f}x", f"{rss:,.0f}", f"{pss:,.0f}"), same
 
 
@@ -274,6 +447,11 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--big-gb", type=float, default=1.0)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument(
+        "--kinds",
+        default="chat,vision,preference",
+        help="comma-separated: chat, vision, preference",
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
@@ -290,9 +468,25 @@ def main() -> int:
             return 2
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         print("warning: no /proc/*/task/*/children here; peak memory counts the root process only")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = set(kinds) - set(GENERATORS)
+    if unknown:
+        print(f"error: unknown kind(s) {sorted(unknown)}; known: {', '.join(GENERATORS)}")
+        return 2
     try:
-        row, same = bench_small(args, tunebot, python)
-        rows = [row] if args.skip_big else [row, bench_big(args, tunebot)]
+        rows, sames = [], []
+        if "chat" in kinds:
+            row, same = bench_small(args, tunebot, python)
+            rows.append(row)
+            sames.append(same)
+        for kind in kinds:
+            if kind != "chat":
+                row, kind_same = bench_kind(args, kind, tunebot, python)
+                rows.append(row)
+                sames.append(kind_same)
+        same = "IDENTICAL" if all(x == "IDENTICAL" for x in sames) else "DIFFERENT"
+        if not args.skip_big:
+            rows.append(bench_big(args, tunebot))
     except (RuntimeError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -302,7 +496,7 @@ def main() -> int:
     nproc = len(os.sched_getaffinity(0))
     print(f"\n### `tunebot validate` benchmark ({datetime.date.today()}, nproc {nproc})\n")
     print(
-        "| file | tunebot validate (s) | cookbook tiktoken (s) | speed-up "
+        "| file | tunebot validate (s) | cookbook-style tiktoken (s) | speed-up "
         "| peak RSS, tree (MiB) | peak PSS, tree (MiB) |"
     )
     print("|---|---:|---:|---:|---:|---:|")

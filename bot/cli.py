@@ -39,9 +39,13 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model to estimate (default: TUNEBOT_DEFAULT_MODEL)")
         p.add_argument("--epochs", default="auto", help="1..25, or auto (OpenAI's rule)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
-    conv = sub.add_parser("convert", help="turn ShareGPT, Alpaca or CSV data into chat JSONL")
+    conv = sub.add_parser(
+        "convert", help="turn ShareGPT, Alpaca, CSV or JSON (array / pretty) data into chat JSONL"
+    )
     conv.add_argument("file")
-    conv.add_argument("--from", dest="fmt", required=True, choices=("sharegpt", "alpaca", "csv"))
+    conv.add_argument(
+        "--from", dest="fmt", required=True, choices=("sharegpt", "alpaca", "csv", "json")
+    )
     conv.add_argument("--out", help="where to write (default: FILE.chat.jsonl beside it)")
     models = sub.add_parser("models", help="models for local training")
     models_sub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
@@ -148,10 +152,16 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
 
     counts = report.token_counts
     costs = pricing.cost_table(counts, prices, model.name, epochs)
-    local = pricing.local_estimates(counts)
+    trainers = pricing.trainable_by(report.kind, images=bool(report.images))
+    # Local GPU time only where local training takes the file (supervised text).
+    by_local = any(t.provider == "local" for t in trainers)
+    local = pricing.local_estimates(counts) if by_local else []
     if args.json:
         out = {
             "file": str(path),
+            "kind": report.kind,  # supervised, preference or reinforcement
+            "kinds": report.kinds,  # valid lines of each kind (more than one: mixed_kinds)
+            "trainable_by": [t.to_dict() for t in trainers],
             "examples": report.examples,
             "valid_examples": report.valid_examples,
             # counts: every finding of each code; findings: the first of each code only
@@ -159,12 +169,15 @@ def _check_file(args: argparse.Namespace, settings: Settings) -> int:
             "summary": report.summary(),
             "findings": [f.to_dict() for f in report.findings],
             "tokens": report.tokens.to_dict(),
+            "images": report.images,
+            "token_notes": list(report.token_notes),  # how approximate counts were made
             **costs.to_dict(),
             "local": [e.to_dict() for e in local],
         }
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
     elif args.command == "validate":
-        print(render.validation_report(path.name, report, costs, local).text)
+        text = render.validation_report(path.name, report, costs, local, trainers=trainers).text
+        print(text)
     else:
         print(render.estimate_summary(path.name, report, costs, local).text)
     return EXIT_FINDINGS if report.has_errors else EXIT_OK
@@ -180,23 +193,40 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out) if args.out else source.with_name(source.stem + ".chat.jsonl")
     try:
         result = convert(source, args.fmt)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"tunebot convert: cannot read {source}: {exc}") from None
-    result.write(out)
     for where, what in result.problems:
         print(f"{source.name} {where}: {what}", file=sys.stderr)
-    print(
-        f"{len(result.examples):,} examples written to {out}; {len(result.problems):,} rows not converted"
+    for line in result.ignored_lines():
+        print(f"{source.name}: {line} (not in the output)", file=sys.stderr)
+    for notice in result.notices:
+        print(f"{source.name}: {notice}", file=sys.stderr)
+    if not result.examples:
+        rows = len(result.problems)
+        why = f"none of its {rows:,} rows converts (each listed above)" if rows else "no rows"
+        print(f"tunebot convert: nothing converted from {source.name}: {why}", file=sys.stderr)
+        return EXIT_FINDINGS
+    result.write(out)
+    summary = (
+        f"{len(result.examples):,} examples written to {out}; "
+        f"{len(result.problems):,} rows not converted"
     )
+    if result.ignored:
+        summary += f"; {len(result.ignored):,} fields ignored"
+    print(summary)
     prices = _price_table(settings)
     model = prices.resolve(settings.default_model)
     report = validate(out, context_tokens=model.context, max_file_bytes=settings.max_file_bytes)
     costs = pricing.cost_table(report.token_counts, prices, model.name)
-    print(
-        render.validation_report(
-            out.name, report, costs, pricing.local_estimates(report.token_counts)
-        ).text
-    )
+    text = render.validation_report(
+        out.name, report, costs, pricing.local_estimates(report.token_counts)
+    ).text
+    if result.dropped:  # never a ✅ over a file that lost something on the way
+        text = text.replace(
+            "✅ ready to train",
+            "⚠️ what was converted is ready to train, but not everything was (listed above)",
+        ).replace("✅", "⚠️")
+    print(text)
     return EXIT_FINDINGS if result.problems or report.has_errors else EXIT_OK
 
 

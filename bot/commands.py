@@ -45,6 +45,14 @@ SPECS: dict[str, Spec] = {
             max_args=1,
         ),
         Spec(
+            "convert",
+            "convert [dataset] from=sharegpt|alpaca|csv|json",
+            "turn a dropped ShareGPT, Alpaca, CSV, JSON or UTF-16 file into chat JSONL "
+            "(a new dataset, checked like any upload)",
+            options=("from",),
+            max_args=1,
+        ),
+        Spec(
             "train",
             "train [dataset] provider=openai|local model=… epochs=N|auto batch=… eval=<dataset>|split=0.1 "
             "(openai: lr_mult=… suffix=…; local: lr=… r=… alpha=… targets=all-linear|q,k,v,o "
@@ -168,7 +176,7 @@ def parse(text: str) -> Command:
     options: dict[str, str] = {}
     for word in words[1:]:
         key, eq, value = word.partition("=")
-        if eq:
+        if eq and key and not any(c.isspace() for c in key):  # "what does x=1 mean" is text
             key = key.lower()
             if key not in spec.options:
                 valid = ", ".join(f"{o}=" for o in spec.options) or "none"

@@ -16,6 +16,7 @@ what was answered is kept. A failed progress edit never stops it.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot import egress, render
-from bot.claims import Held, lapsed
+from bot.claims import ClaimLost, Held, lapsed
 from bot.commands import Command
-from bot.errors import SpendRefused, UserError
+from bot.errors import SpendRefused, UserError, describe
 
 if TYPE_CHECKING:
     from bot.runs import Runs
@@ -61,6 +62,12 @@ class Distiller:
         refusal then goes to the dataset's thread.
         """
         dataset = self.wf.find_dataset(channel, cmd.target)
+        if not dataset.report_json:  # its secret check is not done yet
+            raise UserError(
+                f"{dataset.id} has no report yet: it is still being checked, or the check failed."
+            )
+        if cmd.options.get("system"):
+            egress.check_prompt(cmd.options["system"])  # it goes to the teacher with every prompt
         teacher = self._teacher(cmd.options.get("teacher"))
         self.wf.check_room()  # busy: say so before naming a run
         run_id = self.store.new_run_id()
@@ -119,6 +126,10 @@ class Distiller:
             where = ", ".join(f"line {n}: {why}" for n, why in prompts.problems[:3])
             raise UserError(f"{dataset.id} has no prompts the teacher can answer ({where}).")
         max_tokens = self.settings.distill_max_tokens
+        # Lines that are not chat examples were never scanned by the validator: scan them all.
+        secrets = egress.secret_findings(dataset) or any(
+            egress.find_secrets(json.dumps(p.messages, ensure_ascii=False)) for p in prompts.items
+        )
         try:
             cost = estimate(prompts.items, teacher.name, self.wf.prices, max_tokens=max_tokens)
         except ValueError as exc:
@@ -135,7 +146,7 @@ class Distiller:
             "prompts": len(prompts.items),
             "max_tokens": max_tokens,
             "skipped_lines": [n for n, _ in prompts.problems],
-            "secret_hold": "possible_secret" in (dataset.report_json or {}).get("codes", {}),
+            "secret_hold": bool(secrets),
             "estimate": {
                 "billed_tokens": cost.input_tokens + cost.output_tokens,
                 "input_tokens": cost.input_tokens,
@@ -149,11 +160,12 @@ class Distiller:
         """Approved: claim the run and distil on a job thread."""
         if not self.store.claim_run(
             run.id, [run.status if run.status in ("approved", "queued") else "approved"],
-            "running", owner=self.runs.owner, lease=self.runs.lease,
+            "running", owner=(token := self.runs.claim_token()), lease=self.runs.lease,
         ):  # fmt: skip
             return
         self.wf.submit(
-            f"distilling {run.id}", lambda: self._claimed(run.id), run.channel, run.thread_ts,
+            f"distilling {run.id}", lambda: self._claimed(run.id, token), run.channel,
+            run.thread_ts,
             long=True,
             on_busy=lambda: self.store.transition_run(
                 run.id, ["running"], "approved", owner=None, lease_expires_at=None
@@ -175,18 +187,18 @@ class Distiller:
             self.store.update_run(run.id, actual_usd=actual)
             self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
-    def _claimed(self, run_id: str) -> None:
-        with Held(self.store, run_id, self.runs.owner, self.runs.lease, "running"):
+    def _claimed(self, run_id: str, token: str) -> None:
+        with Held(self.store, run_id, token, self.runs.lease, "running") as held:
             try:
-                self._run(run_id)
+                self._run(run_id, held)
             except Exception as exc:
                 log.error("run %s: distillation failed: %s: %s", run_id, type(exc).__name__, exc)
                 self._end(
                     self.store.get_run(run_id), "failed", None,
-                    error=f"tunebot stopped distilling ({type(exc).__name__}: {exc})",
+                    error=f"tunebot stopped distilling ({describe(exc, self.settings.home)})",
                 )  # fmt: skip
 
-    def _run(self, run_id: str) -> None:
+    def _run(self, run_id: str, held: Held) -> None:
         from trainers.distill import distill, load_prompts
 
         run = self.store.get_run(run_id)
@@ -221,9 +233,20 @@ class Distiller:
                 gate.ledger.record(reservation.id, usd)
 
         def cancelled(_result) -> str | None:
-            return "cancelled" if self.store.get_run(run.id).status == "cancelled" else None
+            if self.store.get_run(run.id).status == "cancelled":
+                return "cancelled"
+            try:
+                held.check()
+            except ClaimLost:  # another tick took the run (its lease lapsed): stop paying
+                return "cancelled"
+            return None
 
         approved = run.estimate_usd or 0.0
+        cap = approved * (1 + MARGIN)
+        budget = self.settings.monthly_budget_usd
+        if budget is not None and reservation is not None:  # the margin never breaks the budget
+            others = gate.ledger.committed(gate.since(), besides=reservation.id)
+            cap = min(cap, max(budget - others, 0.0))
         result = distill(
             self.runs.evals._openai(),
             run.model,
@@ -231,7 +254,7 @@ class Distiller:
             concurrency=self.settings.eval_concurrency,
             max_tokens=int(plan.get("max_tokens") or self.settings.distill_max_tokens),
             on_progress=report,
-            max_usd=approved * (1 + MARGIN),
+            max_usd=cap,
             prices=self.wf.prices,
             should_stop=cancelled,
             on_spend=spent,
@@ -270,8 +293,8 @@ class Distiller:
             status, error = "failed", f"the teacher answered none of the {total} prompts"
         else:
             status, error = "succeeded", None
-        self._end(run, status, actual, error=error, data=data)
-        if dataset_id:
+        kept = self._end(run, status, actual, error=error, data=data)
+        if dataset_id and kept == "succeeded":
             self.wf.post(
                 run.channel,
                 run.thread_ts,
@@ -286,8 +309,9 @@ class Distiller:
         *,
         error: str | None = None,
         data: dict | None = None,
-    ) -> None:
-        """Record how the distillation ended and what it spent, once; say so if not a success."""
+    ) -> str:
+        """Record how the distillation ended and what it spent, once; say so if not a success.
+        Returns the status the run has now."""
         record = {**(run.result_json or {}), **(data or {})}
         if actual is None:  # an exception: what the ledger recorded is what was spent
             entry = self.runs.gate.ledger.open("run", run.id)
@@ -309,6 +333,7 @@ class Distiller:
         log.info("run %s: distillation %s ($%.4f)", run.id, status, actual)
         if status != "succeeded":
             self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+        return status
 
     # --- /finetune chat -------------------------------------------------------------
 

@@ -61,10 +61,15 @@ def release(store: Store, dataset: Dataset, user: str, *, run_id: str | None = N
     return True
 
 
+def find_secrets(text: str) -> list[str]:
+    """The kinds of secret `text` looks like it holds (trainers.secrets)."""
+    from trainers.secrets import find_secrets as scan
+
+    return scan(text)
+
+
 def check_prompt(text: str) -> None:
     """A prompt for a hosted model: refused, unsent, when it looks like it holds a secret."""
-    from trainers.secrets import find_secrets
-
     kinds = find_secrets(text)
     if kinds:
         raise UserError(

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slack_sdk.errors import SlackApiError
-
 from bot import egress, render
 from bot.claims import Held, lapsed
-from bot.errors import SpendRefused, UserError
+from bot.errors import SpendRefused, UserError, describe, slack_error
 
 if TYPE_CHECKING:
     from bot.runs import Runs
@@ -75,6 +74,10 @@ def held_out_count(valid_examples: int, fraction: float) -> int:
 class Evaluations:
     def __init__(self, runs: Runs) -> None:
         self.runs = runs
+        # Splits made in this process, by (dataset sha256, fraction, seed): the
+        # same dataset requested twenty times is split once.
+        self._splits: dict[tuple, dict] = {}
+        self._splits_lock = threading.Lock()
         self.wf = runs.wf
         self.store = runs.store
         self.settings = runs.settings
@@ -98,16 +101,24 @@ class Evaluations:
                 data["eval_sha256"] = eval_dataset.sha256
                 data["overlap"] = overlap(source, self.wf.blobs.path(eval_dataset.sha256))
             elif plan.get("split"):
-                try:
-                    info = split_file(source, train, held, fraction=plan["split"], seed=SPLIT_SEED)
-                except ValueError as exc:
-                    data["note"] = f"no evaluation set: {exc}"
+                key = (plan["dataset_sha256"], plan["split"], SPLIT_SEED)
+                with self._splits_lock:
+                    made = self._splits.get(key)
+                if made and all(self.wf.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")):
+                    data.update(made)  # the split is a function of (bytes, fraction, seed)
                 else:
-                    data.update(
-                        train_sha256=self.wf.blobs.put_file(train),
-                        eval_sha256=self.wf.blobs.put_file(held),
-                        split=info.to_dict(),
-                    )
+                    try:
+                        info = split_file(source, train, held, fraction=plan["split"], seed=SPLIT_SEED)
+                    except ValueError as exc:
+                        data["note"] = f"no evaluation set: {exc}"
+                    else:
+                        data.update(
+                            train_sha256=self.wf.blobs.put_file(train),
+                            eval_sha256=self.wf.blobs.put_file(held),
+                            split=info.to_dict(),
+                        )
+                        with self._splits_lock:
+                            self._splits[key] = {k: data[k] for k in ("train_sha256", "eval_sha256", "split")}
         record = {**(run.result_json or {}), "data": data}
         self.store.update_run(run.id, result_json=record)
         if data.get("overlap"):
@@ -156,10 +167,16 @@ class Evaluations:
         eval_dataset_id = None
         if eval_ref:
             dataset = self.wf.find_dataset(channel, eval_ref)
+            if not dataset.report_json:  # its secret check is not done yet
+                raise UserError(
+                    f"{dataset.id} has no report yet: it is still being checked, or the check failed."
+                )
             if (dataset.errors or 0) > 0:
                 raise UserError(f"{dataset.id} has errors and cannot be an eval set.")
             eval_sha, eval_dataset_id = dataset.sha256, dataset.id
         else:
+            source = run.plan_json.get("eval_dataset_id") or run.dataset_id
+            self.wf.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
             eval_sha = ((run.result_json or {}).get("data") or {}).get("eval_sha256")
             if not eval_sha:
                 raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
@@ -339,11 +356,12 @@ class Evaluations:
 
     def start_approved(self, run: Run) -> None:
         if self.store.claim_run(
-            run.id, ["approved"], "running", owner=self.runs.owner, lease=self.runs.lease
-        ):
+            run.id, ["approved"], "running", owner=(token := self.runs.claim_token()),
+            lease=self.runs.lease,
+        ):  # fmt: skip
             self.wf.submit(
                 f"evaluating for {run.id}",
-                lambda: self._approved(run.id),
+                lambda: self._approved(run.id, token),
                 run.channel,
                 run.thread_ts,
                 long=True,
@@ -368,7 +386,7 @@ class Evaluations:
             self.store.update_run(run.id, actual_usd=actual)
             self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
-    def _approved(self, run_id: str) -> None:
+    def _approved(self, run_id: str, token: str) -> None:
         run = self.store.get_run(run_id)
         plan = run.plan_json
         gate = self.runs.gate
@@ -381,7 +399,7 @@ class Evaluations:
                 gate.ledger.record(entry.id, usd)
 
         status, error = "succeeded", None
-        with Held(self.store, run_id, self.runs.owner, self.runs.lease, "running"):
+        with Held(self.store, run_id, token, self.runs.lease, "running"):
             estimate = plan["estimate"]
             cost = EvalCost(
                 plan["examples"], 0.0, estimate["generation_usd"], plan.get("teacher"),
@@ -396,7 +414,7 @@ class Evaluations:
             except Exception as exc:
                 status = "failed"
                 error = (
-                    exc.summary if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                    exc.summary if isinstance(exc, UserError) else describe(exc, self.settings.home)
                 )
             if not self.store.transition_run(
                 run_id, ["running"], status, actual_usd=spent[0], error=error
@@ -647,8 +665,8 @@ class Evaluations:
                     filename=filename,
                     title=title,
                 )
-            except SlackApiError as exc:
-                log.error("%s for %s not uploaded: %s", filename, run.id, exc.response.get("error"))
+            except Exception as exc:  # Slack refused, or could not be reached
+                log.error("%s for %s not uploaded: %s", filename, run.id, slack_error(exc))
 
 
 def _embedder():

@@ -10,8 +10,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from trainers.convert import Conversion
 from trainers.data import ERROR, Report
-from trainers.pricing import CostTable, LocalEstimate
+from trainers.pricing import CostTable, LocalEstimate, Trainer, trainable_by
 
 SECTION_LIMIT = 2_900  # Slack caps a section's text at 3,000 characters
 MAX_LINES_SHOWN = 5
@@ -183,6 +184,54 @@ def _duration(hours: float) -> str:
     return f"~{hours:.1f} h"
 
 
+def _kind_line(report: Report, trainers: Sequence[Trainer]) -> str | None:
+    """What kind of file this is, and who can train it; None when no line was recognised."""
+    if report.kind == "unknown":
+        return None
+    kind = report.kind_label
+    if report.images:
+        kind += f" with {_plural(report.images, 'image')} (vision)"
+    if len(report.kinds or {}) > 1:
+        kind += " (mixed with other kinds: see the errors)"
+    if trainers:
+        who = "trainable by " + ", ".join(t.label for t in trainers)
+    else:
+        who = "no provider in the price table trains it today"
+    extra = ""
+    if report.images and report.kind == "supervised":
+        extra = " · local LoRA trains text models only: it would drop the images"
+    return f"Kind: {kind} · {who}{extra}"
+
+
+def _tokens_lines(report: Report) -> list[str]:
+    """The tokens line, and under it how the counts were made when it matters."""
+    t = report.tokens
+    if not report.valid_examples or not report.token_notes:
+        return [tokens_line(report)]
+    how = "exact" if t.exact else "approximate"
+    head = (
+        f"Tokens ({report.encoding}, chat formula, {how}): {t.total:,} total · "
+        f"min {t.min:,} · p50 {t.p50:,} · mean {t.mean:,.1f} · p95 {t.p95:,} · max {t.max:,}"
+    )
+    return [head, *(f"• {escape(n)}" for n in report.token_notes)]
+
+
+def _model_notices(costs: CostTable | None, trainers: Sequence[Trainer]) -> list[str]:
+    """A notice when the chosen model cannot train this kind of file."""
+    if not costs:
+        return []
+    chosen = costs.selected.model
+    out = []
+    for t in trainers:
+        if t.provider == "openai" and t.models and chosen not in t.models:
+            what = "DPO" if t.method == "dpo" else "vision fine-tuning"
+            out.append(
+                f"{chosen} does not take this file: OpenAI's {what} trains "
+                f"{', '.join(t.models)}; estimate and train with one of those"
+            )
+    return out
+
+
 def validation_report(
     name: str,
     report: Report,
@@ -190,7 +239,11 @@ def validation_report(
     local: Sequence[LocalEstimate] = (),
     *,
     dataset_id: str | None = None,
+    trainers: Sequence[Trainer] | None = None,
 ) -> Message:
+    """The report on a dropped or checked file. `trainers` defaults to `trainable_by` today."""
+    if trainers is None:
+        trainers = trainable_by(report.kind, images=bool(report.images))
     label = f"{escape(name)} ({dataset_id})" if dataset_id else escape(name)
     n_err, n_warn = report.error_count, report.warning_count
     verdict = "✅ ready to train" if not n_err else "❌ fix the errors before training"
@@ -199,24 +252,32 @@ def validation_report(
         f"{_plural(n_err, 'error')}, {_plural(n_warn, 'warning')}. {verdict}"
     )
     errors, warnings = finding_groups(report)
+    kind = _kind_line(report, trainers)
     text_parts = [headline]
     blocks = [_section(f"*{headline}*")]
+    if kind:
+        text_parts.append(kind)
+        blocks.append(_context(kind))
     if errors:
         text_parts.append("Errors:\n" + _bullets(errors))
         blocks.append(_section("*Errors*\n" + _bullets(errors)))
     if warnings:
         text_parts.append("Warnings:\n" + _bullets(warnings))
         blocks.append(_section("*Warnings*\n" + _bullets(warnings)))
-    text_parts.append(tokens_line(report))
-    blocks.append(_section(tokens_line(report)))
-    if costs and report.valid_examples:
+    tokens = "\n".join(_tokens_lines(report))
+    text_parts.append(tokens)
+    blocks.append(_section(tokens))
+    # Reinforcement files have no trainer in the table: a price would mislead.
+    priced = report.kind != "reinforcement"
+    if costs and report.valid_examples and priced:
         rows = cost_lines(costs)
         text_parts.append(_cost_heading(costs) + "\n" + "\n".join(f"  {r}" for r in rows))
         blocks.append(_section(f"*{_cost_heading(costs)}*\n```" + "\n".join(rows) + "```"))
-    if local and report.valid_examples:
+    by_local = report.kind == "supervised" and not report.images
+    if local and report.valid_examples and by_local:
         text_parts.append(local_line(local))
         blocks.append(_context(local_line(local)))
-    notices = list(costs.notices) if costs else []
+    notices = (list(costs.notices) if costs else []) + _model_notices(costs, trainers)
     if notices:
         text_parts.append("Notices:\n" + "\n".join(f"• {n}" for n in notices))
         blocks.append(_context("\n".join(f"⚠️ {n}" for n in notices)))
@@ -259,6 +320,66 @@ def note(text: str, *, in_channel: bool = False) -> Message:
     """A message composed by the caller: escaped here, keeping the bot's own mentions."""
     text = _inert(text)
     return Message(text, [_section(text)], in_channel=in_channel)
+
+
+CONVERT_FORMATS = "sharegpt|alpaca|csv|json"
+
+
+def conversion_offer(name: str, dataset_id: str, fmt: str, looks_like: str) -> Message:
+    """Under a dropped file that is not UTF-8 chat JSONL yet: what it is, and the command."""
+    text = (
+        f"{escape(name)} ({dataset_id}) looks like {escape(looks_like)}, not chat JSONL. "
+        f"To turn it into chat JSONL, as a new dataset checked like any upload: "
+        f"`/finetune convert {dataset_id} from={fmt}` "
+        f"(from={CONVERT_FORMATS})"
+    )
+    return Message(text, [_section(text)])
+
+
+def conversion_summary(name: str, dataset_id: str, fmt: str, result: Conversion) -> Message:
+    """What `/finetune convert` made of a dataset: counts, every kind of loss, notices."""
+    label = f"{escape(name)} ({dataset_id}) from {fmt}"
+    n_bad = len(result.problems)
+    if result.examples:
+        head = (
+            f"{label}: {_plural(len(result.examples), 'example')} converted, "
+            f"{_plural(n_bad, 'row')} not converted."
+        )
+        if result.dropped:
+            head = "⚠️ " + head
+    else:
+        why = f"none of its {_plural(n_bad, 'row')} converts" if n_bad else "it holds no rows"
+        head = f"⚠️ Nothing converted from {label}: {why}; no dataset was made."
+    parts = [head]
+    if result.problems:
+        shown = [f"{escape(w)}: {escape(what)}" for w, what in result.problems[:MAX_LINES_SHOWN]]
+        more = n_bad - len(shown)
+        parts.append(
+            "Not converted:\n"
+            + _bullets(shown)
+            + (f"\n…and {more:,} more (`tunebot convert` lists them all)" if more else "")
+        )
+    if result.ignored:
+        parts.append("Not in the output:\n" + _bullets([escape(x) for x in result.ignored_lines()]))
+    if result.notices:
+        parts.append("Notices:\n" + _bullets([escape(x) for x in result.notices]))
+    text = "\n".join(parts)
+    return Message(text, [_section(text)])
+
+
+def with_caveat(message: Message, caveat: str) -> Message:
+    """A report whose ✅ would hide that something was lost before it: the ✅ gives way."""
+
+    def fix(value: object) -> object:
+        if isinstance(value, str):
+            return value.replace("✅ ready to train", f"⚠️ {caveat}").replace("✅", "⚠️")
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    return Message(fix(message.text), fix(message.blocks), in_channel=message.in_channel)
 
 
 def help_text(unknown: str | None = None) -> Message:

@@ -22,16 +22,15 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from slack_sdk.errors import SlackApiError
 
 from bot import approvals, egress, render
 from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
-from bot.errors import SpendRefused, UserError
+from bot.errors import SpendRefused, UserError, describe, slack_error
 from bot.spend import SpendGate
 from bot.workflow import Busy, Workflow
 from storage import Dataset, Run
@@ -73,7 +72,7 @@ class Runs:
         self._local_lock = threading.Lock()
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
-        self.owner = new_owner()  # this process's name on the claims it takes
+        self.owner = new_owner()  # this process's name: each claim adds a part of its own
         self.lease = dt.timedelta(seconds=self.settings.claim_lease_seconds)
         self._approvers: tuple[float, frozenset[str]] | None = None
         self._approvers_lock = threading.Lock()
@@ -104,6 +103,10 @@ class Runs:
         if self._tuner is None:
             self._tuner = self._tuner_factory()
         return self._tuner
+
+    def claim_token(self) -> str:
+        """A name for one claim: two threads of this bot never hold the same run."""
+        return f"{self.owner}:{uuid.uuid4().hex[:8]}"
 
     def key(self, run_id: str) -> str:
         """The idempotency key for run `run_id`'s external work: unique to this installation."""
@@ -177,8 +180,8 @@ class Runs:
             if ident.startswith("S"):  # a user group: its members approve
                 try:
                     users.update(self.wf.client.usergroups_users_list(usergroup=ident)["users"])
-                except SlackApiError as exc:
-                    log.error("cannot list user group %s: %s", ident, exc.response.get("error"))
+                except Exception as exc:  # Slack refused, or could not be reached
+                    log.error("cannot list user group %s: %s", ident, slack_error(exc))
                     if failed is not None:
                         failed.append(ident)
             else:
@@ -201,6 +204,11 @@ class Runs:
             raise UserError(
                 f"{dataset.id} has {report.error_count:,} error(s) and cannot be trained: {codes}.",
                 "Fix them and upload the file again; `/finetune validate` shows where they are.",
+            )
+        if report.kind != "supervised":
+            raise UserError(
+                f"{dataset.id} is a {report.kind_label} file; tunebot trains supervised chat "
+                "files today (its report says who else can train it)."
             )
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
@@ -258,6 +266,11 @@ class Runs:
                             "run", run.id, estimate_usd, what="This run",
                             run_id=run.id, channel=channel, user=user,
                         )  # fmt: skip
+                    # In the same transaction: one commit in the ack, not two.
+                    self.store.audit(
+                        user, "requested", run_id=run.id, dataset_id=dataset.id,
+                        plan_hash=digest, detail=plan,
+                    )  # fmt: skip
             except SpendRefused as exc:
                 reasons = [exc.summary.rstrip(".")]
         if reasons or run is None:
@@ -271,9 +284,6 @@ class Runs:
             raise SpendRefused(
                 f"{run_id or 'This run'} cannot be requested: " + "; ".join(reasons) + "."
             )
-        self.store.audit(
-            user, "requested", run_id=run.id, dataset_id=dataset.id, plan_hash=digest, detail=plan
-        )
         log.info(
             "run %s requested by %s: %s %s, $%.2f",
             run.id,
@@ -304,13 +314,11 @@ class Runs:
             raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
         if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
             raise UserError(pricing.openai_notices(self.clock().date())[0])
-        lr_mult = _positive(opts, "lr_mult", float)
-        batch = _positive(opts, "batch", int)
+        lr_mult = _positive(opts, "lr_mult", float, most=10.0)
+        batch = _positive(opts, "batch", int, most=256)  # OpenAI's range
         suffix = opts.get("suffix")
-        if suffix is not None and (
-            len(suffix) > 40 or not suffix.replace("-", "").replace("_", "").isalnum()
-        ):
-            raise UserError("suffix= takes up to 40 letters, digits, - and _.")
+        if suffix is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", suffix):
+            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
         eval_id, split = self._eval_choice(opts, channel, dataset)
         counts = _training_share(report.token_counts, split)
         estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
@@ -355,7 +363,7 @@ class Runs:
         targets = opts.get("targets", "all-linear")
         if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
             raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
-        max_length = _positive(opts, "max_length", int) or 2048
+        max_length = _positive(opts, "max_length", int, most=1_048_576) or 2048
         eval_id, split = self._eval_choice(opts, channel, dataset)
         params = source.params_billions or _params_billions(model)
         qlora = _flag(opts, "qlora")
@@ -373,10 +381,10 @@ class Runs:
             "model": model,
             "epochs": epochs,
             "epochs_auto": False,
-            "lr": _positive(opts, "lr", float) or 2e-4,
-            "batch": _positive(opts, "batch", int) or 4,
-            "r": _positive(opts, "r", int) or 16,
-            "alpha": _positive(opts, "alpha", int) or 32,
+            "lr": _positive(opts, "lr", float, most=1.0) or 2e-4,
+            "batch": _positive(opts, "batch", int, most=4096) or 4,
+            "r": _positive(opts, "r", int, most=1024) or 16,
+            "alpha": _positive(opts, "alpha", int, most=8192) or 32,
             "targets": targets,
             "max_length": max_length,
             "qlora": qlora,
@@ -460,12 +468,12 @@ class Runs:
                     f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
                 )
                 self.wf.client.chat_postMessage(channel=dm, text=text)
-            except SlackApiError as exc:
+            except Exception as exc:  # Slack refused, or could not be reached
                 log.error(
                     "cannot DM approver %s about %s: %s",
                     approver,
                     run.id,
-                    exc.response.get("error"),
+                    slack_error(exc),
                 )
 
     def _refresh_homes(self, run: Run) -> None:
@@ -480,8 +488,8 @@ class Runs:
         message = self.card(run)
         try:
             self.wf.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
-        except SlackApiError as exc:
-            log.error("cannot update %s's card: %s", run.id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("cannot update %s's card: %s", run.id, slack_error(exc))
 
     def click_refusal(self, run_id: str, user: str) -> str | None:
         """Checked before anything else, on the signed user id of the click."""
@@ -534,7 +542,7 @@ class Runs:
             if self.store.transition_run(run_id, ["pending_approval"], "rejected"):
                 self.gate.settle("run", run_id, 0.0, note="rejected")
                 self.refresh_card(run_id)
-                why = f": {reason}" if reason else ""
+                why = f": {render.escape(reason)}" if reason else ""
                 self.wf.post(
                     run.channel,
                     run.thread_ts,
@@ -574,6 +582,8 @@ class Runs:
         if run.provider == "local":
             return None
         reservation = self.gate.ledger.open("run", run.id)
+        if reservation is None and self.gate.ledger.has_row("run", run.id):
+            return "its request has ended meanwhile (cancelled, rejected or expired)"
         if reservation is None:  # requested before the ledger existed: reserve now
             try:
                 self.gate.reserve(
@@ -588,35 +598,41 @@ class Runs:
     # --- starting and following a job ------------------------------------------------
 
     def start(self, run_id: str) -> None:
-        """Start an approved run. Safe to call from racing threads: one claim wins."""
+        """Start an approved run. Safe to call from racing threads: one claim wins.
+
+        The work goes to the long-job pool; when it is full the run is left
+        approved (its claim released) and the scheduler starts it once a
+        thread is free, which the thread is told.
+        """
         run = self.store.get_run(run_id)
-        if run.provider == "local":
-            if self.store.transition_run(run_id, ["approved"], "queued"):
-                self.dispatch_local()
-        elif run.provider == "distill":
-            self.distiller.start(run)
-        elif run.provider == "eval":
-            self.evals.start_approved(run)
-        elif self.store.claim_run(
-            run_id, ["approved"], "submitting", owner=self.owner, lease=self.lease
-        ):
-            try:
+        try:
+            if run.provider == "local":
+                if self.store.transition_run(run_id, ["approved"], "queued"):
+                    self.dispatch_local()
+            elif run.provider == "distill":
+                self.distiller.start(run)
+            elif run.provider == "eval":
+                self.evals.start_approved(run)
+            elif self.store.claim_run(
+                run_id, ["approved"], "submitting", owner=(token := self.claim_token()),
+                lease=self.lease,
+            ):  # fmt: skip
                 self.wf.submit(
-                    f"submitting {run_id}", lambda: self._submit(run_id), run.channel,
+                    f"submitting {run_id}", lambda: self._submit(run_id, token), run.channel,
                     run.thread_ts, long=True,
                     on_busy=lambda: self.store.release_claim(
-                        run_id, self.owner, from_status="submitting"
+                        run_id, token, from_status="submitting"
                     ),
                 )  # fmt: skip
-            except Busy as exc:  # released: the scheduler submits it once a thread is free
-                log.info("run %s: approved; submission waits (%s)", run_id, exc.summary)
-                self.wf.post(
-                    run.channel, run.thread_ts,
-                    render.note(f"{run_id} is approved; it is submitted as soon as a job thread "
-                                f"is free ({exc.ahead} jobs ahead)."),
-                )  # fmt: skip
+        except Busy as exc:
+            log.info("run %s: approved; its start waits (%s)", run_id, exc.summary)
+            self.wf.post(
+                run.channel, run.thread_ts,
+                render.note(f"{run_id} is approved; it starts as soon as a job thread is free "
+                            f"({exc.ahead} jobs ahead)."),
+            )  # fmt: skip
 
-    def _submit(self, run_id: str) -> None:
+    def _submit(self, run_id: str, token: str) -> None:
         """Upload once and create the job once, holding the claim on `run_id` throughout.
 
         Every way out leaves the run somewhere a person can see: running with
@@ -625,7 +641,7 @@ class Runs:
         """
         from trainers.openai_ft import OpenAIError
 
-        with Held(self.store, run_id, self.owner, self.lease, "submitting") as held:
+        with Held(self.store, run_id, token, self.lease, "submitting") as held:
             run = self.store.get_run(run_id)
             try:
                 job = self._create_job(run, held)
@@ -635,7 +651,7 @@ class Runs:
                 return
             except OpenAIError as exc:
                 if exc.retryable:
-                    self._retry_later(run, exc.message)
+                    self._retry_later(run, token, exc.message)
                 else:
                     self._fail_submission(run_id, _openai_text(exc))
                 return
@@ -645,17 +661,19 @@ class Runs:
             except Exception as exc:  # anything else still ends the run, visibly
                 log.error("run %s: submission failed: %s: %s", run_id, type(exc).__name__, exc)
                 self._fail_submission(
-                    run_id, f"tunebot could not submit it ({type(exc).__name__}: {exc})"
+                    run_id, f"tunebot could not submit it ({describe(exc, self.settings.home)})"
                 )
                 return
             record = {**(self.store.get_run(run_id).result_json or {}), "training_file": job.training_file}
             record.pop("submit_attempts", None)
             if not self.store.release_claim(
-                run_id, self.owner, from_status="submitting", to_status="running",
+                run_id, token, from_status="submitting", to_status="running",
                 external_id=job.id, result_json=record,
             ):  # fmt: skip
-                # Cancelled while the job was being created: stop the job too.
-                self._cancel_orphan_job(run_id, job.id)
+                now = self.store.get_run(run_id)
+                if now.status == "cancelled" and now.external_id in (None, job.id):
+                    self._cancel_orphan_job(run_id, job.id)  # cancelled while being created
+                # else: a taker adopted this very job (found by its key): leave it be
                 return
         self.store.audit(
             "tunebot",
@@ -711,14 +729,14 @@ class Runs:
         self.store.update_run(run.id, result_json=record)
         return file_id
 
-    def _retry_later(self, run: Run, why: str) -> None:
+    def _retry_later(self, run: Run, token: str, why: str) -> None:
         record = dict(self.store.get_run(run.id).result_json or {})
         attempts = int(record.get("submit_attempts", 0)) + 1
         record["submit_attempts"] = attempts
         delay = min(RETRY_BASE_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
         delay = max(delay, self.settings.poll_seconds)
         self.store.release_claim(
-            run.id, self.owner, from_status="submitting",
+            run.id, token, from_status="submitting",
             retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record,
         )  # fmt: skip
         log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
@@ -749,6 +767,26 @@ class Runs:
         self._cleanup_after_cancel(run_id)
         self.store.audit("tunebot", "cancelled_job", run_id=run_id, detail={"job": job_id})
 
+    def _cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
+        from trainers.openai_ft import OpenAIError
+
+        for attempt in range(attempts):
+            try:
+                job = self.tuner.find(self.key(run_id))
+            except OpenAIError as exc:
+                log.warning("run %s: job lookup failed (%s), try %d", run_id, exc.message, attempt + 1)
+                time.sleep(min(2.0**attempt, 5.0))
+                continue
+            if job is not None and job.status not in ("succeeded", "failed", "cancelled"):
+                self._cancel_orphan_job(run_id, job.id)
+            return
+        run = self.store.get_run(run_id)
+        self.wf.post(
+            run.channel, run.thread_ts,
+            render.note(f"{run_id} is cancelled, but OpenAI could not be asked whether a job "
+                        "was made for it before; check its fine-tuning jobs."),
+        )  # fmt: skip
+
     def _cleanup_after_cancel(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
         if run.status in FINISHED:
@@ -775,6 +813,10 @@ class Runs:
 
         Nothing slow happens here: submissions and launches go to job threads.
         """
+        self.gate.ledger.settle_ended_runs()  # a crash between a run's end and its settlement
+        for ended in self.store.runs(status=list(FINISHED), limit=20):
+            if (ended.result_json or {}).get("unposted"):
+                self._post_result_again(ended)
         for run in self.store.runs(status=list(ACTIVE), limit=None):
             try:
                 self._poll_one(run)
@@ -783,18 +825,23 @@ class Runs:
             except Exception as exc:  # one run's trouble must not stop the others
                 self.wf.unexpected(exc, f"polling {run.id}")
 
+    def _post_result_again(self, run: Run) -> None:
+        """A result Slack did not take when the run ended: posted once it answers."""
+        if self.wf.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
+            record = {k: v for k, v in (run.result_json or {}).items() if k != "unposted"}
+            self.store.update_run(run.id, result_json=record)
+
     def _take_over(self, run: Run, from_status: str) -> None:
         """Claim a submission nobody holds (a crash, a back-off over) and finish it on a job thread."""
+        token = self.claim_token()
         if self.store.claim_run(
-            run.id, [from_status], "submitting", owner=self.owner, lease=self.lease
+            run.id, [from_status], "submitting", owner=token, lease=self.lease
         ):
             log.info("run %s: taking over its submission", run.id)
             self.wf.submit(
-                f"submitting {run.id}", lambda: self._submit(run.id), run.channel, run.thread_ts,
-                long=True,
-                on_busy=lambda: self.store.release_claim(
-                    run.id, self.owner, from_status="submitting"
-                ),
+                f"submitting {run.id}", lambda: self._submit(run.id, token), run.channel,
+                run.thread_ts, long=True,
+                on_busy=lambda: self.store.release_claim(run.id, token, from_status="submitting"),
             )  # fmt: skip
 
     def _poll_one(self, run: Run) -> None:
@@ -847,8 +894,8 @@ class Runs:
             self.wf.client.chat_update(
                 channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
             )
-        except SlackApiError as exc:
-            log.error("cannot update %s's progress: %s", run.id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("cannot update %s's progress: %s", run.id, slack_error(exc))
 
     def _finish(
         self,
@@ -868,6 +915,10 @@ class Runs:
             )
             if state.trained_tokens:
                 actual = state.trained_tokens / 1e6 * run.plan_json["estimate"]["price_per_1m"]
+            elif status == "cancelled" and state.step and state.total_steps:
+                # Stopped partway with no token count: the steps done, at the estimate's rate.
+                share = min(state.step / state.total_steps, 1.0)
+                actual = (run.estimate_usd or 0.0) * share
             if state.error:
                 error = _state_error(state.error)
         if not self.store.transition_run(
@@ -886,7 +937,9 @@ class Runs:
         done = self.store.get_run(run.id)
         if state is not None:
             self._edit_progress(done, state)
-        self.wf.post(run.channel, run.thread_ts, render.run_result(done))
+        if self.wf.post(run.channel, run.thread_ts, render.run_result(done)) is None:
+            # Slack refused or could not be reached: the poller posts it once Slack answers.
+            self.store.update_run(run.id, result_json={**(done.result_json or {}), "unposted": True})
         self._refresh_homes(done)
         metrics = state.metrics if state is not None else ()
         self._after_end(done, metrics)
@@ -905,8 +958,8 @@ class Runs:
                 filename=f"loss-{run.id}.png",
                 title=f"Training loss of {run.id}",
             )
-        except SlackApiError as exc:
-            log.error("loss curve for %s not uploaded: %s", run.id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("loss curve for %s not uploaded: %s", run.id, slack_error(exc))
 
     def _upload_worker_log(self, run: Run, log_tail: str) -> None:
         """A failed local run's last log lines, as a file in its thread (never in a message)."""
@@ -918,8 +971,8 @@ class Runs:
                 filename=render.log_name(run),
                 title=f"Last lines of {run.id}'s worker log",
             )
-        except SlackApiError as exc:
-            log.error("worker log of %s not uploaded: %s", run.id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("worker log of %s not uploaded: %s", run.id, slack_error(exc))
 
     def expire_all(self) -> None:
         now = self.clock()
@@ -951,19 +1004,20 @@ class Runs:
             for run in queued[: max(0, self.settings.local_slots - running)]:
                 # Claimed here, launched on a job thread: fetching or converting a
                 # model can take minutes and must not hold this lock or the poller.
+                token = self.claim_token()
                 if self.store.claim_run(
-                    run.id, ["queued"], "running", owner=self.owner, lease=self.lease,
+                    run.id, ["queued"], "running", owner=token, lease=self.lease,
                     external_id=None,
                 ):  # fmt: skip
                     try:
                         self.wf.submit(
                             f"starting {run.id}",
-                            lambda run_id=run.id: self._launch_claimed(run_id),
+                            lambda run_id=run.id, token=token: self._launch_claimed(run_id, token),
                             run.channel,
                             run.thread_ts,
                             long=True,
-                            on_busy=lambda run_id=run.id: self.store.release_claim(
-                                run_id, self.owner, from_status="running", to_status="queued"
+                            on_busy=lambda run_id=run.id, token=token: self.store.release_claim(
+                                run_id, token, from_status="running", to_status="queued"
                             ),
                         )
                     except Busy:  # queued again: a later tick starts it
@@ -973,9 +1027,9 @@ class Runs:
             ):
                 self._show_queue_position(run, position, len(queued))
 
-    def _launch_claimed(self, run_id: str) -> None:
+    def _launch_claimed(self, run_id: str, token: str) -> None:
         """Launch a claimed local run; whatever goes wrong ends it, visibly."""
-        with Held(self.store, run_id, self.owner, self.lease, "running"):
+        with Held(self.store, run_id, token, self.lease, "running"):
             run = self.store.get_run(run_id)
             try:
                 self._launch_local(run)
@@ -983,10 +1037,10 @@ class Runs:
                 log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
                 self._finish(
                     run, "running", "failed",
-                    error=f"the worker could not start ({type(exc).__name__}: {exc})",
+                    error=f"the worker could not start ({describe(exc, self.settings.home)})",
                 )  # fmt: skip
             finally:
-                self.store.release_claim(run_id, self.owner, from_status="running")
+                self.store.release_claim(run_id, token, from_status="running")
         self.dispatch_local()  # a failed launch frees its slot
 
     def _launch_local(self, run: Run) -> None:
@@ -1064,8 +1118,8 @@ class Runs:
     def _update(self, run: Run, ts: str, message: render.Message) -> None:
         try:
             self.wf.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
-        except SlackApiError as exc:
-            log.error("cannot update %s's message: %s", run.id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("cannot update %s's message: %s", run.id, slack_error(exc))
 
     def _poll_local(self, run: Run) -> None:
         from trainers import local
@@ -1215,7 +1269,11 @@ class Runs:
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
 
     def _after_cancel(self, run_id: str) -> None:
-        """A run cancelled before it started: its card says so and its uploads go."""
+        """A run cancelled before it started: its card says so and its uploads go; a job
+        a lost reply created for it (found by its key) is cancelled too."""
+        run = self.store.get_run(run_id)
+        if run.provider == "openai" and not run.external_id and self.settings.openai_api_key:
+            self._cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
@@ -1225,6 +1283,10 @@ class Runs:
         dataset = self.wf.find_dataset(channel, cmd.target)
         if not self.gate.is_approver(user):
             raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
+        if user == dataset.user:
+            raise UserError(
+                f"You uploaded {dataset.id}, so another approver must release it."
+            )
         if not egress.secret_findings(dataset):
             return render.note(f"{dataset.id} has no possible secrets: there is nothing to release.")
         if not egress.release(self.store, dataset, user):
@@ -1272,9 +1334,8 @@ class Runs:
             if run.dataset_id == dataset.id:
                 data = (run.result_json or {}).get("data") or {}
                 shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
-        if not self.store.sha_in_use(dataset.sha256, besides=dataset.id):
-            report = dataset.report_json or {}
-            shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
+        report = dataset.report_json or {}
+        shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
         removed_blobs = 0
         for sha in shas:
             if not self.store.sha_in_use(sha, besides=dataset.id) and self.wf.blobs.delete(sha):
@@ -1293,6 +1354,8 @@ class Runs:
             },
         )
         for run in cancelled:
+            if run.provider == "openai" and self.settings.openai_api_key:
+                self._cancel_job_by_key(run.id)  # a lost reply may have made one
             self.refresh_card(run.id)
             self.wf.post(
                 run.channel,
@@ -1344,15 +1407,18 @@ class Runs:
             raise UserError("Name the run, e.g. `r3`: `/finetune runs` lists them.")
         run = self.store.find_run(ref.lower())
         if run is None or run.channel != channel:
-            raise UserError(f"No run `{ref}` in this channel. `/finetune runs` lists them.")
+            raise UserError(
+                f"No run `{render.escape(ref)}` in this channel. `/finetune runs` lists them."
+            )
         return run
 
 
-def _positive(opts: dict[str, str], key: str, kind: type) -> Any:
-    """A hyper-parameter given as `key=`: a finite number above 0, or a usage error naming it.
+def _positive(opts: dict[str, str], key: str, kind: type, *, most: float | None = None) -> Any:
+    """A hyper-parameter given as `key=`: a finite number above 0 and at most `most`,
+    or a usage error naming it.
 
-    nan, inf, negatives, zero and non-numbers are refused when the run is
-    requested, never discovered by a provider later.
+    nan, inf, negatives, zero, absurd sizes and non-numbers are refused when
+    the run is requested, never discovered by a provider or a worker later.
     """
     if key not in opts:
         return None
@@ -1361,9 +1427,13 @@ def _positive(opts: dict[str, str], key: str, kind: type) -> Any:
     try:
         value = int(raw) if kind is int else float(raw)
     except ValueError:
-        raise UserError(f"{key}= must be {what} above 0, not `{opts[key]}`.") from None
+        raise UserError(
+            f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`."
+        ) from None
     if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{key}= must be {what} above 0, not `{opts[key]}`.")
+        raise UserError(f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`.")
+    if most is not None and value > most:
+        raise UserError(f"{key}= must be at most {most:,g}, not `{render.escape(opts[key])}`.")
     return value
 
 

@@ -132,6 +132,8 @@ class SpendGate:
         """Close (kind, ref)'s open reservation at `actual_usd` (None: what was recorded)."""
         if self.ledger.settle_open(kind, ref, actual_usd, note=note):
             log.info("spend %s %s settled at $%.4f", kind, ref, actual_usd or 0.0)
+        elif actual_usd is not None:  # closed early (a poller thought it dead): true it up
+            self.ledger.raise_actual(kind, ref, actual_usd)
 
     def recover(self) -> int:
         """At start-up: evaluations and chats a dead process left open count at their estimate.

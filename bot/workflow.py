@@ -30,7 +30,7 @@ from bot import render
 from bot.claims import new_owner
 from bot.commands import Command
 from bot.config import Settings
-from bot.errors import UserError
+from bot.errors import UserError, slack_error
 from storage import BlobStore, BlobTooLarge, Dataset, Store
 from trainers import pricing
 from trainers.data import Finding, Report, TokenStats
@@ -38,6 +38,8 @@ from trainers.data import Finding, Report, TokenStats
 log = logging.getLogger("tunebot")
 
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+# Files `/finetune convert` turns into chat JSONL: ingested too, their report offers it.
+CONVERTIBLE_SUFFIXES = (".json", ".csv", ".tsv")
 # How long App Home trusts a user's channel list from Slack (users.conversations).
 # Someone who leaves a channel may go on seeing its items on Home for up to this long.
 MEMBERSHIP_TTL_SECONDS = 180
@@ -94,11 +96,19 @@ class Workflow:
         self.blobs = blobs
         self.client = client
         self.prices = _price_table(settings)
+        # Job threads run at a lower OS priority than the threads that ack
+        # Slack's requests, so a burst of background work never starves an ack.
         self.jobs = jobs or ThreadPoolExecutor(
-            max_workers=INTERACTIVE_THREADS, thread_name_prefix="tunebot-click"
+            max_workers=INTERACTIVE_THREADS,
+            thread_name_prefix="tunebot-click",
+            initializer=_lower_thread_priority,
+            initargs=(JOB_NICENESS,),
         )
         self.long_jobs = ThreadPoolExecutor(
-            max_workers=settings.job_threads, thread_name_prefix="tunebot-job"
+            max_workers=settings.job_threads,
+            thread_name_prefix="tunebot-job",
+            initializer=_lower_thread_priority,
+            initargs=(JOB_NICENESS + 5,),
         )
         self._long_in_flight = 0  # long jobs queued or running
         self._closing = False
@@ -110,6 +120,7 @@ class Workflow:
         # user -> (time.monotonic() when asked, their channels); see member_channels.
         self._memberships: dict[str, tuple[float, frozenset[str]]] = {}
         self._memberships_lock = threading.Lock()
+        self._homes_waiting: set[str] = set()  # users whose Home refresh is queued
         from bot.runs import Runs  # runs build on this class
 
         self.runs = Runs(self, tuner=tuner)
@@ -131,7 +142,9 @@ class Workflow:
 
                 # forkserver: the bot is multi-threaded, and fork would copy held locks.
                 self._validation_pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("forkserver"),
+                    initializer=_background_priority,
                 )
                 self._owns_validation_pool = True
             return self._validation_pool
@@ -157,7 +170,7 @@ class Workflow:
                         self._validation_pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
         raise UserError(
-            f"The checker crashed on {name} (out of memory?), so it has no report. "
+            f"The checker crashed on {render.escape(name)} (out of memory?), so it has no report. "
             "The checker was restarted: other files are checked as usual.",
             "Split the file or sample it, and drop it again; the bot's log has the details.",
         )
@@ -404,8 +417,8 @@ class Workflow:
             resp = self.client.chat_postMessage(
                 channel=channel, thread_ts=thread_ts, unfurl_links=False, **message.to_kwargs()
             )
-        except SlackApiError as exc:
-            log.error("cannot post to %s: %s", channel, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("cannot post to %s: %s", channel, slack_error(exc))
             return None
         return resp.get("ts")
 
@@ -492,7 +505,7 @@ class Workflow:
                 "file %s (%s) refused: %d bytes over the %d limit", drop.file_id, name, size, limit
             )
             raise UserError(
-                f"{name} is {size / 2**20:,.1f} MiB; the limit is {self.settings.max_file_mb:,} MiB, "
+                f"{render.escape(name)} is {size / 2**20:,.1f} MiB; the limit is {self.settings.max_file_mb:,} MiB, "
                 "so it was not downloaded.",
                 "Split it, sample it, or raise TUNEBOT_MAX_FILE_MB.",
             )
@@ -512,7 +525,22 @@ class Workflow:
             drop.file_id, dataset.id, report.examples, report.valid_examples,
             report.error_count, report.warning_count, time.monotonic() - started,
         )  # fmt: skip
+        self._offer_conversion(dataset.id, sha, size, name, drop.channel, thread_ts)
         return self.store.get_dataset(dataset.id)
+
+    def _offer_conversion(
+        self, dataset_id: str, sha: str, size: int, name: str, channel: str, thread_ts: str | None
+    ) -> None:
+        """Under the report of a file that is not UTF-8 chat JSONL yet: `/finetune convert`."""
+        from trainers.convert import SAMPLE_BYTES, suggest
+
+        with open(self.blobs.path(sha), "rb") as f:
+            head = f.read(SAMPLE_BYTES)
+        offer = suggest(head, name, complete=len(head) >= size)
+        if offer is not None:
+            fmt, looks_like = offer
+            message = render.conversion_offer(name, dataset_id, fmt, looks_like)
+            self.post(channel, thread_ts, message)
 
     def register(
         self,
@@ -526,9 +554,11 @@ class Workflow:
         file_id: str | None = None,
         source_dataset_id: str | None = None,
         dataset: Dataset | None = None,
+        caveat: str | None = None,
     ) -> tuple[Dataset, Report]:
         """Record a stored file as a dataset (or complete `dataset`, recorded before a
-        stop), validate it, and post its report in the thread."""
+        stop), validate it, and post its report in the thread (`caveat`: what was
+        lost before it, said in place of the report's ✅)."""
         dataset = dataset or self.store.add_dataset(
             sha256=sha,
             name=name,
@@ -556,11 +586,10 @@ class Workflow:
             tokens_total=report.tokens.total,
             report_json=_report_record(report, counts_sha, findings_sha),
         )
-        self.post(
-            channel,
-            thread_ts,
-            render.validation_report(name, report, costs, local, dataset_id=dataset.id),
-        )
+        message = render.validation_report(name, report, costs, local, dataset_id=dataset.id)
+        if caveat:
+            message = render.with_caveat(message, caveat)
+        self.post(channel, thread_ts, message)
         self._upload_histogram(channel, thread_ts, dataset.id, name, report, model.context)
         return dataset, report
 
@@ -643,8 +672,8 @@ class Workflow:
                 filename=f"tokens-{dataset_id}.png",
                 title=f"Token lengths of {dataset_id}",
             )
-        except SlackApiError as exc:
-            log.error("histogram for %s not uploaded: %s", dataset_id, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("histogram for %s not uploaded: %s", dataset_id, slack_error(exc))
 
     def _costs(self, counts: Any, model: str, epochs: int | None):
         costs = pricing.cost_table(counts, self.prices, model, epochs)
@@ -652,7 +681,24 @@ class Workflow:
         return costs, local
 
     def refresh_home(self, user: str) -> None:
-        self.submit("refreshing the Home tab", lambda: self.publish_home(user), "", None)
+        """Publish `user`'s Home tab on a job thread; one refresh waiting per user is enough
+        (a burst of run changes would otherwise render the same tab once per change)."""
+        with self._pending_lock:
+            if user in self._homes_waiting:
+                return
+            self._homes_waiting.add(user)
+
+        def publish() -> None:
+            with self._pending_lock:  # a change from here on asks for a new refresh
+                self._homes_waiting.discard(user)
+            self.publish_home(user)
+
+        try:
+            self.submit("refreshing the Home tab", publish, "", None)
+        except BaseException:
+            with self._pending_lock:
+                self._homes_waiting.discard(user)
+            raise
 
     def member_channels(self, user: str) -> frozenset[str]:
         """The public and private channels `user` belongs to, as Slack says (users.conversations).
@@ -673,8 +719,8 @@ class Workflow:
             )
             for page in pages:  # the SDK follows response_metadata.next_cursor
                 found.update(c["id"] for c in page.get("channels") or [] if c.get("id"))
-        except SlackApiError as exc:
-            log.error("cannot list %s's channels: %s", user, exc.response.get("error"))
+        except Exception as exc:  # Slack refused, or could not be reached
+            log.error("cannot list %s's channels: %s", user, slack_error(exc))
             return frozenset()
         channels = frozenset(found)
         with self._memberships_lock:
@@ -728,7 +774,9 @@ class Workflow:
             return dataset
         dataset = self.store.find_dataset(ref.lower())
         if dataset is None or dataset.channel != channel:
-            raise UserError(f"No dataset `{ref}` in this channel. `/finetune datasets` lists them.")
+            raise UserError(
+                f"No dataset `{render.escape(ref)}` in this channel. `/finetune datasets` lists them."
+            )
         if dataset.forgotten_at:
             raise UserError(
                 f"{dataset.id} was forgotten on {dataset.forgotten_at:%Y-%m-%d} by "
@@ -759,6 +807,10 @@ class Workflow:
             encoding=record.get("encoding", "o200k_base"),
             context_tokens=record.get("context_tokens", 65_536),
             counts=record.get("codes"),  # the true counts: the stored findings are capped
+            kind=record.get("kind", "supervised"),
+            kinds=record.get("kinds"),
+            images=record.get("images", 0),
+            token_notes=tuple(record.get("token_notes", ())),
         )
 
     def repost_report(self, dataset: Dataset) -> None:
@@ -812,6 +864,8 @@ class Workflow:
             return self.runs.release(cmd, channel, user)
         if cmd.name == "forget":
             return self.runs.forget(cmd, channel, user)
+        if cmd.name == "convert":
+            return self.convert(cmd, channel, user)
         if cmd.name == "validate":
             dataset = self.find_dataset(channel, cmd.target)
             self.stored_report(dataset)  # fail now, in the ack, if there is nothing to show
@@ -841,12 +895,74 @@ class Workflow:
             )
         return render.help_text(unknown=cmd.name)
 
+    def convert(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """`/finetune convert d4 from=…`: the stored bytes of d4 become a new dataset.
+
+        Anyone in a served channel may (it spends nothing). The result is
+        linked to its source (`source_dataset_id`), posted in the source's
+        thread with every row not converted and every field left out, and
+        then validated like any upload.
+        """
+        from trainers.convert import FORMATS, SAMPLE_BYTES, suggest
+
+        source = self.find_dataset(channel, cmd.target)
+        fmt = cmd.options.get("from", "").lower()
+        if not fmt:
+            with open(self.blobs.path(source.sha256), "rb") as f:
+                head = f.read(SAMPLE_BYTES)
+            offer = suggest(head, source.name or "", complete=len(head) >= (source.size_bytes or 0))
+            fmt = offer[0] if offer else ""
+        if fmt not in FORMATS:
+            raise UserError(
+                f"Which format is {source.id} in? Say it with from=: "
+                f"`/finetune convert {source.id} from={render.CONVERT_FORMATS}`."
+            )
+        self.submit(
+            f"converting {source.id}",
+            lambda: self._convert_work(source, fmt, user),
+            channel,
+            source.thread_ts,
+            long=True,
+        )
+        return render.note(f"Converting {source.id} from {fmt}; the result goes in its thread.")
+
+    def _convert_work(self, source: Dataset, fmt: str, user: str) -> None:
+        from trainers.convert import convert_bytes
+
+        name = source.name or source.id
+        result = convert_bytes(self.blobs.path(source.sha256).read_bytes(), fmt)
+        channel, thread_ts = source.channel, source.thread_ts
+        self.post(channel, thread_ts, render.conversion_summary(name, source.id, fmt, result))
+        if not result.examples:
+            return
+        data = result.jsonl()
+        if len(data) > self.settings.max_file_bytes:
+            raise UserError(
+                f"The conversion of {source.id} is {len(data) / 2**20:,.1f} MiB, over the "
+                f"{self.settings.max_file_mb:,} MiB limit.",
+                "Split the file, or raise TUNEBOT_MAX_FILE_MB.",
+            )
+        stem = name.rsplit(".", 1)[0] if "." in name else name
+        caveat = None
+        if result.dropped:
+            caveat = "what was converted is ready to train, but not everything was (see above)"
+        self.register(
+            self.blobs.put_bytes(data),
+            len(data),
+            name=f"{stem}.chat.jsonl",
+            channel=channel,
+            thread_ts=thread_ts,
+            user=user,
+            source_dataset_id=source.id,
+            caveat=caveat,
+        )
+
     def _status(self, cmd: Command, channel: str) -> render.Message:
         if cmd.target:
             run = self.store.find_run(cmd.target.lower())
             if run is None or run.channel != channel:
                 raise UserError(
-                    f"No run `{cmd.target}` in this channel. `/finetune runs` lists them."
+                    f"No run `{render.escape(cmd.target)}` in this channel. `/finetune runs` lists them."
                 )
         else:
             runs = self.store.runs(channel=channel, limit=1)
@@ -891,8 +1007,13 @@ class _Renewal:
 
 
 def _is_jsonl(file: dict) -> bool:
+    """A file tunebot takes in: chat JSONL, or a .json / .csv file it can convert."""
     name = (file.get("name") or "").lower()
-    return name.endswith(JSONL_SUFFIXES) or file.get("filetype") in ("jsonl",)
+    return name.endswith(JSONL_SUFFIXES + CONVERTIBLE_SUFFIXES) or file.get("filetype") in (
+        "jsonl",
+        "json",
+        "csv",
+    )
 
 
 def _share_ts(file: dict, channel: str) -> str | None:
@@ -914,6 +1035,10 @@ def _report_record(report: Report, counts_sha: str, findings_sha: str) -> dict:
         "counts_sha256": counts_sha,
         "encoding": report.encoding,
         "context_tokens": report.context_tokens,
+        "kind": report.kind,
+        "kinds": report.kinds,
+        "images": report.images,
+        "token_notes": list(report.token_notes),
     }
 
 
@@ -1030,3 +1155,26 @@ def _file_opener(allowed: frozenset[Origin]) -> urllib.request.OpenerDirector:
     ):
         opener.add_handler(handler)
     return opener
+
+
+def _background_priority() -> None:
+    """In the validation worker: yield the CPU to the bot's acks (nice 10).
+
+    Validation can take a minute of both cores; Slack waits 3 s for an ack.
+    The worker's own helper processes inherit the priority.
+    """
+    import os
+
+    os.nice(10)
+
+
+JOB_NICENESS = 5
+
+
+def _lower_thread_priority(niceness: int) -> None:
+    """This thread only (Linux schedules threads one by one): `niceness` lower priority."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)

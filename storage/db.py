@@ -520,6 +520,7 @@ class Store:
         # thread-local storage instead of lingering until close().
         self._open: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
         self._guard = threading.Lock()
+        self._writer = threading.Lock()  # one write transaction at a time in this process
         self._closed = False
         self._installation_id: str | None = None
         try:
@@ -571,6 +572,10 @@ class Store:
         )
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # In WAL mode NORMAL never corrupts the file and loses no committed
+        # transaction on a crash of the bot, only on a power cut; FULL's fsync on
+        # every commit is what queued twenty acks for seconds (bench/ack.py).
+        conn.execute("PRAGMA synchronous = NORMAL")
         db = sqlite_utils.Database(conn, execute_plugins=False)
         with self._guard:
             if self._closed:
@@ -601,22 +606,26 @@ class Store:
             with db.atomic():
                 yield db
             return
-        # IMMEDIATE takes the write lock at once. A deferred transaction that
-        # reads and then writes fails with "database is locked" without
-        # waiting when another connection wrote in between.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        # This process's writers queue on a lock, first come first served:
+        # SQLite's own busy handler polls with growing sleeps, which left some of
+        # twenty racing writers waiting seconds. Other processes (the CLI) still
+        # meet the busy timeout. IMMEDIATE takes SQLite's write lock at once: a
+        # deferred transaction that reads and then writes fails with "database
+        # is locked" without waiting when another connection wrote in between.
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @property
     def schema_version(self) -> int:
@@ -1061,10 +1070,22 @@ class Store:
             )
 
     def sha_in_use(self, sha256: str, *, besides: str | None = None) -> bool:
-        """Whether a dataset other than `besides`, in any channel, still needs these bytes."""
+        """Whether anything but dataset `besides` still needs blob `sha256`: another
+        dataset not forgotten, in any channel (as its bytes, or its report's token
+        counts or findings), or a run of such a dataset (as a held-out split).
+
+        A scan of the reports and runs: for forgetting, which is rare.
+        """
+        _require_text("sha256", sha256)
+        pattern = f'%"{sha256}"%'
         row = self.db.execute(
-            "SELECT 1 FROM datasets WHERE sha256 = ? AND forgotten_at IS NULL AND id != ? LIMIT 1",
-            [sha256, besides or ""],
+            "SELECT 1 FROM datasets WHERE id != ? AND forgotten_at IS NULL"
+            " AND (sha256 = ? OR report_json LIKE ?)"
+            " UNION ALL"
+            " SELECT 1 FROM runs JOIN datasets ON datasets.id = runs.dataset_id"
+            " WHERE runs.dataset_id != ? AND COALESCE(runs.eval_dataset_id, '') != ?"
+            " AND datasets.forgotten_at IS NULL AND runs.result_json LIKE ? LIMIT 1",
+            [besides or "", sha256, pattern, besides or "", besides or "", pattern],
         ).fetchone()
         return row is not None
 

@@ -6,8 +6,11 @@ work in flight count against the month's budget; it is *settled* at what was
 actually spent when the work ends, whatever way it ends, which releases the
 rest. Committed spend for a month is one SQL aggregate:
 
-    reserved rows count  max(estimate, actual so far)
-    settled rows count   actual
+    open rows count      max(estimate, actual so far), in every month until settled
+    settled rows count   actual, in the month they were settled
+
+so a run requested on the 30th and trained on the 1st counts in the month it
+runs.
 
 A reservation is made in the same transaction as the budget check, so ten
 requests racing for the last dollars cannot all pass. At most one open
@@ -72,7 +75,8 @@ _COMMITTED = """
 SELECT COALESCE(SUM(CASE WHEN status = 'reserved'
                          THEN MAX(estimate_usd, COALESCE(actual_usd, 0))
                          ELSE COALESCE(actual_usd, 0) END), 0)
-FROM spend WHERE created_at >= ? AND id != ? AND (? IS NULL OR channel = ?)
+FROM spend WHERE (status = 'reserved' OR COALESCE(settled_at, created_at) >= ?)
+  AND id != ? AND (? IS NULL OR channel = ?)
 """
 
 
@@ -171,9 +175,43 @@ class Ledger:
             )
             return cursor.rowcount == 1
 
-    def settle_open(self, kind: str, ref: str, actual_usd: float | None = None, *, note=None) -> bool:
+    def settle_open(
+        self, kind: str, ref: str, actual_usd: float | None = None, *, note=None
+    ) -> bool:
         found = self.open(kind, ref)
         return found is not None and self.settle(found.id, actual_usd, note=note)
+
+    def has_row(self, kind: str, ref: str) -> bool:
+        """Whether (kind, ref) was ever reserved, open or settled."""
+        found = self.store.db.execute(
+            "SELECT 1 FROM spend WHERE kind = ? AND ref = ? LIMIT 1", [kind, ref]
+        ).fetchone()
+        return found is not None
+
+    def settle_ended_runs(self) -> int:
+        """Close the open rows of runs that have ended (a crash between the run's last
+        state and its settlement): at the run's recorded actual cost. Returns how many."""
+        with self.store.transaction() as db:
+            cursor = db.execute(
+                "UPDATE spend SET status = 'settled', settled_at = ?, note = 'ended run',"
+                " actual_usd = MAX(COALESCE(actual_usd, 0), COALESCE((SELECT actual_usd FROM runs"
+                " WHERE runs.id = spend.ref), 0))"
+                " WHERE kind = 'run' AND status = 'reserved' AND ref IN (SELECT id FROM runs WHERE"
+                " status IN ('succeeded', 'failed', 'cancelled', 'rejected', 'expired'))",
+                [self.store._now()],
+            )
+            return cursor.rowcount
+
+    def raise_actual(self, kind: str, ref: str, actual_usd: float) -> bool:
+        """Raise the newest settled row of (kind, ref) to `actual_usd` if it is below: work
+        that went on after its row was closed (its lease lapsed) still counts in full."""
+        with self.store.transaction() as db:
+            cursor = db.execute(
+                "UPDATE spend SET actual_usd = ? WHERE id = (SELECT MAX(id) FROM spend"
+                " WHERE kind = ? AND ref = ?) AND status = 'settled' AND COALESCE(actual_usd, 0) < ?",
+                [float(actual_usd), kind, ref, float(actual_usd)],
+            )
+            return cursor.rowcount == 1
 
     def entries(self, since: datetime) -> list[Reservation]:
         """This period's rows, oldest first."""

@@ -20,7 +20,7 @@ from tests.conftest import training_file
 from tests.fakes.signing import file_share_message_event, file_shared_event
 from tests.fakes.slack_api import DOWNLOAD
 from tests.test_distill import prompts_file
-from tests.test_runs import click, upload
+from tests.test_runs import click, request, texts, upload
 
 
 @contextmanager
@@ -179,6 +179,34 @@ def test_a_full_long_queue_answers_busy_instead_of_queueing(paid_bot):
     assert "r1: pricing" in bot.command("distill d1 teacher=gpt-4.1", user_id="UR")[1]["text"]
     bot.wait_idle()
     assert len(reports(bot, big)) == 1 and bot.store.get_run("r1").card_ts
+
+
+def wait_until(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_an_approval_while_the_long_pool_is_full_starts_once_there_is_room(paid_bot):
+    bot = paid_bot(job_threads=1, job_queue=0)
+    upload(bot)
+    request(bot)
+    with holding(bot, interactive=False):  # the one long thread is taken, and no queue
+        assert click(bot, "UA", "approve_run") == 200
+        note = wait_until(
+            lambda: [t for t in texts(bot) if t.startswith("r1 is approved; it starts as soon")],
+            "the note in the thread",
+        )
+        assert note == ["r1 is approved; it starts as soon as a job thread is free (1 jobs ahead)."]
+        run = bot.store.get_run("r1")
+        assert run.status == "submitting" and run.owner is None  # released, nothing submitted
+    bot.wait_idle()
+    assert not bot.openai.jobs()
+    bot.workflow.runs.poll_all()  # the next tick takes it up
+    bot.wait_idle()
+    assert bot.store.get_run("r1").status == "running" and len(bot.openai.jobs()) == 1
 
 
 # --- acked work is not lost ------------------------------------------------------------

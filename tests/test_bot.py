@@ -120,7 +120,7 @@ def test_channels_outside_the_allow_list_are_ignored(make_bot):
 
 
 def test_other_file_types_are_ignored(bot):
-    drop(bot, b"a,b\n1,2\n", name="notes.csv")
+    drop(bot, b"a,b\n1,2\n", name="notes.txt")
     bot.wait_idle()
     assert bot.slack.messages() == [] and not bot.slack.calls_to(DOWNLOAD)
 

@@ -52,7 +52,7 @@ def test_alpaca_array(tmp_path):
         "content": "Translate to French\n\ncat",
     }
     assert result.examples[1]["messages"][0]["content"] == "Say hi"
-    assert result.problems == [("item 3", "instruction is missing or empty")]
+    assert result.problems == [("item 3 (line 1)", "instruction is missing or empty")]
 
 
 def test_csv_with_quotes_commas_and_a_bad_row(tmp_path):
@@ -94,7 +94,7 @@ def test_output_validates_and_cli_reports_rows(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 1  # a row was not converted
-    assert "a.json item 13: output is missing or empty" in out.stderr
+    assert "a.json item 13 (line 1): output is missing or empty" in out.stderr
     assert "12 examples written" in out.stdout and "12 valid — 0 errors" in out.stdout
     report = validate(tmp_path / "a.chat.jsonl")
     assert report.valid_examples == 12
@@ -143,9 +143,11 @@ def test_json_nested_10000_deep_names_its_line(tmp_path, as_array):
     path = tmp_path / "deep.json"
     path.write_text(text)
     result = convert(path, "sharegpt")
-    assert [w for w, _ in result.problems] == [f"line {3 if as_array else 2}"]
+    where = "item 2 (line 3)" if as_array else "line 2"
+    assert [w for w, _ in result.problems] == [where]
     assert "nested too deep" in result.problems[0][1]
+    assert len(result.examples) == 1  # the rows around it are still read
     out = _cli_convert(path, "sharegpt")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert line.startswith(f"deep.json line {3 if as_array else 2}: JSON nested too deep")
+    assert line.startswith(f"deep.json {where}: JSON nested too deep")

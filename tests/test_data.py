@@ -40,6 +40,7 @@ def assistant(text="Open Settings, then choose Reset account.", **extra) -> dict
 
 
 GOOD = ex(SYSTEM, user(), assistant())
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
 def jsonl(*rows) -> bytes:
@@ -90,8 +91,38 @@ LINE_CASES = [
     ),
     (
         "invalid_content_part",
-        ex(SYSTEM, {"role": "user", "content": [{"type": "image_url"}]}, assistant()),
+        ex(SYSTEM, {"role": "user", "content": [{"type": "input_audio"}]}, assistant()),
         "invalid_content",
+    ),
+    (
+        "tool_content_parts",
+        ex(
+            SYSTEM,
+            user(),
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
+            assistant(),
+        ),
+        "invalid_content",
+    ),
+    (
+        "image_part_without_url",
+        ex(SYSTEM, {"role": "user", "content": [{"type": "image_url"}]}, assistant()),
+        "invalid_image",
+    ),
+    (
+        "invalid_preference",
+        {"input": {"messages": [SYSTEM, user()]}, "preferred_output": [assistant()]},
+        "invalid_preference",
+    ),
+    (
+        "identical_outputs",
+        {
+            "input": {"messages": [SYSTEM, user()]},
+            "preferred_output": [assistant()],
+            "non_preferred_output": [assistant()],
+        },
+        "identical_outputs",
     ),
     (
         "invalid_name",
@@ -208,6 +239,12 @@ def test_every_code_is_covered_by_a_test(code):
         "over_token_limit",
         "line_too_long",
         "empty_file",
+        # whole-file shapes and kinds: tests/test_kinds.py
+        "json_array",
+        "multiline_json",
+        "wrong_encoding",
+        "mixed_kinds",
+        "untrainable_kind",
     }
     assert code in covered
 

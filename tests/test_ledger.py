@@ -48,7 +48,8 @@ def test_reserve_counts_open_at_estimate_and_settled_at_actual(store):
     assert ledger.settle(first.id, 1.25) and not ledger.settle(first.id, 9.0)
     assert ledger.committed(MONTH) == 3.25
     assert ledger.committed(MONTH, besides=first.id) == 2.0
-    assert ledger.committed(dt.datetime(2026, 12, 1, tzinfo=dt.UTC)) == 0.0
+    # Next month: the open evaluation still counts until settled; r1, settled now, does not.
+    assert ledger.committed(dt.datetime(2026, 12, 1, tzinfo=dt.UTC)) == 2.0
 
 
 def test_over_budget_writes_nothing_and_says_what_is_left(store):
@@ -152,9 +153,7 @@ def test_an_old_database_gets_its_ledger_from_its_runs(tmp_path):
         if statement.strip():
             conn.executescript(statement + ";")
     now = "2026-11-20T10:00:00.000000+00:00"
-    conn.execute(
-        "INSERT INTO datasets (id, sha256, created_at) VALUES ('d1', ?, ?)", [sha(1), now]
-    )
+    conn.execute("INSERT INTO datasets (id, sha256, created_at) VALUES ('d1', ?, ?)", [sha(1), now])
     for run_id, status, estimate, actual in (
         ("r1", "pending_approval", 2.0, None),
         ("r2", "succeeded", 3.0, 2.5),
@@ -175,3 +174,23 @@ def test_an_old_database_gets_its_ledger_from_its_runs(tmp_path):
             ("r2", "settled"),
         }
         assert ledger.committed(MONTH) == 4.5
+
+
+def test_work_counts_in_the_month_it_is_settled(store, clock):
+    ledger = Ledger(store)
+    entry = ledger.reserve("run", "r1", 3.0, since=MONTH, budget_usd=None)  # 30 November
+    december = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    assert ledger.committed(december) == 3.0  # still open: December sees it
+    clock.now = dt.datetime(2026, 12, 2, tzinfo=dt.UTC)
+    ledger.settle(entry.id, 2.5)
+    assert ledger.committed(december) == 2.5 and ledger.committed(MONTH) == 2.5
+
+
+def test_ended_runs_left_open_by_a_crash_are_settled_at_their_actual(store):
+    ledger = Ledger(store)
+    run_id = add_run(store)
+    ledger.reserve("run", run_id, 3.0, since=MONTH, budget_usd=None)
+    assert ledger.settle_ended_runs() == 0  # still approved: stays open
+    store.transition_run(run_id, ["approved"], "succeeded", actual_usd=1.75)
+    assert ledger.settle_ended_runs() == 1 and ledger.committed(MONTH) == 1.75
+    assert ledger.open("run", run_id) is None

@@ -193,7 +193,9 @@ def test_ten_concurrent_requests_against_a_budget_for_seven(paid_bot):
     set_settings(bot, monthly_budget_usd=round(7.5 * estimate, 6))
 
     with ThreadPoolExecutor(10) as pool:
-        acks = list(pool.map(lambda i: bot.command("train", user_id=f"UR{i}")[1]["text"], range(10)))
+        acks = list(
+            pool.map(lambda i: bot.command("train", user_id=f"UR{i}")[1]["text"], range(10))
+        )
     bot.wait_idle()
     accepted = [a for a in acks if "needs approval" in a]
     refused = [a for a in acks if a.startswith("⚠️ This run cannot be requested")]
@@ -371,7 +373,11 @@ def test_a_distillation_cut_off_by_a_restart_records_what_it_spent(paid_bot, mak
     # The bot died after claiming the run and paying for some answers.
     runs = bot.workflow.runs
     assert bot.store.claim_run(
-        "r1", ["pending_approval"], "running", owner="dead-host:1:x", lease=dt.timedelta(seconds=0.5)
+        "r1",
+        ["pending_approval"],
+        "running",
+        owner="dead-host:1:x",
+        lease=dt.timedelta(seconds=0.5),
     )
     runs.gate.ledger.record(runs.gate.ledger.open("run", "r1").id, 0.0123)
     time.sleep(0.6)
@@ -395,9 +401,7 @@ def test_distill_stops_at_the_approved_amount(openai_fake):
     prices = PriceTable()
     one = estimate(prompts[:1], "gpt-4.1", prices, max_tokens=300).cost_usd
     client = openai.OpenAI(api_key="sk-test", base_url=openai_fake.base_url, max_retries=0)
-    result = distill(
-        client, "gpt-4.1", prompts, max_tokens=300, max_usd=one * 5.5, prices=prices
-    )
+    result = distill(client, "gpt-4.1", prompts, max_tokens=300, max_usd=one * 5.5, prices=prices)
     calls = openai_fake.chat_calls()
     assert len(calls) == 5 and result.stopped == "budget" and result.answered == 5
     spent = inference_cost("gpt-4.1", result.input_tokens, result.output_tokens, prices)

@@ -185,7 +185,7 @@ def split_file(
     count = sum(len(g) for g in groups.values())
     if count < minimum + MIN_TRAIN:
         raise ValueError(
-            f"{path} has {count} example(s); holding out an evaluation set needs at least "
+            f"the data has {count} example(s); holding out an evaluation set needs at least "
             f"{minimum + MIN_TRAIN} ({minimum} to evaluate, {MIN_TRAIN} to train)"
         )
     want = min(max(round(count * fraction), minimum), maximum, count - MIN_TRAIN)
@@ -199,7 +199,7 @@ def split_file(
             break
     if len(held) < minimum:
         raise ValueError(
-            f"{path} has too few distinct examples to hold out {minimum} "
+            f"the data has too few distinct examples to hold out {minimum} "
             f"(duplicates stay on one side)"
         )
     train_text = "".join(line + "\n" for i, (_, line) in enumerate(lines) if i not in held)

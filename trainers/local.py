@@ -127,10 +127,10 @@ WORKER_ENV_PREFIXES = (
     "LC_", "CUDA_", "NCCL_", "NVIDIA_", "MKL_", "OPENBLAS_", "OMP_", "KMP_", "GOMP_",
     "PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "ACCELERATE_", "BNB_", "DS_",
 )  # fmt: skip
-# Never passed, even under an allowed prefix.
-_SECRET_WORDS = frozenset(
-    {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIAL", "CREDENTIALS", "AUTH"}
-)
+# Never passed, even under an allowed prefix: a name containing any of these
+# (TORCH_HUB_TOKENS, DS_SECRETKEY, ACCELERATE_HUBTOKEN as much as TORCH_X_TOKEN).
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSW", "KEY", "CREDENTIAL", "AUTH")
+_NOT_SECRETS = frozenset({"NCCL_IB_PKEY"})  # InfiniBand's partition key: a number, not a secret
 
 
 def worker_env(source: Mapping[str, str]) -> dict[str, str]:
@@ -155,15 +155,18 @@ def worker_env(source: Mapping[str, str]) -> dict[str, str]:
     Everything else stays out: SLACK_BOT_TOKEN, SLACK_APP_TOKEN,
     SLACK_SIGNING_SECRET, OPENAI_API_KEY, HF_TOKEN, TUNEBOT_*, proxies (their
     URLs can hold passwords; the worker needs no network, the bot fetches the
-    model first), cloud credentials. A prefixed name with a part TOKEN, SECRET,
-    PASSWORD, PASSWD, KEY, APIKEY, CREDENTIAL(S) or AUTH (as in TORCH_X_TOKEN)
-    is dropped even under an allowed prefix.
+    model first), cloud credentials. A prefixed name containing TOKEN, SECRET,
+    PASSW, KEY, CREDENTIAL or AUTH anywhere (TORCH_X_TOKEN, DS_SECRETKEY,
+    ACCELERATE_HUBTOKEN) is dropped even under an allowed prefix.
     """
     return {
         name: value
         for name, value in source.items()
         if name in WORKER_ENV_NAMES
-        or (name.startswith(WORKER_ENV_PREFIXES) and not _SECRET_WORDS & set(name.split("_")))
+        or (
+            name.startswith(WORKER_ENV_PREFIXES)
+            and (name in _NOT_SECRETS or not any(w in name.upper() for w in _SECRET_WORDS))
+        )
     }
 
 

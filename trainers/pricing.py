@@ -7,6 +7,13 @@ the limit. Prices are USD per 1M training tokens.
 Inference prices (USD per 1M input / output tokens, for the base model and
 for a model fine-tuned from it) price evaluation runs: generation with both
 models and the LLM judge. See `inference_cost`.
+
+Kinds of file (`trainers.data`): the same per-token rule prices each kind
+OpenAI trains. A preference (DPO) row's tokens are its input plus both
+outputs, the input counted once (`trainers.data`'s choice, documented there);
+billed at the model's training rate like supervised tokens. Image tokens are
+in the counts by the gpt-4o rule. `trainable_by` says which providers and
+methods can train a kind at all.
 """
 
 from __future__ import annotations
@@ -278,6 +285,60 @@ class Estimate:
             "billed_tokens": self.billed_tokens,
             "cost_usd": round(self.cost_usd, 4),
         }
+
+
+# --- who can train which kind of file --------------------------------------------
+
+# OpenAI's guides, as read 2026-11: vision fine-tuning "use with gpt-4o-2024-08-06";
+# DPO lists gpt-4.1-2025-04-14 and gpt-4.1-mini-2025-04-14 (gpt-4.1-nano is retired),
+# and launched on gpt-4o-2024-08-06.
+OPENAI_VISION_MODELS = ("gpt-4o-2024-08-06",)
+OPENAI_DPO_MODELS = ("gpt-4.1-2025-04-14", "gpt-4.1-mini-2025-04-14", "gpt-4o-2024-08-06")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A provider and method that can train a kind of file."""
+
+    provider: str  # "openai" or "local"
+    method: str  # "supervised" or "dpo"
+    until: dt.date | None = None  # the day it stops taking new jobs, when known
+    models: tuple[str, ...] = ()  # the only models that take it; empty: any trainable one
+
+    @property
+    def label(self) -> str:
+        name = {"openai": "OpenAI", "local": "local LoRA"}.get(self.provider, self.provider)
+        method = {"dpo": "DPO"}.get(self.method, self.method)
+        extra = [f"until {self.until}"] if self.until else []
+        if self.models:
+            extra.append(" / ".join(self.models) + " only")
+        return f"{name} {method}" + (f" ({'; '.join(extra)})" if extra else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "provider": self.provider,
+            "method": self.method,
+            "until": self.until.isoformat() if self.until else None,
+            "models": list(self.models),
+        }
+
+
+def trainable_by(kind: str, *, images: bool = False, today: dt.date | None = None) -> list[Trainer]:
+    """Who trains a file of this kind (`trainers.data` kinds): OpenAI until its cutoff,
+    local LoRA for supervised text (its models are text-only; local DPO comes later)."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    openai_open = today < OPENAI_FINE_TUNING_CUTOFF
+    cutoff = OPENAI_FINE_TUNING_CUTOFF
+    out: list[Trainer] = []
+    if kind == "supervised":
+        if openai_open:
+            models = OPENAI_VISION_MODELS if images else ()
+            out.append(Trainer("openai", "supervised", cutoff, models))
+        if not images:
+            out.append(Trainer("local", "supervised"))
+    elif kind == "preference" and openai_open:
+        out.append(Trainer("openai", "dpo", cutoff, OPENAI_DPO_MODELS))
+    return out
 
 
 def openai_notices(today: dt.date) -> list[str]:

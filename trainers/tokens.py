@@ -174,6 +174,37 @@ class TokenCounter:
         return len(self._tiktoken.encode_ordinary(text))
 
 
+# Image inputs, by the rule OpenAI publishes for the gpt-4o family ("Calculating
+# costs" in the vision guide), the family vision fine-tuning trains
+# (gpt-4o-2024-08-06): `detail: low` costs 85 tokens whatever the size; `high`
+# fits the image in 2048 x 2048, scales its shortest side down to 768 px, and
+# costs 85 + 170 per 512 px tile. A high-detail image is at most 8 tiles
+# (768 x 2048), so 1,445 tokens bounds any image whose size is unknown.
+IMAGE_BASE_TOKENS = 85
+IMAGE_TILE_TOKENS = 170
+IMAGE_MAX_TOKENS = IMAGE_BASE_TOKENS + 8 * IMAGE_TILE_TOKENS
+IMAGE_RULE = "gpt-4o"
+
+
+def image_tokens(detail: str, size: tuple[int, int] | None) -> int:
+    """Tokens of one image by the gpt-4o rule: `detail` is low, high or auto.
+
+    `auto` is counted as high (OpenAI picks the detail itself and does not say
+    how); an unknown `size` with high or auto detail counts IMAGE_MAX_TOKENS.
+    """
+    if detail == "low":
+        return IMAGE_BASE_TOKENS
+    if size is None:
+        return IMAGE_MAX_TOKENS
+    w, h = (max(1, int(v)) for v in size)
+    if max(w, h) > 2048:
+        w, h = w * 2048 / max(w, h), h * 2048 / max(w, h)
+    if min(w, h) > 768:
+        w, h = w * 768 / min(w, h), h * 768 / min(w, h)
+    tiles = -(-round(w) // 512) * -(-round(h) // 512)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
+
+
 def message_strings(message: dict) -> tuple[list[str], int, bool]:
     """The strings of one chat message that the chat formula counts.
 
@@ -191,7 +222,11 @@ def message_strings(message: dict) -> tuple[list[str], int, bool]:
             if key == "name":
                 fixed += TOKENS_PER_NAME
         elif key == "content" and isinstance(value, list):
-            strings.extend(p["text"] for p in value if isinstance(p, dict) and "text" in p)
+            for part in value:  # text parts, and the assistant's refusal parts
+                if isinstance(part, dict):
+                    text = part.get("text", part.get("refusal"))
+                    if isinstance(text, str):
+                        strings.append(text)
         elif key in ("tool_calls", "function_call") and value is not None:
             import json
 
