@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fakes.openai_api import FakeOpenAI  # noqa: E402 (the path is set just above)
 from tests.fakes.signing import (  # noqa: E402
+    button_click_payload,
     event_body,
     file_share_message_event,
     interaction_body,
@@ -124,25 +125,7 @@ def click(action_id: str, user: str) -> Callable[[int], str]:
     """A button on run r<i+1>'s approval card."""
 
     def body(i: int) -> str:
-        run_id = f"r{i + 1}"
-        payload = {
-            "type": "block_actions",
-            "user": {"id": user, "username": user.lower(), "team_id": "T1"},
-            "api_app_id": "A1",
-            "team": {"id": "T1", "domain": "bench"},
-            "trigger_id": f"trigger-{i}",
-            "channel": {"id": "C1", "name": "ml"},
-            "container": {"type": "message", "message_ts": "1.0", "channel_id": "C1"},
-            "actions": [
-                {
-                    "type": "button",
-                    "action_id": action_id,
-                    "block_id": f"decide_{run_id}",
-                    "value": run_id,
-                    "action_ts": "1.1",
-                }
-            ],
-        }
+        payload = button_click_payload(user, action_id, f"r{i + 1}", trigger_id=f"trigger-{i}")
         return interaction_body(payload)
 
     return body

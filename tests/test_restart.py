@@ -28,6 +28,7 @@ from storage import Store
 from tests.conftest import SECRET, training_file
 from tests.fakes.openai_api import FakeOpenAI
 from tests.fakes.signing import (
+    button_click_payload,
     event_body,
     file_share_message_event,
     interaction_body,
@@ -150,27 +151,6 @@ def _env(slack: FakeSlack, openai: FakeOpenAI, home: Path) -> dict[str, str]:
     return env
 
 
-def _approve_payload(user: str, run_id: str = "r1", channel: str = "C1") -> dict[str, Any]:
-    return {
-        "type": "block_actions",
-        "user": {"id": user, "username": user.lower(), "team_id": "T1"},
-        "api_app_id": "A1",
-        "team": {"id": "T1", "domain": "test"},
-        "trigger_id": "trigger-1",
-        "channel": {"id": channel, "name": "ml"},
-        "container": {"type": "message", "message_ts": "1.0", "channel_id": channel},
-        "actions": [
-            {
-                "type": "button",
-                "action_id": "approve_run",
-                "block_id": f"decide_{run_id}",
-                "value": run_id,
-                "action_ts": "1.1",
-            }
-        ],
-    }
-
-
 def _posted(slack: FakeSlack, needle: str) -> list[str]:
     """Texts of every chat.postMessage call containing `needle` (each post, not the last edit)."""
     return [
@@ -220,7 +200,7 @@ def test_sigkill_during_the_upload_then_restart_makes_exactly_one_job(fakes, tmp
         assert status == 200 and "r1 needs approval" in json.loads(ack)["text"], ack
         _wait("the approval card of r1", lambda: _has_approve_button(slack), timeout=30)
         openai.upload_delay = 3.0
-        status, _ = first.post(interaction_body(_approve_payload("UA")))
+        status, _ = first.post(interaction_body(button_click_payload("UA", "approve_run")))
         assert status == 200
 
         # OpenAI has the file (it is stored before the delay); the bot never hears back.

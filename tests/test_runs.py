@@ -11,6 +11,7 @@ import pytest
 from bot.approvals import Policy, click_refusal, quorum, refusals, tally
 from tests.conftest import APPROVERS, training_file
 from tests.fakes.signing import (
+    button_click_payload,
     file_share_message_event,
     interaction_body,
     view_submission_payload,
@@ -27,24 +28,7 @@ def upload(bot, content: bytes | None = None, name="support.jsonl"):
 
 
 def click(bot, user: str, action_id: str, run_id: str = "r1", channel: str = "C1") -> int:
-    payload = {
-        "type": "block_actions",
-        "user": {"id": user, "username": user.lower(), "team_id": "T1"},
-        "api_app_id": "A1",
-        "team": {"id": "T1", "domain": "test"},
-        "trigger_id": "trigger-1",
-        "channel": {"id": channel, "name": "ml"},
-        "container": {"type": "message", "message_ts": "1.0", "channel_id": channel},
-        "actions": [
-            {
-                "type": "button",
-                "action_id": action_id,
-                "block_id": f"decide_{run_id}",
-                "value": run_id,
-                "action_ts": "1.1",
-            }
-        ],
-    }
+    payload = button_click_payload(user, action_id, run_id, channel)
     return bot.post(interaction_body(payload))[0]
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trainers.data import json_type
+
 FORMATS = ("sharegpt", "alpaca", "csv", "json")
 MAX_CSV_FIELD_CHARS = 128 * 1024  # csv's own default, stated: one field, not one file
 CSV_SEPARATORS = (",", ";", "\t")
@@ -467,7 +469,7 @@ def _optional_text(row: dict, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, not {_json_type(value)}")
+        raise ValueError(f"{key} must be a string, not {json_type(value)}")
     return value if value.strip() else None
 
 
@@ -475,17 +477,6 @@ def _unused(row: dict, used: tuple[str, ...], ignored: list[str], prefix: str = 
     for key, value in row.items():
         if key not in used and value not in (None, "", [], {}):
             ignored.append(prefix + str(key))
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    names = {dict: "an object", list: "a list", str: "a string"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _keys(row: dict) -> str:
@@ -496,7 +487,7 @@ def _keys(row: dict) -> str:
 def _from_chat(row: object, ignored: list[str]) -> dict:
     """A row that already is a chat example: kept as it is (the validator judges it)."""
     if not isinstance(row, dict):
-        raise ValueError(f'expected {{"messages": [...]}}, not {_json_type(row)}')
+        raise ValueError(f'expected {{"messages": [...]}}, not {json_type(row)}')
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         hint = ""
@@ -520,7 +511,7 @@ def _from_sharegpt(row: object, ignored: list[str]) -> dict:
         'or {"messages": [{"role": ..., "content": ...}, ...]}'
     )
     if not isinstance(row, dict):
-        raise ValueError(f"{expected}, not {_json_type(row)}")
+        raise ValueError(f"{expected}, not {json_type(row)}")
     column = "conversations" if "conversations" in row else "messages"
     turns = row.get(column)
     if not isinstance(turns, list) or not turns:
@@ -612,7 +603,7 @@ def _tools(value: object) -> list[dict] | None:
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        raise ValueError(f"tools must be a list of function definitions, not {_json_type(value)}")
+        raise ValueError(f"tools must be a list of function definitions, not {json_type(value)}")
     tools = []
     for j, tool in enumerate(value, 1):
         if (
@@ -671,10 +662,10 @@ def _images(value: object) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise ValueError(f"images must be a list of URLs, not {_json_type(value)}")
+        raise ValueError(f"images must be a list of URLs, not {json_type(value)}")
     for j, image in enumerate(value, 1):
         if not isinstance(image, str) or not image.strip():
-            raise ValueError(f"image {j} must be a URL string, not {_json_type(image)}")
+            raise ValueError(f"image {j} must be a URL string, not {json_type(image)}")
         if not _is_image_url(image):
             shown = image if len(image) <= 80 else image[:77] + "..."
             raise ValueError(
@@ -710,16 +701,16 @@ def _image_parts(content: str, images: list[str], used: int, turn: int) -> tuple
 def _from_alpaca(row: object, ignored: list[str]) -> dict:
     if not isinstance(row, dict):
         raise ValueError(
-            f'expected {{"instruction": ..., "input": ..., "output": ...}}, not {_json_type(row)}'
+            f'expected {{"instruction": ..., "input": ..., "output": ...}}, not {json_type(row)}'
         )
     instruction = _text(row.get("instruction"), "instruction")
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise ValueError(f"input must be a string, not {_json_type(extra)}")
+        raise ValueError(f"input must be a string, not {json_type(extra)}")
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     output = row.get("output")
     if output is not None and not isinstance(output, str):
-        raise ValueError(f"output must be a string, not {_json_type(output)}")
+        raise ValueError(f"output must be a string, not {json_type(output)}")
     messages = []
     system = _optional_text(row, "system")
     if system is not None:
@@ -728,7 +719,7 @@ def _from_alpaca(row: object, ignored: list[str]) -> dict:
     if history not in (None, []):
         if not isinstance(history, list):
             raise ValueError(
-                f"history must be a list of [user, assistant] pairs, not {_json_type(history)}"
+                f"history must be a list of [user, assistant] pairs, not {json_type(history)}"
             )
         for j, pair in enumerate(history, 1):
             if not (isinstance(pair, list) and len(pair) == 2):

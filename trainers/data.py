@@ -478,7 +478,7 @@ class _Scanner:
                 n,
                 "not_an_object",
                 f'each line must be a JSON object like {{"messages": [...]}}, '
-                f"not {_json_type(obj)}",
+                f"not {json_type(obj)}",
             )
             return
         errors_before = self._errors
@@ -556,7 +556,7 @@ class _Scanner:
         messages = obj["messages"]
         if not isinstance(messages, list):
             self._seen(SUPERVISED, n)
-            flag(n, "messages_not_list", f'"messages" must be a list, not {_json_type(messages)}')
+            flag(n, "messages_not_list", f'"messages" must be a list, not {json_type(messages)}')
             return None
         kind = SUPERVISED
         if (
@@ -628,7 +628,7 @@ class _Scanner:
             flag(
                 n,
                 "invalid_preference",
-                f'"input" must be an object {{"messages": [...]}}, not {_json_type(inp)}',
+                f'"input" must be an object {{"messages": [...]}}, not {json_type(inp)}',
             )
         else:
             for key in inp:
@@ -641,7 +641,7 @@ class _Scanner:
                 flag(
                     n,
                     "messages_not_list",
-                    f'input "messages" must be a list, not {_json_type(messages)}',
+                    f'input "messages" must be a list, not {json_type(messages)}',
                 )
             elif not messages:
                 flag(n, "empty_messages", 'input "messages" is empty; add the prompt')
@@ -690,7 +690,7 @@ class _Scanner:
             )
             return None
         if not isinstance(value, list) or len(value) != 1:
-            what = f"{len(value)} messages" if isinstance(value, list) else _json_type(value)
+            what = f"{len(value)} messages" if isinstance(value, list) else json_type(value)
             flag(
                 n,
                 "invalid_preference",
@@ -699,7 +699,7 @@ class _Scanner:
             return None
         msg = value[0]
         if not isinstance(msg, dict):
-            flag(n, "invalid_preference", f'"{key}" holds {_json_type(msg)}, not a message')
+            flag(n, "invalid_preference", f'"{key}" holds {json_type(msg)}, not a message')
             return None
         if msg.get("role") != "assistant":
             flag(
@@ -746,7 +746,7 @@ class _Scanner:
                         self._ex_system = text
                     continue
             if not isinstance(msg, dict):
-                flag(n, "message_not_object", f"{label} {i} is {_json_type(msg)}, not an object")
+                flag(n, "message_not_object", f"{label} {i} is {json_type(msg)}, not an object")
                 continue
             role = msg.get("role")
             if role is None:
@@ -795,7 +795,7 @@ class _Scanner:
                 self._flag(
                     n,
                     "invalid_content",
-                    f"{where}: refusal must be a string or null, not {_json_type(refusal)}",
+                    f"{where}: refusal must be a string or null, not {json_type(refusal)}",
                 )
         self._check_weight(msg, role, where, n)
         self._check_calls(msg, role, where, n, call_ids)
@@ -815,7 +815,7 @@ class _Scanner:
         if tools is None:
             return
         if not isinstance(tools, list):
-            self._flag(n, "invalid_tools", f"{where}tools must be a list, not {_json_type(tools)}")
+            self._flag(n, "invalid_tools", f"{where}tools must be a list, not {json_type(tools)}")
             return
         for j, tool in enumerate(tools, 1):
             fn = tool.get("function") if isinstance(tool, dict) else None
@@ -918,7 +918,7 @@ class _Scanner:
                 n,
                 "invalid_content",
                 f"{where} ({role}): content must be a string or a list of parts, "
-                f"not {_json_type(content)}",
+                f"not {json_type(content)}",
             )
             return None
         types = PART_TYPES[role]
@@ -1221,7 +1221,8 @@ def _tool_call_problem(call: object) -> str | None:
     return None
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """A JSON value's type as a message names it: "an object", "a list", "null", …"""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
     if value is None:
         return "null"

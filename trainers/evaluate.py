@@ -367,6 +367,7 @@ def generate_local(
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    base.tie_weights()  # a tied head (SmolLM2's) can come back unmaterialised on meta
     model = PeftModel.from_pretrained(base, str(adapter))
     model.to(device)
     model.eval()

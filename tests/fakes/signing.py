@@ -148,6 +148,34 @@ def view_submission_payload(
     }
 
 
+def button_click_payload(
+    user: str,
+    action_id: str,
+    run_id: str = "r1",
+    channel: str = "C1",
+    trigger_id: str = "trigger-1",
+) -> dict[str, Any]:
+    """The ``block_actions`` payload of a click on a run card's button."""
+    return {
+        "type": "block_actions",
+        "user": {"id": user, "username": user.lower(), "team_id": "T1"},
+        "api_app_id": "A1",
+        "team": {"id": "T1", "domain": "test"},
+        "trigger_id": trigger_id,
+        "channel": {"id": channel, "name": "ml"},
+        "container": {"type": "message", "message_ts": "1.0", "channel_id": channel},
+        "actions": [
+            {
+                "type": "button",
+                "action_id": action_id,
+                "block_id": f"decide_{run_id}",
+                "value": run_id,
+                "action_ts": "1.1",
+            }
+        ],
+    }
+
+
 def interaction_body(payload: Mapping[str, Any]) -> str:
     """An interaction (button click, view submission) as Slack posts it: ``payload=<json>``."""
     return urlencode({"payload": json.dumps(dict(payload))})
