@@ -17,6 +17,7 @@ import socket
 import threading
 import uuid
 
+from bot.errors import BotError
 from storage import Store
 
 log = logging.getLogger("tunebot")
@@ -27,7 +28,7 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class ClaimLost(Exception):
+class ClaimLost(BotError):
     """Someone else holds the run now (the lease lapsed, or it was cancelled)."""
 
 

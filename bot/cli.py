@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bot.config import ConfigError, Settings
+from bot.errors import BotError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(BotError):
     """Bad arguments or an unreadable file: one line for stderr, exit code 2."""
 
 

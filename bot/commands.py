@@ -11,8 +11,10 @@ import html
 import shlex
 from dataclasses import dataclass, field
 
+from bot.errors import BotError
 
-class CommandError(ValueError):
+
+class CommandError(BotError, ValueError):
     """The text is not a valid command; the message says what to type instead."""
 
 

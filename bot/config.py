@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bot.errors import BotError
+
 DEFAULT_SLACK_API_URL = "https://slack.com/api/"
 
 
-class ConfigError(ValueError):
+class ConfigError(BotError, ValueError):
     """A setting has a value tunebot cannot use; the message names the variable."""
 
 
@@ -55,6 +57,22 @@ class Settings:
     max_file_mb: int = field(
         default=512,
         metadata=_meta("TUNEBOT_MAX_FILE_MB", "Largest training file accepted, in MiB"),
+    )
+    file_wait_seconds: float = field(
+        default=30.0,
+        metadata=_meta(
+            "TUNEBOT_FILE_WAIT_SECONDS",
+            "How long a shared file Slack cannot serve yet (not found, no link, no share) is "
+            "retried before the thread is told",
+        ),
+    )
+    reshared_files: str = field(
+        default="report",
+        metadata=_meta(
+            "TUNEBOT_RESHARED_FILES",
+            "A file already checked in another channel: `report` (a full report here too) or "
+            "`pointer` (one line with its counts; the check is not run again)",
+        ),
     )
     channels: tuple[str, ...] = field(
         default=(),
@@ -241,12 +259,12 @@ _INTS = {
 }  # fmt: skip
 _FLOATS = {
     "approval_ttl_hours", "poll_seconds", "progress_seconds", "claim_lease_seconds",
-    "chat_idle_seconds",
+    "chat_idle_seconds", "file_wait_seconds",
 }  # fmt: skip
-_ZERO_OK = {"progress_seconds"}  # 0: edit the progress message at every poll
+_ZERO_OK = {"progress_seconds", "file_wait_seconds"}  # 0: every poll; no waiting for files
 _MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd", "eval_approval_above_usd"}
 _BOOLS = {"local_needs_approval"}
-_CHOICES = {"default_provider": ("local", "openai")}
+_CHOICES = {"default_provider": ("local", "openai"), "reshared_files": ("report", "pointer")}
 
 
 def _parse(name: str, env: str, raw: str) -> object:

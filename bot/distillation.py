@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot import egress, render
 from bot.claims import ClaimLost, Held, lapsed
@@ -30,7 +30,6 @@ from bot.commands import Command
 from bot.errors import SpendRefused, UserError, describe
 
 if TYPE_CHECKING:
-    from bot.runs import Runs
     from storage import Dataset, Run
 
 log = logging.getLogger("tunebot")
@@ -39,7 +38,7 @@ MARGIN = 0.10  # spend may exceed the approved estimate by at most this share (i
 
 
 class Distiller:
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, runs: Any) -> None:  # bot.runs.Runs, which builds this
         self.runs = runs
         self.wf = runs.wf
         self.store = runs.store
@@ -205,7 +204,9 @@ class Distiller:
         plan = run.plan_json
         gate = self.runs.gate
         reservation = gate.ledger.open("run", run.id)
-        prompts = load_prompts(self.wf.blobs.path(plan["dataset_sha256"]), system=plan.get("system"))
+        prompts = load_prompts(
+            self.wf.blobs.path(plan["dataset_sha256"]), system=plan.get("system")
+        )
         total = len(prompts.items)
         progress_ts = self.wf.post(
             run.channel,
@@ -385,7 +386,9 @@ class Distiller:
         from trainers.pricing import inference_cost
         from trainers.tokens import TokenCounter, chat_tokens
 
-        tokens_in = chat_tokens({"messages": [{"role": "user", "content": prompt}]}, TokenCounter())[0]
+        tokens_in = chat_tokens(
+            {"messages": [{"role": "user", "content": prompt}]}, TokenCounter()
+        )[0]
         tuned = (run.result_json or {}).get("fine_tuned_model") or run.model
         try:
             return sum(
@@ -429,7 +432,9 @@ class Distiller:
                 tuned_model = (run.result_json or {}).get("fine_tuned_model")
                 base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
                 spent += generation_cost(run.model, [base], self.wf.prices) or 0.0
-                tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
+                tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[
+                    0
+                ]
                 spent += generation_cost(tuned_model, [tuned], self.wf.prices) or 0.0
             finally:
                 if ref:

@@ -1,15 +1,49 @@
-"""The bot's exceptions: what a person can act on, worded for them."""
+"""The bot's exceptions, under one base, and the one tuple that catches every
+exception tunebot raises on purpose (`REFUSED`).
+
+    BotError
+    ├── UserError                  a problem a person can act on, shown as it is
+    │   ├── Busy                   the long-job queue is full
+    │   ├── SpendRefused           the spend gate said no
+    │   └── ModelRefused           bot.local_models: `model=` not allowed
+    ├── CommandError (ValueError)  bot.commands: a /finetune line that does not parse
+    ├── ConfigError (ValueError)   bot.config: a setting tunebot cannot use
+    ├── UsageError                 bot.cli: a command line that does not parse
+    └── ClaimLost                  bot.claims: another owner took the run over
+
+trainers.errors.TrainerError and storage.errors.StorageError are the other two
+trees; `except REFUSED` catches all three.
+"""
 
 from __future__ import annotations
 
+from storage.errors import StorageError
+from trainers.errors import TrainerError
 
-class UserError(Exception):
+
+class BotError(Exception):
+    """Base of every exception bot/ raises on purpose."""
+
+
+REFUSED = (BotError, TrainerError, StorageError)
+"""Every exception tunebot raises on purpose, whichever package raised it."""
+
+
+class UserError(BotError):
     """A problem a person can act on; `summary` and `detail` are shown as they are."""
 
     def __init__(self, summary: str, detail: str | None = None) -> None:
         super().__init__(summary)
         self.summary = summary
         self.detail = detail
+
+
+class Busy(UserError):
+    """The long-job queue is full: the request is refused at once, not queued."""
+
+    def __init__(self, ahead: int) -> None:
+        super().__init__(f"busy: {ahead} jobs ahead, try again in a few minutes.")
+        self.ahead = ahead
 
 
 class SpendRefused(UserError):

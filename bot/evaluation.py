@@ -34,7 +34,6 @@ from bot.claims import Held, lapsed
 from bot.errors import SpendRefused, UserError, describe, slack_error
 
 if TYPE_CHECKING:
-    from bot.runs import Runs
     from storage import Run
 
 log = logging.getLogger("tunebot")
@@ -72,7 +71,7 @@ def held_out_count(valid_examples: int, fraction: float) -> int:
 
 
 class Evaluations:
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, runs: Any) -> None:  # bot.runs.Runs, which builds this
         self.runs = runs
         # Splits made in this process, by (dataset sha256, fraction, seed): the
         # same dataset requested twenty times is split once.
@@ -104,11 +103,15 @@ class Evaluations:
                 key = (plan["dataset_sha256"], plan["split"], SPLIT_SEED)
                 with self._splits_lock:
                     made = self._splits.get(key)
-                if made and all(self.wf.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")):
+                if made and all(
+                    self.wf.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")
+                ):
                     data.update(made)  # the split is a function of (bytes, fraction, seed)
                 else:
                     try:
-                        info = split_file(source, train, held, fraction=plan["split"], seed=SPLIT_SEED)
+                        info = split_file(
+                            source, train, held, fraction=plan["split"], seed=SPLIT_SEED
+                        )
                     except ValueError as exc:
                         data["note"] = f"no evaluation set: {exc}"
                     else:
@@ -118,7 +121,9 @@ class Evaluations:
                             split=info.to_dict(),
                         )
                         with self._splits_lock:
-                            self._splits[key] = {k: data[k] for k in ("train_sha256", "eval_sha256", "split")}
+                            self._splits[key] = {
+                                k: data[k] for k in ("train_sha256", "eval_sha256", "split")
+                            }
         record = {**(run.result_json or {}), "data": data}
         self.store.update_run(run.id, result_json=record)
         if data.get("overlap"):
@@ -209,7 +214,9 @@ class Evaluations:
                 + "."
             )
         if held and cost.extras_usd:
-            cost = EvalCost(cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0)
+            cost = EvalCost(
+                cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0
+            )
             self.wf.post(
                 run.channel,
                 run.thread_ts,

@@ -20,6 +20,7 @@ log = logging.getLogger("tunebot")
 COMMAND = "/finetune"
 EVENTS = ("message", "file_shared", "app_home_opened")
 ACTIONS = ("approve_run", "reject_run", "override_secret")
+FILE_SUBTYPES = (None, "file_share", "thread_broadcast")
 NOT_SERVED = "tunebot does not serve this channel (see TUNEBOT_CHANNELS)"
 
 
@@ -60,17 +61,24 @@ def register(app: App, workflow: Workflow) -> None:
             blocks=message.blocks or None,
         )
 
-    def on_message(event: dict[str, Any], body: dict[str, Any]) -> None:
-        if event.get("subtype") != "file_share" or not event.get("files"):
-            return  # plain chat: nothing to do
+    def on_message(event: dict[str, Any], body: dict[str, Any], context: BoltContext) -> None:
+        # A file shared with a message: subtype file_share, or none, or a thread
+        # reply also sent to the channel. Edits, deletions and the rest: not ours.
+        if event.get("subtype") not in FILE_SUBTYPES or not event.get("files"):
+            return
+        if event.get("user") and event.get("user") == context.bot_user_id:
+            return  # our own uploads (charts)
         if not workflow.first_delivery(body.get("event_id")):
             return
         for file in event["files"]:
+            if not isinstance(file, dict) or not file.get("id"):
+                continue
             workflow.file_dropped(
                 FileDrop(
-                    file_id=file["id"],
+                    file_id=str(file["id"]),
                     channel=event.get("channel", ""),
                     user=event.get("user"),
+                    # The message's own ts, or its thread's: where the answer goes.
                     thread_ts=event.get("thread_ts") or event.get("ts"),
                     file=file,
                 )
@@ -79,11 +87,13 @@ def register(app: App, workflow: Workflow) -> None:
     def on_file_shared(event: dict[str, Any], body: dict[str, Any], context: BoltContext) -> None:
         if event.get("user_id") and event.get("user_id") == context.bot_user_id:
             return  # our own uploads (charts)
-        if not workflow.first_delivery(body.get("event_id")):
+        if not event.get("file_id") or not workflow.first_delivery(body.get("event_id")):
             return
+        # It names no thread, and its file object is an id alone: the ingest asks
+        # files.info, and takes the thread from the message event when it comes.
         workflow.file_dropped(
             FileDrop(
-                file_id=event["file_id"],
+                file_id=str(event["file_id"]),
                 channel=event.get("channel_id", ""),
                 user=event.get("user_id"),
             )

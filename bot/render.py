@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from storage import Dataset
 from trainers.convert import Conversion
 from trainers.data import ERROR, Report
 from trainers.pricing import CostTable, LocalEstimate, Trainer, trainable_by
@@ -332,6 +333,20 @@ def conversion_offer(name: str, dataset_id: str, fmt: str, looks_like: str) -> M
         f"To turn it into chat JSONL, as a new dataset checked like any upload: "
         f"`/finetune convert {dataset_id} from={fmt}` "
         f"(from={CONVERT_FORMATS})"
+    )
+    return Message(text, [_section(text)])
+
+
+def reshared_pointer(name: str, dataset: Dataset) -> Message:
+    """A file already checked in another channel (TUNEBOT_RESHARED_FILES=pointer): its
+    counts in one line, and that it can be used here. Names no other channel."""
+    n_err = dataset.errors or 0
+    verdict = "✅ ready to train" if not n_err else "❌ fix the errors before training"
+    text = (
+        f"{escape(name)} ({dataset.id}) was checked before: "
+        f"{_plural(dataset.examples or 0, 'example')}, {dataset.valid_examples or 0:,} valid — "
+        f"{_plural(n_err, 'error')}, {_plural(dataset.warnings or 0, 'warning')}. {verdict}. "
+        f"`/finetune estimate {dataset.id}` prices it here."
     )
     return Message(text, [_section(text)])
 

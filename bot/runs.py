@@ -30,9 +30,8 @@ from bot import approvals, egress, render
 from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
-from bot.errors import SpendRefused, UserError, describe, slack_error
+from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.spend import SpendGate
-from bot.workflow import Busy, Workflow
 from storage import Dataset, Run
 from trainers import pricing
 
@@ -58,7 +57,7 @@ def _now() -> dt.datetime:
 class Runs:
     def __init__(
         self,
-        workflow: Workflow,
+        workflow: Any,  # bot.workflow.Workflow, which builds this (imports go one way)
         *,
         tuner: Callable[[], OpenAIFineTuner] | None = None,
         clock: Callable[[], dt.datetime] = _now,
@@ -664,7 +663,10 @@ class Runs:
                     run_id, f"tunebot could not submit it ({describe(exc, self.settings.home)})"
                 )
                 return
-            record = {**(self.store.get_run(run_id).result_json or {}), "training_file": job.training_file}
+            record = {
+                **(self.store.get_run(run_id).result_json or {}),
+                "training_file": job.training_file,
+            }
             record.pop("submit_attempts", None)
             if not self.store.release_claim(
                 run_id, token, from_status="submitting", to_status="running",
@@ -722,9 +724,7 @@ class Runs:
         if file_id is None:
             held.check()
             file_id = self.tuner.upload(path, filename=self.tuner.file_name(key))
-        self.store.add_provider_file(
-            "openai", file_id, run_id=run.id, dataset_id=run.dataset_id
-        )
+        self.store.add_provider_file("openai", file_id, run_id=run.id, dataset_id=run.dataset_id)
         record = {**(self.store.get_run(run.id).result_json or {}), "training_file": file_id}
         self.store.update_run(run.id, result_json=record)
         return file_id
@@ -774,7 +774,9 @@ class Runs:
             try:
                 job = self.tuner.find(self.key(run_id))
             except OpenAIError as exc:
-                log.warning("run %s: job lookup failed (%s), try %d", run_id, exc.message, attempt + 1)
+                log.warning(
+                    "run %s: job lookup failed (%s), try %d", run_id, exc.message, attempt + 1
+                )
                 time.sleep(min(2.0**attempt, 5.0))
                 continue
             if job is not None and job.status not in ("succeeded", "failed", "cancelled"):
@@ -834,9 +836,7 @@ class Runs:
     def _take_over(self, run: Run, from_status: str) -> None:
         """Claim a submission nobody holds (a crash, a back-off over) and finish it on a job thread."""
         token = self.claim_token()
-        if self.store.claim_run(
-            run.id, [from_status], "submitting", owner=token, lease=self.lease
-        ):
+        if self.store.claim_run(run.id, [from_status], "submitting", owner=token, lease=self.lease):
             log.info("run %s: taking over its submission", run.id)
             self.wf.submit(
                 f"submitting {run.id}", lambda: self._submit(run.id, token), run.channel,
@@ -939,7 +939,9 @@ class Runs:
             self._edit_progress(done, state)
         if self.wf.post(run.channel, run.thread_ts, render.run_result(done)) is None:
             # Slack refused or could not be reached: the poller posts it once Slack answers.
-            self.store.update_run(run.id, result_json={**(done.result_json or {}), "unposted": True})
+            self.store.update_run(
+                run.id, result_json={**(done.result_json or {}), "unposted": True}
+            )
         self._refresh_homes(done)
         metrics = state.metrics if state is not None else ()
         self._after_end(done, metrics)
@@ -1284,11 +1286,11 @@ class Runs:
         if not self.gate.is_approver(user):
             raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
         if user == dataset.user:
-            raise UserError(
-                f"You uploaded {dataset.id}, so another approver must release it."
-            )
+            raise UserError(f"You uploaded {dataset.id}, so another approver must release it.")
         if not egress.secret_findings(dataset):
-            return render.note(f"{dataset.id} has no possible secrets: there is nothing to release.")
+            return render.note(
+                f"{dataset.id} has no possible secrets: there is nothing to release."
+            )
         if not egress.release(self.store, dataset, user):
             return render.note(
                 f"{dataset.id} was already released by <@{egress.released_by(self.store, dataset.id)}>."
@@ -1369,7 +1371,9 @@ class Runs:
         self.wf.post(
             dataset.channel,
             dataset.thread_ts,
-            render.note(f"{dataset.id} was forgotten by <@{user}>: its stored file(s){where} deleted."),
+            render.note(
+                f"{dataset.id} was forgotten by <@{user}>: its stored file(s){where} deleted."
+            ),
         )
 
     def budget(self, channel: str) -> render.Message:

@@ -43,7 +43,9 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
     if recovered:
         import logging
 
-        logging.getLogger("tunebot").info("%d open evaluation/chat reservation(s) closed", recovered)
+        logging.getLogger("tunebot").info(
+            "%d open evaluation/chat reservation(s) closed", recovered
+        )
     now = dt.datetime.now(dt.UTC)
     scheduler.add_job(
         runs.poll_all, "interval", seconds=settings.poll_seconds, id="poll_runs", next_run_time=now

@@ -20,26 +20,24 @@ import uuid
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-from bot import render
+from bot import file_events, render
 from bot.claims import new_owner
 from bot.commands import Command
 from bot.config import Settings
-from bot.errors import UserError, slack_error
+from bot.errors import Busy, UserError, slack_error
+from bot.file_events import is_gone, is_stub, share_thread, training_data
 from storage import BlobStore, BlobTooLarge, Dataset, Store
 from trainers import pricing
 from trainers.data import Finding, Report, TokenStats
 
 log = logging.getLogger("tunebot")
 
-JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
-# Files `/finetune convert` turns into chat JSONL: ingested too, their report offers it.
-CONVERTIBLE_SUFFIXES = (".json", ".csv", ".tsv")
 # How long App Home trusts a user's channel list from Slack (users.conversations).
 # Someone who leaves a channel may go on seeing its items on Home for up to this long.
 MEMBERSHIP_TTL_SECONDS = 180
@@ -51,14 +49,6 @@ DRAIN_SECONDS = 20.0
 # A claim on acked work (pending_work) lapses after this unless renewed; long
 # work renews it every third of it while it runs.
 WORK_LEASE = dt.timedelta(minutes=15)
-
-
-class Busy(UserError):
-    """The long-job queue is full: the request is refused at once, not queued."""
-
-    def __init__(self, ahead: int) -> None:
-        super().__init__(f"busy: {ahead} jobs ahead, try again in a few minutes.")
-        self.ahead = ahead
 
 
 @dataclass(frozen=True)
@@ -427,35 +417,42 @@ class Workflow:
     def file_dropped(self, drop: FileDrop) -> bool:
         """Dedupe and hand off. True when this call scheduled the work.
 
-        Slack retries deliveries and sends both message/file_share and
-        file_shared for one file: per (file, channel), the first of them
-        claims the ingest (a pending_work row under a lease), atomically, and
-        the others are dropped while it holds it. The file is marked seen only
-        once its dataset is recorded: a claim given up by an ingest that
-        failed unexpectedly lets a re-share (or the next start) do it again.
-        Nothing here waits on the network.
+        Slack retries deliveries and announces one file with two events
+        (message/file_share and file_shared), in either order. Per (file,
+        channel) the first of them claims the ingest (a pending_work row under
+        a lease), atomically; a later one adds what it knows that the first did
+        not (the thread, a complete file object) to that row. The file is marked
+        seen only once it is checked (or known not to be training data). A file
+        object that says what the file is decides here; a stub (Slack Connect,
+        an id alone) decides nothing until `files.info` answers. Nothing here
+        waits on the network.
         """
         if not self.settings.serves(drop.channel):
             return False
-        if drop.file and not _is_jsonl(drop.file):
-            return False
+        complete = drop.file if drop.file and not is_stub(drop.file) else None
+        if drop.file and (is_gone(drop.file) or complete):
+            verdict = training_data(drop.file)
+            if is_gone(drop.file) or verdict.ours is False:
+                why = "deleted or hidden" if is_gone(drop.file) else verdict.why
+                log.info("file %s in %s left alone: %s", drop.file_id, drop.channel, why)
+                # An ingest the other event started waits no more: this one knows.
+                self.store.add_work_hints(_ingest_key(drop), {"described": drop.file})
+                return False
         if self.store.seen(_file_key(drop)):
             return False
+        key = _ingest_key(drop)
         try:
-            return self.start_work(
-                "ingest",
-                f"ingest:{drop.file_id}:{drop.channel}",
-                asdict(drop),
-                what=f"checking file {drop.file_id}",
-                channel=drop.channel,
-                thread_ts=drop.thread_ts,
-                long=True,
-            )
+            if self.start_work(
+                "ingest", key, asdict(drop), what=f"checking file {drop.file_id}",
+                channel=drop.channel, thread_ts=drop.thread_ts, long=True,
+            ):  # fmt: skip
+                return True
         except Busy as exc:
             # Once per file, though Slack sends two events for it; on a job thread.
             if self.store.mark_seen(f"busy:{drop.file_id}:{drop.channel}"):
-                message = render.error(f"{drop.file.get('name') if drop.file else 'This file'} "
-                                       f"was not checked: {exc.summary}")  # fmt: skip
+                name = (drop.file or {}).get("name")
+                label = render.escape(name) if name else "A file shared here"
+                message = render.error(f"{label} was not checked: {exc.summary}")
                 self.submit(
                     "saying the bot is busy",
                     lambda: self.post(drop.channel, drop.thread_ts, message),
@@ -463,22 +460,60 @@ class Workflow:
                     None,
                 )
             return False
+        self.store.add_work_hints(
+            key, {"thread_ts": drop.thread_ts, "user": drop.user, "described": complete}
+        )
+        return False
 
     def _ingest_work(self, args: dict) -> None:
+        """Check a dropped file, asking Slack again (with back-off) while it cannot serve
+        it yet, for TUNEBOT_FILE_WAIT_SECONDS; then say once, in its thread, what went
+        wrong. Later events' hints (thread, file object) are read at every try."""
         drop = FileDrop(**args)
-        key = _file_key(drop)
-        if self.store.seen(key):  # done meanwhile
-            return
-        try:
-            self.ingest(drop)
-        except UserError:
-            # Answered in its thread: the same file again gets no second answer.
-            self.store.mark_seen(key)
-            raise
-        self.store.mark_seen(key)
+        deadline = time.monotonic() + self.settings.file_wait_seconds
+        delay = 0.25
+        while not self.store.seen(_file_key(drop)):
+            if self._closing:
+                raise _Stopping  # the pending_work row stays for the next start
+            hints = self.store.work_args(_ingest_key(drop)) or {}
+            described = hints.get("described")
+            drop = FileDrop(
+                file_id=drop.file_id,
+                channel=drop.channel,
+                user=drop.user or hints.get("user"),
+                thread_ts=drop.thread_ts or hints.get("thread_ts"),
+                file=described if described and is_stub(drop.file) else drop.file,
+            )
+            try:
+                self.ingest(drop, waiting=time.monotonic() < deadline)
+            except _NotYet as exc:
+                log.info("file %s in %s: %s; asking again in %.2f s",
+                         drop.file_id, drop.channel, exc, delay)  # fmt: skip
+                time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+                delay = min(delay * 2, 8.0)
+                continue
+            except UserError as exc:
+                # Not marked seen: a later event for the file may still complete it.
+                # Told once per (file, channel), whichever event tells it.
+                if self.store.mark_seen(f"told:{drop.file_id}:{drop.channel}"):
+                    thread = getattr(exc, "thread_ts", None) or drop.thread_ts
+                    self.post(drop.channel, thread, render.error(exc.summary, exc.detail))
+                log.info("file %s in %s: %s", drop.file_id, drop.channel, exc.summary)
+                return
+            except _Unreadable as exc:
+                # Slack never said what it is: nothing to tell, nothing marked seen.
+                log.warning("file %s in %s not checked: %s", drop.file_id, drop.channel, exc)
+                return
+            self.store.mark_seen(_file_key(drop))
 
-    def ingest(self, drop: FileDrop) -> Dataset | None:
+    def ingest(self, drop: FileDrop, *, waiting: bool = False) -> Dataset | None:
         """Download, validate and record a dropped file; its report goes to its thread.
+
+        None for what is not ours to check (deleted, hidden, not training
+        data): a log line, no message. While `waiting`, states Slack leaves a
+        fresh upload in (not found yet, no link yet, no share listed yet) raise
+        _NotYet; after it, they are told (UserError) or, for a missing share,
+        answered at the channel's top level.
 
         Idempotent per (file, channel): a file already recorded with its report
         is returned as it is, and a dataset row left without one (a stop in the
@@ -489,37 +524,54 @@ class Workflow:
         if existing is not None and existing.report_json:
             log.info("file %s is %s already", drop.file_id, existing.id)
             return existing
-        file = (
-            drop.file
-            if drop.file and drop.file.get("url_private_download")
-            else self._file_info(drop.file_id)
-        )
-        if not _is_jsonl(file):
+        described = self._describe(drop, waiting)
+        if described is None:
             return None
-        thread_ts = drop.thread_ts or _share_ts(file, drop.channel)
+        file, sniff = described
+        thread_ts = drop.thread_ts or share_thread(file, drop.channel)
+        if thread_ts is None and waiting:
+            raise _NotYet("Slack lists no message sharing it in the channel yet")
         name = file.get("name") or drop.file_id
-        size = int(file.get("size") or 0)
-        limit = self.settings.max_file_bytes
-        if size > limit:
-            log.info(
-                "file %s (%s) refused: %d bytes over the %d limit", drop.file_id, name, size, limit
+        try:
+            pointer = existing is None and self.settings.reshared_files == "pointer"
+            if pointer and (pointed := self._point_to_report(drop, file, name, thread_ts)):
+                return pointed
+            size = int(file.get("size") or 0)
+            limit = self.settings.max_file_bytes
+            if size > limit:
+                log.info("file %s (%s) refused: %d bytes over the %d limit",
+                         drop.file_id, name, size, limit)  # fmt: skip
+                raise UserError(
+                    f"{render.escape(name)} is {size / 2**20:,.1f} MiB; the limit is "
+                    f"{self.settings.max_file_mb:,} MiB, so it was not downloaded.",
+                    "Split it, sample it, or raise TUNEBOT_MAX_FILE_MB.",
+                )
+            try:
+                stored = self._download(file, limit, sniff=sniff)
+            except _Missing:
+                # Deleted since the event (a late delivery, a restart): files.info says.
+                if drop.file is not None and self._describe(replace(drop, file=None), waiting):
+                    raise UserError(f"Could not download {render.escape(name)}: Slack "
+                                    "answered HTTP 404.") from None  # fmt: skip
+                return None
+            if stored is None:
+                log.info("file %s in %s left alone: its first bytes are not JSON",
+                         drop.file_id, drop.channel)  # fmt: skip
+                return None
+            sha, size = stored
+            dataset, report = self.register(
+                sha,
+                size,
+                name=name,
+                channel=drop.channel,
+                thread_ts=thread_ts,
+                user=drop.user or file.get("user"),
+                file_id=drop.file_id,
+                dataset=existing if existing is not None and existing.sha256 == sha else None,
             )
-            raise UserError(
-                f"{render.escape(name)} is {size / 2**20:,.1f} MiB; the limit is {self.settings.max_file_mb:,} MiB, "
-                "so it was not downloaded.",
-                "Split it, sample it, or raise TUNEBOT_MAX_FILE_MB.",
-            )
-        sha, size = self._download(file, limit)
-        dataset, report = self.register(
-            sha,
-            size,
-            name=name,
-            channel=drop.channel,
-            thread_ts=thread_ts,
-            user=drop.user or file.get("user"),
-            file_id=drop.file_id,
-            dataset=existing if existing is not None and existing.sha256 == sha else None,
-        )
+        except UserError as exc:
+            exc.thread_ts = thread_ts  # where the words go
+            raise
         log.info(
             "file %s -> %s: %d examples, %d valid, %d errors, %d warnings (%.1f s)",
             drop.file_id, dataset.id, report.examples, report.valid_examples,
@@ -527,6 +579,81 @@ class Workflow:
         )  # fmt: skip
         self._offer_conversion(dataset.id, sha, size, name, drop.channel, thread_ts)
         return self.store.get_dataset(dataset.id)
+
+    def _describe(self, drop: FileDrop, waiting: bool) -> tuple[dict, bool] | None:
+        """(Slack's file object, whether its first bytes decide if it is training data),
+        or None for a file that is not ours to check. The event's object is trusted
+        only when complete; otherwise `files.info` describes the file."""
+        file = drop.file
+        known_name = (file or {}).get("name") or ""
+        label = render.escape(known_name) or "A file shared here"
+        if file is None or is_stub(file):
+            try:
+                file = self.client.files_info(file=drop.file_id)["file"]
+            except SlackApiError as exc:
+                error = exc.response.get("error") or "error"
+                if error in file_events.GONE:
+                    log.info("file %s in %s left alone: files.info says %s",
+                             drop.file_id, drop.channel, error)  # fmt: skip
+                    return None
+                if waiting:  # not found yet, rate limited, Slack's own trouble: again
+                    raise _NotYet(f"files.info says {error}") from None
+                if error in file_events.NOT_YET:
+                    raise UserError(
+                        f"{label} was not checked: Slack still could not find it "
+                        f"{self.settings.file_wait_seconds:g} s after it was shared.",
+                        "Share it again to have it checked.",
+                    ) from None
+                if training_data({"name": known_name}).ours:
+                    raise UserError(
+                        f"Slack would not let tunebot read {label} ({render.escape(error)}).",
+                        "Check that the bot has the files:read scope and is in this channel.",
+                    ) from None
+                raise _Unreadable(f"files.info says {error}") from None
+            except OSError as exc:  # Slack could not be reached
+                if waiting:
+                    raise _NotYet(f"files.info failed: {type(exc).__name__}") from None
+                raise _Unreadable(f"files.info failed: {type(exc).__name__}: {exc}") from None
+        if is_gone(file):
+            log.info("file %s in %s left alone: deleted or hidden", drop.file_id, drop.channel)
+            return None
+        verdict = training_data(file)
+        if verdict.ours is False:
+            log.info("file %s in %s left alone: %s", drop.file_id, drop.channel, verdict.why)
+            return None
+        if not (file.get("url_private_download") or file.get("url_private")):
+            if waiting:
+                raise _NotYet("Slack gives no download link yet")
+            raise UserError(
+                f"{render.escape(file.get('name') or 'A file shared here')} was not checked: "
+                "Slack gave no download link for it.",
+                "Share it again to have it checked.",
+            )
+        return file, verdict.ours is None
+
+    def _point_to_report(
+        self, drop: FileDrop, file: dict, name: str, thread_ts: str | None
+    ) -> Dataset | None:
+        """TUNEBOT_RESHARED_FILES=pointer: a file checked in another channel becomes a
+        dataset here from the same stored bytes and report, with a one-line answer
+        (which names no other channel). None when it was not checked anywhere."""
+        checked = self.store.checked_dataset_for_file(drop.file_id)
+        if checked is None or not self.blobs.exists(checked.sha256):
+            return None
+        dataset = self.store.add_dataset(
+            sha256=checked.sha256, name=name, channel=drop.channel, thread_ts=thread_ts,
+            file_id=drop.file_id, user=drop.user or file.get("user"),
+            size_bytes=checked.size_bytes,
+        )  # fmt: skip
+        dataset = self.store.update_dataset(
+            dataset.id, examples=checked.examples, valid_examples=checked.valid_examples,
+            errors=checked.errors, warnings=checked.warnings,
+            tokens_total=checked.tokens_total, report_json=checked.report_json,
+        )  # fmt: skip
+        self.post(drop.channel, thread_ts, render.reshared_pointer(name, dataset))
+        log.info("file %s in %s -> %s from the report of %s",
+                 drop.file_id, drop.channel, dataset.id, checked.id)  # fmt: skip
+        return dataset
 
     def _offer_conversion(
         self, dataset_id: str, sha: str, size: int, name: str, channel: str, thread_ts: str | None
@@ -593,16 +720,10 @@ class Workflow:
         self._upload_histogram(channel, thread_ts, dataset.id, name, report, model.context)
         return dataset, report
 
-    def _file_info(self, file_id: str) -> dict:
-        try:
-            return self.client.files_info(file=file_id)["file"]
-        except SlackApiError as exc:
-            raise UserError(
-                f"Slack would not describe file {file_id} ({exc.response.get('error')})."
-            ) from None
-
-    def _download(self, file: dict, limit: int) -> tuple[str, int]:
-        """Fetch a dropped file with the bot token, from Slack's file hosts only.
+    def _download(self, file: dict, limit: int, *, sniff: bool = False) -> tuple[str, int] | None:
+        """Fetch a dropped file with the bot token, from Slack's file hosts only, into
+        the blob store: (sha256, size). With `sniff`, its first bytes decide whether it
+        is training data at all: None (nothing stored, the rest never read) when not.
 
         The link must be https to a host in TUNEBOT_SLACK_FILE_HOSTS (or SLACK_API_URL's
         own host, which gets the token anyway); plain http only to a loopback host named
@@ -632,7 +753,12 @@ class Workflow:
                         f"Could not download {name}: Slack sent a sign-in page.",
                         "Check that the bot has the files:read scope and is in this channel.",
                     )
-                return self.blobs.put_stream(resp, max_bytes=limit)
+                if not sniff:
+                    return self.blobs.put_stream(resp, max_bytes=limit)
+                head = resp.read(file_events.SNIFF_BYTES)
+                if not file_events.sniff(head):
+                    return None
+                return self.blobs.put_stream(_Prefixed(head, resp), max_bytes=limit)
         except _RefusedRedirect as exc:
             log.warning("file %s: redirect refused (%s)", file.get("id"), _link_kind(exc.url))
             raise UserError(
@@ -644,6 +770,8 @@ class Workflow:
                 f"{name} is over the {self.settings.max_file_mb:,} MiB limit."
             ) from None
         except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise _Missing from None
             raise UserError(f"Could not download {name}: Slack answered HTTP {exc.code}.") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise UserError(f"Could not download {name}: {getattr(exc, 'reason', exc)}.") from None
@@ -838,62 +966,67 @@ class Workflow:
         """
         if not self.settings.serves(channel):
             return render.error("tunebot does not serve this channel (see TUNEBOT_CHANNELS).")
-        if cmd.name == "help":
-            return render.help_text(unknown=cmd.target)
-        if cmd.name == "datasets":
-            return render.datasets_list(self.store.datasets(channel=channel, limit=15))
-        if cmd.name == "runs":
-            return render.runs_list(self.store.runs(channel=channel, limit=15))
-        if cmd.name == "status":
-            return self._status(cmd, channel)
-        if cmd.name in ("train", "distill"):
-            return self.runs.request(cmd, channel, user)
-        if cmd.name == "chat":
-            return self.runs.distiller.chat(cmd, channel, user)
-        if cmd.name == "cancel":
-            return self.runs.cancel(cmd, channel, user)
-        if cmd.name == "eval":
-            return self.runs.evals.request(cmd.target, channel, cmd.options.get("eval"), user)
-        if cmd.name == "budget":
-            return self.runs.budget(channel)
-        if cmd.name == "resume":
-            return self.runs.resume(cmd, channel, user)
-        if cmd.name == "audit":
-            return self.runs.audit(cmd, channel)
-        if cmd.name == "release":
-            return self.runs.release(cmd, channel, user)
-        if cmd.name == "forget":
-            return self.runs.forget(cmd, channel, user)
-        if cmd.name == "convert":
-            return self.convert(cmd, channel, user)
-        if cmd.name == "validate":
-            dataset = self.find_dataset(channel, cmd.target)
-            self.stored_report(dataset)  # fail now, in the ack, if there is nothing to show
-            self.submit(
-                f"reposting {dataset.id}'s report",
-                lambda: self.repost_report(dataset),
-                channel,
-                dataset.thread_ts,
-            )
-            return render.note(f"Posting {dataset.id}'s report in its thread.")
-        if cmd.name == "estimate":
-            dataset = self.find_dataset(channel, cmd.target)
-            try:
-                model = self.prices.resolve(cmd.options.get("model", self.settings.default_model))
-                epochs = pricing.parse_epochs(cmd.options.get("epochs"))
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-            self.stored_report(dataset)
-            self.submit(
-                f"estimating {dataset.id}",
-                lambda: self.post_estimate(dataset, model.name, epochs),
-                channel,
-                dataset.thread_ts,
-            )
-            return render.note(
-                f"Posting the estimate for {dataset.id} on {model.name} in its thread."
-            )
-        return render.help_text(unknown=cmd.name)
+        handler = self._commands().get(cmd.name)
+        if handler is None:
+            return render.help_text(unknown=cmd.name)
+        return handler(cmd, channel, user)
+
+    def _commands(self) -> dict[str, Callable[[Command, str, str], render.Message]]:
+        """Each subcommand of the grammar (bot.commands.SPECS) and what answers it;
+        tests hold the two to the same names."""
+        runs = self.runs
+        return {
+            "help": lambda cmd, channel, user: render.help_text(unknown=cmd.target),
+            "datasets": lambda cmd, channel, user: render.datasets_list(
+                self.store.datasets(channel=channel, limit=15)
+            ),
+            "runs": lambda cmd, channel, user: render.runs_list(
+                self.store.runs(channel=channel, limit=15)
+            ),
+            "status": lambda cmd, channel, user: self._status(cmd, channel),
+            "train": runs.request,
+            "distill": runs.request,
+            "chat": runs.distiller.chat,
+            "cancel": runs.cancel,
+            "eval": lambda cmd, channel, user: runs.evals.request(
+                cmd.target, channel, cmd.options.get("eval"), user
+            ),
+            "budget": lambda cmd, channel, user: runs.budget(channel),
+            "resume": runs.resume,
+            "audit": lambda cmd, channel, user: runs.audit(cmd, channel),
+            "release": runs.release,
+            "forget": runs.forget,
+            "convert": self.convert,
+            "validate": lambda cmd, channel, user: self._validate_command(cmd, channel),
+            "estimate": lambda cmd, channel, user: self._estimate_command(cmd, channel),
+        }
+
+    def _validate_command(self, cmd: Command, channel: str) -> render.Message:
+        dataset = self.find_dataset(channel, cmd.target)
+        self.stored_report(dataset)  # fail now, in the ack, if there is nothing to show
+        self.submit(
+            f"reposting {dataset.id}'s report",
+            lambda: self.repost_report(dataset),
+            channel,
+            dataset.thread_ts,
+        )
+        return render.note(f"Posting {dataset.id}'s report in its thread.")
+
+    def _estimate_command(self, cmd: Command, channel: str) -> render.Message:
+        dataset = self.find_dataset(channel, cmd.target)
+        try:
+            model = self.prices.resolve(cmd.options.get("model", self.settings.default_model))
+            epochs = pricing.parse_epochs(cmd.options.get("epochs"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.stored_report(dataset)
+        self.submit(
+            f"estimating {dataset.id}",
+            lambda: self.post_estimate(dataset, model.name, epochs),
+            channel,
+            dataset.thread_ts,
+        )
+        return render.note(f"Posting the estimate for {dataset.id} on {model.name} in its thread.")
 
     def convert(self, cmd: Command, channel: str, user: str) -> render.Message:
         """`/finetune convert d4 from=…`: the stored bytes of d4 become a new dataset.
@@ -983,6 +1116,40 @@ def _file_key(drop: FileDrop) -> str:
     return f"file:{drop.file_id}:{drop.channel}"
 
 
+def _ingest_key(drop: FileDrop) -> str:
+    """The pending_work key of a file's ingest in a channel."""
+    return f"ingest:{drop.file_id}:{drop.channel}"
+
+
+class _Prefixed:
+    """A stream's first bytes, already read, then the rest of it."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out, self._head = self._head, b""
+            return out
+        return self._rest.read(n)
+
+
+class _NotYet(Exception):
+    """Slack cannot serve a fresh file yet (not found, no link, no share): ask again."""
+
+
+class _Unreadable(Exception):
+    """Slack never said what a file is: nothing to tell anyone, nothing marked seen."""
+
+
+class _Missing(Exception):
+    """The download answered 404 or 410: the file may have been deleted since."""
+
+
+class _Stopping(BaseException):
+    """The bot is stopping: a waiting ingest ends, its pending_work row kept."""
+
+
 class _Renewal:
     """Renews a claim on acked work every third of its lease while a long job runs."""
 
@@ -1004,24 +1171,6 @@ class _Renewal:
 
     def stop(self) -> None:
         self._stopped.set()
-
-
-def _is_jsonl(file: dict) -> bool:
-    """A file tunebot takes in: chat JSONL, or a .json / .csv file it can convert."""
-    name = (file.get("name") or "").lower()
-    return name.endswith(JSONL_SUFFIXES + CONVERTIBLE_SUFFIXES) or file.get("filetype") in (
-        "jsonl",
-        "json",
-        "csv",
-    )
-
-
-def _share_ts(file: dict, channel: str) -> str | None:
-    """The ts of the message that shared `file` in `channel`: the thread to reply in."""
-    for kind in ("public", "private"):
-        for share in (file.get("shares") or {}).get(kind, {}).get(channel, []):
-            return share.get("thread_ts") or share.get("ts")
-    return None
 
 
 def _report_record(report: Report, counts_sha: str, findings_sha: str) -> dict:

@@ -16,6 +16,7 @@ from storage.db import (
     SchemaTooNew,
     Store,
 )
+from storage.errors import StorageError
 from storage.ledger import AlreadyReserved, Ledger, OverBudget, Reservation
 from storage.lock import HomeLock, HomeLocked
 
@@ -41,5 +42,6 @@ __all__ = [
     "Run",
     "RunEvent",
     "SchemaTooNew",
+    "StorageError",
     "Store",
 ]

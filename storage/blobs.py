@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from storage.db import NotFound
+from storage.errors import StorageError
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -28,7 +29,7 @@ class BlobNotFound(NotFound):
     """No blob with that sha256."""
 
 
-class BlobTooLarge(ValueError):
+class BlobTooLarge(StorageError, ValueError):
     """The content is longer than the caller's limit."""
 
     def __init__(self, max_bytes: int) -> None:

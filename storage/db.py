@@ -31,6 +31,8 @@ from typing import Any, TypeAlias, TypeVar
 
 import sqlite_utils
 
+from storage.errors import StorageError
+
 DB_NAME = "tunebot.db"
 BUSY_TIMEOUT_MS = 5000
 
@@ -51,11 +53,11 @@ DECISIONS = ("approve", "reject", "override_secret")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class NotFound(LookupError):
+class NotFound(StorageError, LookupError):
     """No row with that id."""
 
 
-class SchemaTooNew(RuntimeError):
+class SchemaTooNew(StorageError, RuntimeError):
     """The file was migrated by a newer tunebot than this one."""
 
 
@@ -774,23 +776,25 @@ class Store:
     def latest_dataset(self, channel: str) -> Dataset | None:
         """The newest dataset in `channel` not forgotten: the one a command that names none means."""
         _require_text("channel", channel)
-        rows = list(
-            self.db.query(
-                "SELECT * FROM datasets WHERE channel = ? AND forgotten_at IS NULL"
-                " ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                [channel],
-            )
-        )
-        return _from_row(Dataset, rows[0]) if rows else None
+        return self._newest_dataset("channel = ?", [channel])
 
     def dataset_for_file(self, file_id: str, channel: str) -> Dataset | None:
         """The newest dataset not forgotten that Slack file `file_id` became in `channel`."""
         _require_text("file_id", file_id)
+        return self._newest_dataset("file_id = ? AND channel = ?", [file_id, channel])
+
+    def checked_dataset_for_file(self, file_id: str) -> Dataset | None:
+        """The newest dataset not forgotten, in any channel, that Slack file `file_id`
+        became and that has its report."""
+        _require_text("file_id", file_id)
+        return self._newest_dataset("file_id = ? AND report_json IS NOT NULL", [file_id])
+
+    def _newest_dataset(self, where: str, args: list[Any]) -> Dataset | None:
         rows = list(
             self.db.query(
-                "SELECT * FROM datasets WHERE file_id = ? AND channel = ? AND forgotten_at IS NULL"
+                f"SELECT * FROM datasets WHERE {where} AND forgotten_at IS NULL"
                 " ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                [file_id, channel],
+                args,
             )
         )
         return _from_row(Dataset, rows[0]) if rows else None
@@ -1292,6 +1296,35 @@ class Store:
             args.append(owner)
         with self.transaction() as db:
             return db.execute(sql, args).rowcount == 1
+
+    def add_work_hints(self, key: str, hints: dict[str, Any]) -> bool:
+        """Fill the arguments of work `key` that are still empty (None) from `hints`:
+        a later delivery about the same thing knows more (a thread, a file object).
+        Arguments already set are kept. False when there is no such work."""
+        _require_text("key", key)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT payload_json FROM pending_work WHERE key = ?", [key]
+            ).fetchone()
+            if row is None:
+                return False
+            payload = json.loads(row[0])
+            args = payload.setdefault("args", {})
+            missing = {k: v for k, v in hints.items() if v is not None and args.get(k) is None}
+            if missing:
+                args.update(missing)
+                db.execute(
+                    "UPDATE pending_work SET payload_json = ? WHERE key = ?",
+                    [_encode("payload_json", payload), key],
+                )
+            return True
+
+    def work_args(self, key: str) -> dict[str, Any] | None:
+        """The recorded arguments of work `key`; None when it is done or unknown."""
+        row = self.db.execute(
+            "SELECT payload_json FROM pending_work WHERE key = ?", [key]
+        ).fetchone()
+        return None if row is None else (json.loads(row[0]).get("args") or {})
 
     def pending_work(self, kind: str | None = None) -> list[PendingWork]:
         """Work not done yet, oldest first."""

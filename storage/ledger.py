@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from storage.errors import StorageError
+
 if TYPE_CHECKING:
     from storage.db import Store
 
 KINDS = ("run", "eval", "chat")
 
 
-class OverBudget(Exception):
+class OverBudget(StorageError):
     """The reservation would take the month past its budget. `left_usd` is what remains."""
 
     def __init__(self, usd: float, left_usd: float, budget_usd: float) -> None:
@@ -43,7 +45,7 @@ class OverBudget(Exception):
         self.budget_usd = budget_usd
 
 
-class AlreadyReserved(Exception):
+class AlreadyReserved(StorageError):
     """An open reservation for the same (kind, ref) exists: that work is already going."""
 
 
@@ -78,6 +80,13 @@ SELECT COALESCE(SUM(CASE WHEN status = 'reserved'
 FROM spend WHERE (status = 'reserved' OR COALESCE(settled_at, created_at) >= ?)
   AND id != ? AND (? IS NULL OR channel = ?)
 """
+
+
+# The runs in a final state.
+_ENDED = (
+    "(SELECT id FROM runs WHERE status IN"
+    " ('succeeded', 'failed', 'cancelled', 'rejected', 'expired'))"
+)
 
 
 class Ledger:
@@ -190,14 +199,21 @@ class Ledger:
 
     def settle_ended_runs(self) -> int:
         """Close the open rows of runs that have ended (a crash between the run's last
-        state and its settlement): at the run's recorded actual cost. Returns how many."""
+        state and its settlement): at the run's recorded actual cost. Returns how many.
+
+        Called at every poll, so it reads first and takes the write lock only
+        when there is something to settle.
+        """
+        if not self.store.db.execute(
+            f"SELECT 1 FROM spend WHERE kind = 'run' AND status = 'reserved' AND ref IN {_ENDED} LIMIT 1"
+        ).fetchone():
+            return 0
         with self.store.transaction() as db:
             cursor = db.execute(
                 "UPDATE spend SET status = 'settled', settled_at = ?, note = 'ended run',"
                 " actual_usd = MAX(COALESCE(actual_usd, 0), COALESCE((SELECT actual_usd FROM runs"
                 " WHERE runs.id = spend.ref), 0))"
-                " WHERE kind = 'run' AND status = 'reserved' AND ref IN (SELECT id FROM runs WHERE"
-                " status IN ('succeeded', 'failed', 'cancelled', 'rejected', 'expired'))",
+                f" WHERE kind = 'run' AND status = 'reserved' AND ref IN {_ENDED}",
                 [self.store._now()],
             )
             return cursor.rowcount

@@ -17,10 +17,12 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
+from storage.errors import StorageError
+
 LOCK_NAME = "tunebot.lock"
 
 
-class HomeLocked(RuntimeError):
+class HomeLocked(StorageError, RuntimeError):
     """Another tunebot holds the home folder."""
 
     def __init__(self, home: Path, pid: int | None, host: str | None, since: str | None) -> None:

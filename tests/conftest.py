@@ -26,22 +26,43 @@ SECRET = "test-signing-secret"
 SYSTEM = {"role": "system", "content": "You are a concise support assistant."}
 
 
-def training_file(n: int = 12, *, bad_lines: int = 0) -> bytes:
+def chat_jsonl(
+    n: int,
+    user: str = "How do I reset device {i}?",
+    assistant: str = "Hold the power button of device {i} for ten seconds.",
+    *,
+    bad_lines: int = 0,
+) -> bytes:
+    """`n` system/user/assistant examples (`{i}` in a turn is the example's number),
+    then `bad_lines` lines that are not JSON."""
     rows = [
         {
             "messages": [
                 SYSTEM,
-                {"role": "user", "content": f"How do I reset device {i}?"},
-                {
-                    "role": "assistant",
-                    "content": f"Hold the power button of device {i} for ten seconds.",
-                },
+                {"role": "user", "content": user.format(i=i)},
+                {"role": "assistant", "content": assistant.format(i=i)},
             ]
         }
         for i in range(n)
     ]
     lines = [json.dumps(r) for r in rows] + ["{not json"] * bad_lines
     return ("\n".join(lines) + "\n").encode()
+
+
+def training_file(n: int = 12, *, bad_lines: int = 0) -> bytes:
+    return chat_jsonl(n, bad_lines=bad_lines)
+
+
+SECRET_KEY = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 2  # looks like an OpenAI key
+
+
+def secret_training_file(n: int) -> bytes:
+    """`n` chat examples whose user turns hold SECRET_KEY: a `possible_secret` each."""
+    return chat_jsonl(
+        n,
+        f"My key is {SECRET_KEY}, why does call {{i}} fail?",
+        "Rotate the key and retry call {i} later.",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +166,7 @@ def openai_fake():
 @pytest.fixture
 def paid_bot(make_bot, openai_fake):
     """A bot for paid runs: OpenAI is the local fake, approvers UA and UB."""
+
     def start(**overrides):
         settings = {
             "openai_api_key": "sk-test",

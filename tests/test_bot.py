@@ -256,3 +256,15 @@ def test_every_manifest_command_and_event_has_a_listener_and_back(bot):
         assert bot.event(event, event_id=f"EvM{i}") == 200, event_type
     assert bot.command("help")[0] == 200
     bot.wait_idle()
+
+
+def test_every_subcommand_is_answered_documented_and_in_help(bot):
+    """The grammar (SPECS), the dispatch table, `/finetune help` and the README name
+    the same subcommands."""
+    # advise opens a modal from the listener itself: its trigger lasts 3 s.
+    assert set(bot.workflow._commands()) | {"advise"} == set(SPECS)
+    _, body = bot.command("help")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for name in SPECS:
+        assert f"{name}" in body["text"], name
+        assert re.search(rf"/finetune {name}\b|`{name}\b", readme), f"README lacks {name}"

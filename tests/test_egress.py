@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
-from tests.conftest import SYSTEM, training_file
+from tests.conftest import SECRET_KEY, secret_training_file, training_file
 from tests.test_paid_guarantees import succeeded_run
 from tests.test_runs import click, request, texts, upload
 
-KEY = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 2
-
-
-def secret_file(n: int = 10) -> bytes:
-    rows = [
-        {
-            "messages": [
-                SYSTEM,
-                {"role": "user", "content": f"My key is {KEY}, why does call {i} fail?"},
-                {"role": "assistant", "content": f"Rotate the key and retry call {i} later."},
-            ]
-        }
-        for i in range(n)
-    ]
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+KEY = SECRET_KEY
 
 
 def test_an_eval_set_with_secrets_is_not_sent_until_an_approver_releases_it(paid_bot):
     bot = paid_bot(judge_model="")
     succeeded_run(bot)
-    upload(bot, secret_file(), name="leaky-eval.jsonl")  # d2
+    upload(bot, secret_training_file(10), name="leaky-eval.jsonl")  # d2
     assert bot.store.get_dataset("d2").report_json["codes"]["possible_secret"] == 10
     before = len(bot.openai.chat_calls())
 
@@ -53,7 +37,7 @@ def test_an_eval_set_with_secrets_is_not_sent_until_an_approver_releases_it(paid
 def test_a_training_run_with_a_leaky_eval_set_is_held_and_the_override_names_both(paid_bot):
     bot = paid_bot(judge_model="")
     upload(bot, training_file(40))  # d1, clean
-    upload(bot, secret_file(), name="leaky-eval.jsonl")  # d2
+    upload(bot, secret_training_file(10), name="leaky-eval.jsonl")  # d2
     request(bot, "train d1 eval=d2")
     assert bot.store.get_run("r1").plan_json["secret_hold"] is True
     click(bot, "UA", "approve_run")

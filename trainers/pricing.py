@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from trainers.errors import TrainerError
+
 # OpenAI stops accepting new self-serve fine-tuning jobs on this day.
 OPENAI_FINE_TUNING_CUTOFF = dt.date(2027, 1, 6)
 
@@ -118,11 +120,11 @@ DEFAULT_PRICES: tuple[ModelPrice, ...] = (
 DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
 
 
-class UnknownModel(ValueError):
+class UnknownModel(TrainerError, ValueError):
     """A model name that is not in the price table."""
 
 
-class RetiredModel(ValueError):
+class RetiredModel(TrainerError, ValueError):
     """A model that OpenAI no longer fine-tunes."""
 
 

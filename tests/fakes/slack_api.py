@@ -143,6 +143,10 @@ class FakeSlack(LocalHTTPServer):
         # A URL every authorised download is redirected to (302) while set.
         self.redirect_downloads: str | None = None
         self.socket_mode: FakeSocketMode | None = None
+        # files.info as Slack answers right after an upload (see `lag_file`): calls
+        # left during which a file is not found, has no download link, has no shares.
+        self._lag: dict[str, dict[str, int]] = {}
+        self._deleted: set[str] = set()
 
         self.calls: list[Call] = []
         self.uploads: list[Upload] = []
@@ -255,6 +259,46 @@ class FakeSlack(LocalHTTPServer):
             return self._store_file(
                 file_id, content, name, title or name, user, filetype, channel, share_ts, thread_ts
             )
+
+    def lag_file(
+        self, file_id: str, *, not_found: int = 0, no_link: int = 0, no_shares: int = 0
+    ) -> None:
+        """Make files.info answer as Slack does just after an upload: `file_not_found`
+        for the first `not_found` calls, then the file without its download links for
+        `no_link` calls and without `shares` for `no_shares` calls (the latter two
+        count every call that finds the file)."""
+        with self._cond:
+            self._lag[file_id] = {
+                "not_found": not_found,
+                "no_link": no_link,
+                "no_shares": no_shares,
+            }
+
+    def share_file(
+        self, file_id: str, channel: str, thread_ts: str | None = None
+    ) -> dict[str, Any]:
+        """Share a file already uploaded into another channel (a new message there);
+        returns its file object, which now lists both shares."""
+        with self._cond:
+            file_obj = self._files[file_id]
+            share: dict[str, Any] = {
+                "ts": self._next_ts(),
+                "channel_name": _channel_name(channel),
+                "team_id": self.team_id,
+                "share_user_id": file_obj["user"],
+            }
+            if thread_ts is not None:
+                share["thread_ts"] = thread_ts
+            visibility = "private" if channel[:1] in ("G", "D") else "public"
+            file_obj["shares"].setdefault(visibility, {})[channel] = [share]
+            file_obj["channels" if channel.startswith("C") else "groups"].append(channel)
+            return json.loads(json.dumps(file_obj))
+
+    def delete_file(self, file_id: str) -> None:
+        """files.info answers `file_deleted` from now on, and downloads 404."""
+        with self._cond:
+            self._deleted.add(file_id)
+            self._contents.pop(file_id, None)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -695,9 +739,24 @@ class FakeSlack(LocalHTTPServer):
         return {"ok": True, "view": stored}
 
     def _m_files_info(self, p: dict[str, Any]) -> dict[str, Any]:
-        file_obj = self._files.get(p.get("file") or "")
-        if file_obj is None:
+        file_id = p.get("file") or ""
+        if file_id in self._deleted:
+            return {"ok": False, "error": "file_deleted"}
+        file_obj = self._files.get(file_id)
+        lag = self._lag.get(file_id) or {}
+        if file_obj is None or lag.get("not_found", 0) > 0:
+            if lag:
+                lag["not_found"] -= 1
             return {"ok": False, "error": "file_not_found"}
+        if lag.get("no_link", 0) > 0 or lag.get("no_shares", 0) > 0:
+            file_obj = json.loads(json.dumps(file_obj))
+            if lag["no_link"] > 0:
+                lag["no_link"] -= 1
+                file_obj.pop("url_private", None)
+                file_obj.pop("url_private_download", None)
+            if lag["no_shares"] > 0:
+                lag["no_shares"] -= 1
+                file_obj["shares"] = {}
         return {
             "ok": True,
             "file": file_obj,
