@@ -125,7 +125,8 @@ class Settings:
         default=1.0,
         metadata=_meta(
             "TUNEBOT_EVAL_APPROVAL_ABOVE_USD",
-            "Evaluations and chats estimated above this need an approval like a run",
+            "Evaluations estimated above this need an approval like a run; a chat above it "
+            "is refused",
         ),
     )
     claim_lease_seconds: float = field(

@@ -504,6 +504,13 @@ class Workflow:
                 # Slack never said what it is: nothing to tell, nothing marked seen.
                 log.warning("file %s in %s not checked: %s", drop.file_id, drop.channel, exc)
                 return
+            except Exception as exc:  # answered here, in the thread learned since the start
+                message = self.unexpected(exc, f"checking file {drop.file_id}")
+                thread = drop.thread_ts or (self.store.work_args(_ingest_key(drop)) or {}).get(
+                    "thread_ts"
+                )
+                self.post(drop.channel, thread, message)
+                return
             self.store.mark_seen(_file_key(drop))
 
     def ingest(self, drop: FileDrop, *, waiting: bool = False) -> Dataset | None:

@@ -433,3 +433,24 @@ def test_guarantee_no_wait_tells_once_without_hammering(make_bot):
     bot.wait_idle(60)
     [report] = reports(bot)
     assert report["thread_ts"] == share_ts(good)
+
+
+def test_an_unexpected_error_is_answered_in_the_thread_learned_while_waiting(fast_bot, monkeypatch):
+    """file_shared (no thread) starts the ingest; the message event names the thread
+    while it waits; a failure after that is answered there, once, in words."""
+    bot = fast_bot
+    parent = "1700000000.000200"
+    file = bot.slack.add_file(training_file(20), name="support.jsonl", thread_ts=parent)
+    bot.slack.lag_file(file["id"], not_found=3, no_shares=1000)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire at /srv/secret/path")
+
+    monkeypatch.setattr(bot.workflow, "register", broken)
+    bot.event(file_shared_event(file), event_id="Ev1")
+    later(0.3, lambda: bot.event(file_share_message_event(file), event_id="Ev2")).join()
+    bot.wait_idle(60)
+    [told] = bot.slack.messages("C1")
+    assert told["thread_ts"] == parent
+    assert "Something went wrong while checking file" in told["text"]
+    assert "/srv" not in told["text"] and "Traceback" not in told["text"]
