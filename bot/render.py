@@ -247,7 +247,7 @@ def validation_report(
         trainers = trainable_by(report.kind, images=bool(report.images))
     label = f"{escape(name)} ({dataset_id})" if dataset_id else escape(name)
     n_err, n_warn = report.error_count, report.warning_count
-    verdict = "✅ ready to train" if not n_err else "❌ fix the errors before training"
+    verdict = _verdict(n_err)
     headline = (
         f"{label}: {_plural(report.examples, 'example')}, {report.valid_examples:,} valid — "
         f"{_plural(n_err, 'error')}, {_plural(n_warn, 'warning')}. {verdict}"
@@ -337,11 +337,15 @@ def conversion_offer(name: str, dataset_id: str, fmt: str, looks_like: str) -> M
     return Message(text, [_section(text)])
 
 
+def _verdict(errors: int) -> str:
+    return "✅ ready to train" if not errors else "❌ fix the errors before training"
+
+
 def reshared_pointer(name: str, dataset: Dataset) -> Message:
     """A file already checked in another channel (TUNEBOT_RESHARED_FILES=pointer): its
     counts in one line, and that it can be used here. Names no other channel."""
     n_err = dataset.errors or 0
-    verdict = "✅ ready to train" if not n_err else "❌ fix the errors before training"
+    verdict = _verdict(n_err)
     text = (
         f"{escape(name)} ({dataset.id}) was checked before: "
         f"{_plural(dataset.examples or 0, 'example')}, {dataset.valid_examples or 0:,} valid — "

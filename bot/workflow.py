@@ -430,14 +430,16 @@ class Workflow:
         if not self.settings.serves(drop.channel):
             return False
         complete = drop.file if drop.file and not is_stub(drop.file) else None
-        if drop.file and (is_gone(drop.file) or complete):
-            verdict = training_data(drop.file)
-            if is_gone(drop.file) or verdict.ours is False:
-                why = "deleted or hidden" if is_gone(drop.file) else verdict.why
-                log.info("file %s in %s left alone: %s", drop.file_id, drop.channel, why)
-                # An ingest the other event started waits no more: this one knows.
-                self.store.add_work_hints(_ingest_key(drop), {"described": drop.file})
-                return False
+        why = None
+        if drop.file and is_gone(drop.file):
+            why = "deleted or hidden"
+        elif complete and (verdict := training_data(complete)).ours is False:
+            why = verdict.why
+        if why:
+            log.info("file %s in %s left alone: %s", drop.file_id, drop.channel, why)
+            # An ingest the other event started waits no more: this one knows.
+            self.store.add_work_hints(_ingest_key(drop), {"described": drop.file})
+            return False
         if self.store.seen(_file_key(drop)):
             return False
         key = _ingest_key(drop)

@@ -52,17 +52,7 @@ def server_paths(bot, text: str) -> list[str]:
 # Evaluations.prepare stores it as data["note"] and after_success posts it).
 def test_a_run_too_small_to_split_says_so_without_a_server_path(paid_bot):
     bot = paid_bot(judge_model="")
-    upload(bot, training_file(12))
-    request(bot)
-    click(bot, "UA", "approve_run")
-    bot.wait_idle()
-    for _ in range(30):
-        bot.workflow.runs.poll_all()
-        bot.wait_idle()
-        if bot.store.get_run("r1").status == "succeeded":
-            break
-    bot.wait_idle()
-    assert bot.store.get_run("r1").status == "succeeded"
+    assert succeeded_run(bot, training_file(12)).status == "succeeded"
     notes = [t for t in texts(bot) if "not evaluated" in t]
     assert len(notes) == 1, texts(bot)
     assert not server_paths(bot, notes[0]), notes[0]

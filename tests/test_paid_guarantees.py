@@ -232,9 +232,10 @@ def test_approval_checks_the_budget_again(paid_bot):
 # --- evaluations and chats --------------------------------------------------------------
 
 
-def succeeded_run(bot):
-    """An OpenAI run trained to the end, its automatic evaluation done."""
-    upload(bot)
+def succeeded_run(bot, content: bytes | None = None):
+    """An OpenAI run trained to the end (on `content`, else the default training file),
+    its automatic evaluation done."""
+    upload(bot, content)
     request(bot)
     click(bot, "UA", "approve_run")
     bot.wait_idle()
