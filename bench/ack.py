@@ -7,9 +7,9 @@ four bursts, each right after dropping a large training file so that its
 validation runs during the burst:
 
 - `/finetune help`;
-- `/finetune train d1 provider=openai` (a plan, the budget check, the spend
-  reservation and the run recorded in the ack; the card is posted after it),
-  one paid run per request;
+- `/finetune train d1 provider=openai` (the plan and a read-only budget
+  check in the ack, the request recorded under its run id; the run, its
+  reservation and its card on a job thread), one paid run per request;
 - Reject clicks on those pending runs (each opens the reason modal, whose
   trigger lasts 3 s: the one Slack call an ack makes);
 - Approve clicks on the same runs (recorded before the 200, counted on a job

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from slack_bolt import App
 from slack_sdk import WebClient
@@ -10,6 +12,7 @@ from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
 from bot import listeners
 from bot.config import Settings
+from bot.priority import ACKS
 from bot.workflow import Workflow
 
 
@@ -30,7 +33,11 @@ def _bolt_logger() -> logging.Logger:
 
 def make_client(settings: Settings) -> WebClient:
     """A Web API client that waits out Slack's rate limits instead of failing."""
-    client = WebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url, timeout=30)
+    from bot.priority import stepping_aside
+
+    client = stepping_aside(WebClient)(
+        token=settings.slack_bot_token, base_url=settings.slack_api_url, timeout=30
+    )
     client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=3))
     return client
 
@@ -48,5 +55,13 @@ def create_app(settings: Settings, workflow: Workflow) -> App:
         # response keeps acks fast and means "200" = "the work is queued".
         process_before_response=True,
     )
+    app.use(_acks_first)
     listeners.register(app, workflow)
     return app
+
+
+def _acks_first(next: Callable[[], Any]) -> Any:
+    """Every request Bolt dispatches counts as an ack in flight until its listener
+    returns (see bot.priority)."""
+    with ACKS.ack():
+        return next()

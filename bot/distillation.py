@@ -69,19 +69,22 @@ class Distiller:
             egress.check_prompt(cmd.options["system"])  # it goes to the teacher with every prompt
         teacher = self._teacher(cmd.options.get("teacher"))
         self.wf.check_room()  # busy: say so before naming a run
-        run_id = self.store.new_run_id()
-        self.wf.start_work(
-            "price",
-            f"price:{run_id}",
-            {
-                "run_id": run_id, "dataset_id": dataset.id, "teacher": teacher,
-                "system": cmd.options.get("system"), "channel": channel, "user": user,
-            },
-            what=f"pricing {run_id}",
-            channel=channel,
-            thread_ts=dataset.thread_ts,
-            long=True,
-        )  # fmt: skip
+        with self.store.transaction():  # one commit: the id and the recorded request
+            run_id = self.store.new_run_id()
+            start = self.wf.record_work(
+                "price",
+                f"price:{run_id}",
+                {
+                    "run_id": run_id, "dataset_id": dataset.id, "teacher": teacher,
+                    "system": cmd.options.get("system"), "channel": channel, "user": user,
+                },
+                what=f"pricing {run_id}",
+                channel=channel,
+                thread_ts=dataset.thread_ts,
+                long=True,
+            )  # fmt: skip
+        if start is not None:  # a fresh id: its key cannot be held
+            start()
         count = f"{dataset.examples:,} prompts" if dataset.examples is not None else "the prompts"
         return render.note(
             f"{run_id}: pricing {count} of {dataset.id} for {teacher}…, "

@@ -653,7 +653,8 @@ class Evaluations:
     def _upload(self, run: Run, result) -> None:
         from bot.charts import score_bars
 
-        png = score_bars(
+        png = self.wf.draw(
+            score_bars,
             [s.name for s in result.summaries],
             [s.base or 0.0 for s in result.summaries],
             [s.tuned or 0.0 for s in result.summaries],
@@ -664,6 +665,8 @@ class Evaluations:
             (png, f"eval-{run.id}.png", f"Scores of {run.id}"),
             (result.rows_csv(), f"eval-{run.id}.csv", f"Every evaluated example of {run.id}"),
         ):
+            if content is None:  # the chart could not be drawn (logged)
+                continue
             try:
                 self.wf.client.files_upload_v2(
                     channel=run.channel,

@@ -31,6 +31,7 @@ from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
+from bot.priority import ACKS
 from bot.spend import SpendGate
 from storage import Dataset, Run
 from trainers import pricing
@@ -94,7 +95,9 @@ class Runs:
         if not self.settings.openai_api_key:
             raise UserError("OPENAI_API_KEY is not set, so tunebot cannot reach OpenAI.")
         return OpenAIFineTuner.from_settings(
-            self.settings.openai_api_key, self.settings.openai_base_url or None
+            self.settings.openai_api_key,
+            self.settings.openai_base_url or None,
+            before_request=ACKS.step_aside,
         )
 
     @property
@@ -217,7 +220,52 @@ class Runs:
             plan = self._local_plan(dataset, report, opts, channel)
         else:
             plan = self._openai_plan(dataset, report, opts, channel)
-        return self._put_to_approvers(plan, channel, user)
+        policy = self.policy()
+        self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
+        # One small write before the ack (the request, under the id it will have);
+        # the run, its reservation and its card are the job's (`request_work`).
+        with self.store.transaction():
+            run_id = self.store.new_run_id()
+            start = self.wf.record_work(
+                "request", f"request:{run_id}",
+                {"run_id": run_id, "plan": plan, "channel": channel, "user": user},
+                what=f"recording {run_id}", channel=channel, thread_ts=dataset.thread_ts,
+                long=False,
+            )  # fmt: skip
+        if start is not None:  # a fresh id: its key cannot be held
+            start()
+        if not approvals.needs_approval(policy, provider):
+            return render.note(
+                f"{run_id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
+            )
+        return render.note(f"{run_id} needs approval: the card is in {dataset.id}'s thread.")
+
+    def request_work(self, args: dict) -> None:
+        """The job behind `request` (resumed after a restart): the run recorded with its
+        reservation if the budget still allows it, then its card."""
+        run = self.store.find_run(args["run_id"])
+        if run is None:
+            self._put_to_approvers(
+                args["plan"], args["channel"], args["user"], run_id=args["run_id"]
+            )
+        elif run.status == "pending_approval" and not run.card_ts:  # stopped before the card
+            self._post_card(run.id)
+
+    def _refuse(self, plan: dict, policy: Policy, user: str) -> None:
+        """Raise SpendRefused (audited) when the policy refuses `plan` now."""
+        reasons = approvals.refusals(
+            policy,
+            provider=plan["provider"],
+            estimate_usd=plan["estimate"]["cost_usd"],
+            committed_usd=self.committed_usd(),
+            requester=user,
+        )
+        if reasons:
+            self.store.audit(
+                user, "refused", dataset_id=plan["dataset_id"],
+                plan_hash=approvals.plan_hash(plan), detail={"reasons": reasons},
+            )  # fmt: skip
+            raise SpendRefused("This run cannot be requested: " + "; ".join(reasons) + ".")
 
     def _put_to_approvers(
         self, plan: dict, channel: str, user: str, *, run_id: str | None = None
@@ -949,9 +997,14 @@ class Runs:
     def _upload_loss_curve(self, run: Run, metrics) -> None:
         from bot.charts import loss_curve
 
-        png = loss_curve(
-            [m[0] for m in metrics], [m[1] for m in metrics], title=f"{run.id}: training loss"
+        png = self.wf.draw(
+            loss_curve,
+            [m[0] for m in metrics],
+            [m[1] for m in metrics],
+            title=f"{run.id}: training loss",
         )
+        if png is None:
+            return
         try:
             self.wf.client.files_upload_v2(
                 channel=run.channel,

@@ -7,6 +7,7 @@ thread, so a slow client never holds up Slack's 3-second acks.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socketserver
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from bot.config import Settings
+from bot.priority import ACKS
 
 log = logging.getLogger("tunebot")
 
@@ -45,7 +47,8 @@ def wsgi_app(app) -> Callable:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == EVENTS_PATH and method == "POST":
-            return bolt(environ, start_response)
+            with ACKS.ack():  # from the first byte read (bot.priority)
+                return bolt(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 
@@ -142,6 +145,13 @@ def serve(settings: Settings, *, http: bool, host: str, port: int) -> int:
         except OSError as exc:
             return _fail(f"cannot reach Slack at {settings.slack_api_url}: {exc}")
         _stop_on_sigterm()
+        if settings.openai_api_key:
+            # Imported by the first paid run's job thread otherwise: half a second
+            # of the GIL taken from the acks of that moment (bench/ack.py).
+            import openai  # noqa: F401
+        # What start-up made lives as long as the process: out of the collector's
+        # way, so that a full collection (a pause for every thread) stays short.
+        gc.freeze()
         workflow.resume()  # file checks, clicks and pricing acked before the last stop
         from bot.scheduler import start_scheduler
 

@@ -32,6 +32,7 @@ from bot.commands import Command
 from bot.config import Settings
 from bot.errors import Busy, UserError, slack_error
 from bot.file_events import is_gone, is_stub, share_thread, training_data
+from bot.priority import ACKS
 from storage import BlobStore, BlobTooLarge, Dataset, Store
 from trainers import pricing
 from trainers.data import Finding, Report, TokenStats
@@ -83,6 +84,7 @@ class Workflow:
     ) -> None:
         self.settings = settings
         self.store = store
+        store.before_write = ACKS.step_aside  # acks write first (bot.priority)
         self.blobs = blobs
         self.client = client
         self.prices = _price_table(settings)
@@ -119,6 +121,7 @@ class Workflow:
             "ingest": self._ingest_work,
             "decide": self._decide_work,
             "price": self.runs.distiller.price_work,
+            "request": self.runs.request_work,
         }
         self.runs.warm_approvers()  # so that no ack waits on Slack for them
 
@@ -140,30 +143,47 @@ class Workflow:
             return self._validation_pool
 
     def _validate(self, path: str, context: int, encoding: str, name: str) -> Report:
-        """Validate in the worker; a dead worker (killed, out of memory) gets a new pool.
+        """Validate in the worker process (see `_in_worker`)."""
+        report = self._in_worker(
+            validate_file, path, context, self.settings.max_file_bytes, encoding
+        )
+        if report is None:
+            raise UserError(
+                f"The checker crashed on {render.escape(name)} (out of memory?), so it has no "
+                "report. The checker was restarted: other files are checked as usual.",
+                "Split the file or sample it, and drop it again; the bot's log has the details.",
+            )
+        return report
 
-        A broken pool fails every file in it, so each is tried once more on a
-        fresh one; a file that breaks that too is the culprit, and says so.
+    def draw(self, chart: Callable[..., bytes], *args: Any, **kwargs: Any) -> bytes | None:
+        """A PNG from one of bot.charts, drawn in the worker process: matplotlib's
+        import and drawing then never hold the GIL an ack is waiting for.
+        None (logged) when the worker died drawing it."""
+        png = self._in_worker(chart, *args, **kwargs)
+        if png is None:
+            log.error("the worker died drawing a %s chart", chart.__name__)
+        return png
+
+    def _in_worker(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` in the worker process; None when it kills the worker twice.
+
+        A dead worker (killed, out of memory) breaks its pool, which fails
+        everything queued in it; so each call is tried once more on a fresh
+        pool, and a call that breaks that one too is the culprit.
         """
         from concurrent.futures.process import BrokenProcessPool
 
         for attempt in (1, 2):
             pool = self.validation_pool
             try:
-                return pool.submit(
-                    validate_file, path, context, self.settings.max_file_bytes, encoding
-                ).result()
+                return pool.submit(fn, *args, **kwargs).result()
             except BrokenProcessPool:
-                log.error("the validation worker died on %s (attempt %d); new pool", name, attempt)
+                log.error("the worker died in %s (attempt %d); new pool", fn.__name__, attempt)
                 with self._pending_lock:
                     if self._validation_pool is pool:
                         self._validation_pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-        raise UserError(
-            f"The checker crashed on {render.escape(name)} (out of memory?), so it has no report. "
-            "The checker was restarted: other files are checked as usual.",
-            "Split the file or sample it, and drop it again; the bot's log has the details.",
-        )
+        return None
 
     def close(self, timeout: float = DRAIN_SECONDS) -> bool:
         """Stop: let the jobs finish for up to `timeout` seconds, then drop what is left.
@@ -266,6 +286,28 @@ class Workflow:
         delivery of the same thing). Raises Busy when the long pool is full,
         leaving nothing behind.
         """
+        start = self.record_work(
+            kind, key, args, what=what, channel=channel, thread_ts=thread_ts, long=long
+        )
+        if start is None:
+            return False
+        start()
+        return True
+
+    def record_work(
+        self,
+        kind: str,
+        key: str,
+        args: dict,
+        *,
+        what: str,
+        channel: str,
+        thread_ts: str | None,
+        long: bool,
+    ) -> Callable[[], None] | None:
+        """The first half of `start_work`: the pending_work row alone, so that it can
+        share a transaction with other writes. Returns what starts the job (call
+        it once that transaction is committed), or None when `key` is held."""
         token = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         payload = {
             "what": what,
@@ -275,11 +317,10 @@ class Workflow:
             "args": args,
         }
         if not self.store.claim_work(key, kind, payload, owner=token, lease=WORK_LEASE):
-            return False
-        self._run_work(
+            return None
+        return lambda: self._run_work(
             kind, key, token, payload, on_busy=lambda: self.store.finish_work(key, token)
         )
-        return True
 
     def _run_work(
         self, kind: str, key: str, token: str, payload: dict, *, on_busy: Callable[[], Any]
@@ -374,6 +415,7 @@ class Workflow:
             wait(pending, timeout=left)
 
     def _job(self, what: str, fn: Callable[[], Any], channel: str, thread_ts: str | None) -> None:
+        ACKS.step_aside()
         try:
             fn()
         except UserError as exc:
@@ -796,11 +838,14 @@ class Workflow:
     ) -> None:
         from bot.charts import token_histogram
 
-        png = token_histogram(
-            list(report.token_counts),
+        png = self.draw(
+            token_histogram,
+            report.token_counts,
             title=f"{name} ({dataset_id}): tokens per example",
             limit=context,
         )
+        if png is None:
+            return
         try:
             self.client.files_upload_v2(
                 channel=channel,

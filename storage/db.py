@@ -506,11 +506,30 @@ def _utc_now() -> datetime:
 # ---------------------------------------------------------------- store
 
 
+def _nothing() -> None:
+    pass
+
+
+class _ThreadMarker:
+    """Lives in one thread's local storage; its end hands that thread's connection back."""
+
+
+IDLE_CONNECTIONS = 32  # connections kept for new threads; more are closed
+
+
+def _give_back(store_ref: weakref.ref, db: sqlite_utils.Database) -> None:
+    store = store_ref()
+    if store is None:
+        db.close()
+    else:
+        store._give_back(db)
+
+
 class Store:
     """tunebot's SQLite database.
 
-    Safe to share between threads: each thread opens its own connection on
-    first use. `clock` returns the current time as an aware datetime; tests
+    Safe to share between threads: each thread has its own connection while
+    it runs (one a finished thread left, or a new one). `clock` returns the current time as an aware datetime; tests
     pass their own to move time.
     """
 
@@ -518,11 +537,18 @@ class Store:
         self.path = Path(path)
         self._clock = clock or _utc_now
         self._local = threading.local()
-        # Weak, so that a finished thread's connection closes with its
-        # thread-local storage instead of lingering until close().
+        # Every connection still open, for close(); weak, so that one dropped
+        # when the idle list is full closes as soon as nothing uses it.
         self._open: weakref.WeakSet[sqlite_utils.Database] = weakref.WeakSet()
+        # Connections whose threads ended, for the next thread: opening one
+        # (connect, pragmas, reading the schema) was a sixth of an ack's time
+        # when every HTTP request came on a thread of its own.
+        self._idle: list[sqlite_utils.Database] = []
         self._guard = threading.Lock()
         self._writer = threading.Lock()  # one write transaction at a time in this process
+        # Called before a write transaction waits for that lock: the bot lets
+        # its job threads step aside there while an ack is being answered.
+        self.before_write: Callable[[], None] = _nothing
         self._closed = False
         self._installation_id: str | None = None
         try:
@@ -558,9 +584,32 @@ class Store:
             raise RuntimeError(f"{self!r} is closed")
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._connect()
+            db = self._checkout()
             self._local.db = db
+            # When this thread ends, its thread-local storage goes, and with it
+            # this marker: the connection goes back for the next thread.
+            self._local.marker = marker = _ThreadMarker()
+            done = weakref.finalize(marker, _give_back, weakref.ref(self), db)
+            done.atexit = False
         return db
+
+    def _checkout(self) -> sqlite_utils.Database:
+        with self._guard:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _give_back(self, db: sqlite_utils.Database) -> None:
+        """A finished thread's connection: kept for the next one, unless the
+        store is closed, enough are kept, or the thread left a transaction open."""
+        with self._guard:
+            keep = not self._closed and len(self._idle) < IDLE_CONNECTIONS
+            if keep and not db.conn.in_transaction:
+                self._idle.append(db)
+                return
+        db.close()
 
     def _connect(self) -> sqlite_utils.Database:
         # isolation_level=None: the driver opens no transactions of its own;
@@ -592,6 +641,7 @@ class Store:
             self._closed = True
             open_dbs = list(self._open)
             self._open.clear()
+            self._idle.clear()
         for db in open_dbs:
             db.close()
 
@@ -605,8 +655,23 @@ class Store:
         db = self.db
         conn = db.conn
         if conn.in_transaction:
-            with db.atomic():
+            # A savepoint named by its depth: the same few statements each time,
+            # prepared once (sqlite-utils' atomic() names each one afresh).
+            depth = getattr(self._local, "depth", 0) + 1
+            name = f"tunebot_{depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            self._local.depth = depth
+            try:
                 yield db
+            except BaseException:
+                if conn.in_transaction:  # a RAISE(ROLLBACK) trigger may have ended it all
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                    conn.execute(f"RELEASE SAVEPOINT {name}")
+                raise
+            else:
+                conn.execute(f"RELEASE SAVEPOINT {name}")
+            finally:
+                self._local.depth = depth - 1
             return
         # This process's writers queue on a lock, first come first served:
         # SQLite's own busy handler polls with growing sleeps, which left some of
@@ -614,6 +679,7 @@ class Store:
         # meet the busy timeout. IMMEDIATE takes SQLite's write lock at once: a
         # deferred transaction that reads and then writes fails with "database
         # is locked" without waiting when another connection wrote in between.
+        self.before_write()
         with self._writer:
             conn.execute("BEGIN IMMEDIATE")
             try:

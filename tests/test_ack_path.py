@@ -296,3 +296,63 @@ def test_seen_keys_older_than_a_day_are_pruned_by_the_scheduler(bot):
         scheduler.shutdown(wait=True)
     assert not bot.store.seen("event:EvOld") and not bot.store.seen("file:F1:C1")
     assert bot.store.seen("event:EvNew")
+
+
+def test_a_train_ack_records_the_request_and_the_job_checks_the_budget_again(paid_bot):
+    """Two requests that each fit the budget but not together: both acks pass the
+    read-only check, and the job's transaction refuses the second in the thread."""
+    bot = paid_bot()
+    file = upload(bot, training_file(40))
+    one = bot.workflow.runs._openai_plan(
+        bot.store.get_dataset("d1"),
+        bot.workflow.stored_report(bot.store.get_dataset("d1")),
+        {},
+        "C1",
+    )["estimate"]["cost_usd"]
+    bot2 = paid_bot(monthly_budget_usd=one * 1.5)
+    with holding(bot2):
+        acks = [bot2.command("train d1", user_id=f"U{i}")[1]["text"] for i in range(2)]
+        assert bot2.store.runs() == [] and len(bot2.store.pending_work("request")) == 2
+    bot2.wait_idle()
+    assert acks == [
+        "r1 needs approval: the card is in d1's thread.",
+        "r2 needs approval: the card is in d1's thread.",
+    ]
+    (run,) = bot2.store.runs()
+    refused = "r2" if run.id == "r1" else "r1"
+    refusals = [t for t in thread_texts(bot2, file) if "cannot be requested" in t]
+    assert len(refusals) == 1 and refusals[0].startswith(f"⚠️ {refused} cannot be requested")
+    assert "over what is left of this month's budget" in refusals[0]
+    assert bot2.workflow.runs.gate.ledger.open("run", run.id) is not None
+    assert bot2.workflow.runs.gate.ledger.open("run", refused) is None
+    assert bot2.store.pending_work() == []
+
+
+def test_a_train_request_acked_before_a_stop_is_recorded_once_at_the_next_start(
+    make_bot, openai_fake
+):
+    settings = dict(
+        openai_api_key="sk-test", openai_base_url=openai_fake.base_url, approvers=("UA",),
+        default_provider="openai",
+    )  # fmt: skip
+    first = make_bot(**settings)
+    upload(first, training_file(40))
+    with holding(first) as release:
+        _, body = first.command("train d1", user_id="UR")
+        assert body["text"] == "r1 needs approval: the card is in d1's thread."
+        assert first.workflow.close(timeout=0.1) is False
+        release.set()
+        first.workflow.jobs.shutdown(wait=True)
+    assert first.store.runs() == [] and len(first.store.pending_work("request")) == 1
+
+    second = make_bot(**settings)
+    assert second.workflow.resume() == 1
+    second.wait_idle()
+    (run,) = second.store.runs()
+    assert run.id == "r1" and run.status == "pending_approval" and run.card_ts
+    cards = [
+        m for m in second.slack.messages(channel="C1") if "r1" in m["text"] and m.get("blocks")
+    ]
+    assert len(cards) == 1
+    assert second.workflow.runs.gate.ledger.open("run", "r1") is not None
+    assert second.workflow.resume() == 0 and second.store.pending_work() == []

@@ -111,7 +111,11 @@ def test_chat_puts_base_and_tuned_side_by_side(paid_bot):
         and "answer from ft:gpt-4o-mini" in reply[0]
     )
     assert len(bot.openai.chat_calls()) == chats + 2
-    (entry,) = [e for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2000, 1, 1, tzinfo=dt.UTC)) if e.kind == "chat"]
+    (entry,) = [
+        e
+        for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2000, 1, 1, tzinfo=dt.UTC))
+        if e.kind == "chat"
+    ]
     assert entry.status == "settled" and 0 < entry.actual_usd <= entry.estimate_usd
     _, body = bot.command("chat r1", user_id="UR")
     assert "Give a prompt" in body["text"]

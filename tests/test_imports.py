@@ -50,9 +50,7 @@ def _imports(path: Path, modules: set[str]) -> tuple[set[str], set[str], set[str
                 top.add(name.split(".")[0])
             if name in modules:
                 ours.add(name)
-        inner = at_top and not isinstance(
-            node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-        )
+        inner = at_top and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
         for child in ast.iter_child_nodes(node):
             visit(child, inner)
 

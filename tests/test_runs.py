@@ -451,7 +451,8 @@ def test_a_preference_file_is_not_trained_as_supervised(paid_bot):
     rows = (Path(__file__).parent / "cases" / "02-dpo-preference.jsonl").read_bytes()
     upload(bot, rows * 4, name="prefs.jsonl")  # enough rows to be trainable
     body = request(bot, "train provider=openai")
-    assert "d1 is a preference (DPO) file; tunebot trains supervised chat files today" in (
-        body["text"]
+    assert (
+        "d1 is a preference (DPO) file; tunebot trains supervised chat files today"
+        in (body["text"])
     ), body["text"]
     assert not bot.store.runs(limit=None) and not bot.openai.calls_to("POST", "/files")

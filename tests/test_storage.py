@@ -199,6 +199,40 @@ def test_each_thread_has_its_own_connection(store: Store):
     assert there is not here
 
 
+def test_a_finished_threads_connection_serves_the_next_thread(store: Store):
+    """A thread per HTTP request must not mean a new connection per request."""
+    used: list[int] = []
+
+    def one_request() -> None:
+        used.append(id(store.db))
+        store.add_dataset(sha256=SHA_A)
+
+    for _ in range(20):
+        thread = threading.Thread(target=one_request)
+        thread.start()
+        thread.join()
+    assert len(set(used)) == 1 and len(store.datasets()) == 20
+    together = threading.Barrier(4)
+
+    def at_once(_: int) -> int:
+        mine = id(store.db)
+        together.wait(30)  # nobody has finished: each still holds its own
+        return mine
+
+    assert len(set(run_threads(4, at_once))) == 4
+
+
+def test_closing_the_store_closes_the_connections_kept_for_later(tmp_path: Path):
+    store = Store(tmp_path / "tunebot.db")
+    thread = threading.Thread(target=lambda: store.find_dataset("d1"))
+    thread.start()
+    thread.join()
+    kept = store._idle[0]
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        kept.execute("SELECT 1")
+
+
 def test_closed_store_refuses_work(tmp_path: Path):
     store = Store(tmp_path / "tunebot.db")
     store.close()

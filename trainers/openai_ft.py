@@ -30,7 +30,7 @@ import csv
 import io
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,11 +180,14 @@ class OpenAIFineTuner:
         base_url: str | None = None,
         max_retries: int = 3,
         timeout: float = 60.0,
+        before_request: Callable[[], None] | None = None,
     ) -> OpenAIFineTuner:
         """A tuner with its own client. An empty ``base_url`` means OpenAI's.
 
         The URL is always passed explicitly so the SDK does not read
-        OPENAI_BASE_URL behind the settings' back.
+        OPENAI_BASE_URL behind the settings' back. `before_request` is called
+        before each HTTP request the SDK sends (its retries included); the bot
+        lets acks go first there.
         """
         if not api_key:
             raise ValueError("api_key is empty: set OPENAI_API_KEY")
@@ -194,11 +197,17 @@ class OpenAIFineTuner:
             raise ValueError("timeout must be positive")
         import openai
 
+        http_client = None
+        if before_request is not None:
+            http_client = openai.DefaultHttpx2Client(
+                timeout=timeout, event_hooks={"request": [lambda request: before_request()]}
+            )
         client = openai.OpenAI(
             api_key=api_key,
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=max_retries,
             timeout=timeout,
+            http_client=http_client,
         )
         return cls(client)
 

@@ -502,7 +502,9 @@ class FakeOpenAI(LocalHTTPServer):
                 return reply
             case "GET", ["files"]:
                 purpose = dict(pairs).get("purpose")
-                files = [f for f in reversed(self.files.values()) if purpose in (None, f["purpose"])]
+                files = [
+                    f for f in reversed(self.files.values()) if purpose in (None, f["purpose"])
+                ]
                 return _json_reply(_page(files, pairs, default_limit=10_000))
             case "GET", ["files", file_id]:
                 return _json_reply(self._get_file(file_id))
