@@ -99,7 +99,7 @@ def demo(settings: Settings, *, out: Path | None = None, epochs: int = 1) -> int
     _step("4/4 Base vs tuned on the 20 held-out conversations")
     examples = examples_from_file(eval_file)
     base, tuned = generate_local(
-        str(model_dir), state.result["adapter_dir"], examples, max_new_tokens=96
+        str(model_dir), state.output["adapter_dir"], examples, max_new_tokens=96
     )
     result = score(examples, base, tuned, embedder=_embedder())
     print(render.eval_summary(run, result, cost_usd=0.0).text)
@@ -122,11 +122,14 @@ def _step(title: str) -> None:
 
 def _follow(run_dir: Path, worker, run: _DemoRun):
     """Redraw the progress line, as the bot edits its progress message."""
-    from trainers import local
+    from trainers.local import LocalRunner
+    from trainers.runner import Handle
 
+    runner = LocalRunner(run_dir.parent)
+    handle = Handle(runner.name, f"pid:{worker.pid}", where=str(run_dir))
     last = ""
     while True:
-        state = local.read_state(run_dir, worker)
+        state = runner.poll(handle)
         if state.status != "running":
             sys.stdout.write("\n")
             return state

@@ -885,11 +885,11 @@ def local_result(run, state) -> Message:
     """Posted once when a local run ends; mentions the requester."""
     head = f"<@{run.requested_by}> {run.id} {_STATE_WORDS.get(run.status, run.status).lower()}"
     lines = [head]
-    metrics = state.result.get("metrics") or {}
+    metrics = state.output.get("metrics") or {}
     if run.status == "succeeded":
-        lines.append(f"Adapter: `{state.result.get('adapter_dir')}`")
-        if state.result.get("merged_dir"):
-            lines.append(f"Merged model: `{state.result['merged_dir']}`")
+        lines.append(f"Adapter: `{state.output.get('adapter_dir')}`")
+        if state.output.get("merged_dir"):
+            lines.append(f"Merged model: `{state.output['merged_dir']}`")
         facts = []
         if metrics.get("train_loss") is not None:
             facts.append(f"final train loss {metrics['train_loss']:.4f}")

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot import approvals, egress, render
@@ -35,6 +36,7 @@ from bot.priority import ACKS
 from bot.spend import SpendGate
 from storage import Dataset, Run
 from trainers import pricing
+from trainers.runner import Handle, Runner, RunnerError, RunState
 
 if TYPE_CHECKING:
     from trainers.openai_ft import OpenAIFineTuner
@@ -44,6 +46,7 @@ log = logging.getLogger("tunebot")
 ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
+PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}  # as people write them
 SPLIT_DEFAULT = 0.1
 APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
@@ -99,6 +102,30 @@ class Runs:
             self.settings.openai_base_url or None,
             before_request=ACKS.step_aside,
         )
+
+    def runner(self, provider: str) -> Runner:
+        """The Runner (trainers.runner) that trains for `provider`; the bot drives each
+        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`."""
+        if provider == "local":
+            from trainers.local import LocalRunner
+
+            return LocalRunner(
+                self.settings.home / "runs",
+                processes=self.settings.local_processes,
+                accelerate_config=self.settings.accelerate_config or None,
+            )
+        if provider == "openai":
+            from trainers.openai_runner import OpenAIRunner
+
+            return OpenAIRunner(self.tuner)
+        from trainers.runners import runner_class
+
+        return runner_class(provider)()
+
+    def handle(self, run: Run) -> Handle:
+        """The handle of a run's job, from what the run recorded."""
+        where = str(self.run_dir(run.id)) if run.provider == "local" else None
+        return Handle(run.provider, run.external_id or "", where=where)
 
     @property
     def tuner(self) -> OpenAIFineTuner:
@@ -680,14 +707,12 @@ class Runs:
             )  # fmt: skip
 
     def _submit(self, run_id: str, token: str) -> None:
-        """Upload once and create the job once, holding the claim on `run_id` throughout.
+        """Submit once, holding the claim on `run_id` throughout.
 
         Every way out leaves the run somewhere a person can see: running with
         its job, back to be retried after a back-off (a retryable error), or
         failed with the reason posted once and its reservation released.
         """
-        from trainers.openai_ft import OpenAIError
-
         with Held(self.store, run_id, token, self.lease, "submitting") as held:
             run = self.store.get_run(run_id)
             try:
@@ -696,11 +721,11 @@ class Runs:
                 log.info("run %s: claim lost while submitting (cancelled?)", run_id)
                 self._cleanup_after_cancel(run_id)
                 return
-            except OpenAIError as exc:
+            except RunnerError as exc:
                 if exc.retryable:
                     self._retry_later(run, token, exc.message)
                 else:
-                    self._fail_submission(run_id, _openai_text(exc))
+                    self._fail_submission(run_id, exc.summary)
                 return
             except UserError as exc:
                 self._fail_submission(run_id, exc.summary)
@@ -711,10 +736,9 @@ class Runs:
                     run_id, f"tunebot could not submit it ({describe(exc, self.settings.home)})"
                 )
                 return
-            record = {
-                **(self.store.get_run(run_id).result_json or {}),
-                "training_file": job.training_file,
-            }
+            record = dict(self.store.get_run(run_id).result_json or {})
+            if job.files:
+                record["training_file"] = job.files[0]
             record.pop("submit_attempts", None)
             if not self.store.release_claim(
                 run_id, token, from_status="submitting", to_status="running",
@@ -738,44 +762,43 @@ class Runs:
         )
         self.store.update_run(run_id, progress_ts=ts)
 
-    def _create_job(self, run: Run, held: Held):
-        """The job for the run's key: found if it exists, else created from one upload."""
+    def _create_job(self, run: Run, held: Held) -> Handle:
+        """The job for the run's key: found if it exists, else submitted now."""
+        from trainers.runner import TrainingSpec
+
         plan = run.plan_json
-        key = self.key(run.id)
         dataset = self.store.get_dataset(run.dataset_id)
         if dataset.forgotten_at:
             raise UserError(f"its dataset {dataset.id} was forgotten")
         data = self.evals.prepare(run)
-        found = self.tuner.find(key)
-        if found is not None:
-            return found
-        held.check()
-        file_id = self._training_file(run, key, data, held)
-        held.check()
-        return self.tuner.create(
-            key,
-            run.model,
-            file_id,
-            epochs=None if plan.get("epochs_auto") else plan["epochs"],
-            batch_size=plan.get("batch"),
-            lr_multiplier=plan.get("lr_mult"),
+        spec = TrainingSpec(
+            run_id=run.id,
+            model=run.model,
+            train_file=self.wf.blobs.path(data["train_sha256"]),
+            hyperparameters={
+                "epochs": None if plan.get("epochs_auto") else plan["epochs"],
+                "batch": plan.get("batch"),
+                "lr_mult": plan.get("lr_mult"),
+            },
             suffix=plan.get("suffix"),
         )
 
-    def _training_file(self, run: Run, key: str, data: dict, held: Held) -> str:
-        """The run's one uploaded training file: saved, found by name, or uploaded now."""
-        saved = (self.store.get_run(run.id).result_json or {}).get("training_file")
-        if saved:
-            return saved
-        path = self.wf.blobs.path(data["train_sha256"])
-        file_id = self.tuner.find_file(key, size=path.stat().st_size)
-        if file_id is None:
-            held.check()
-            file_id = self.tuner.upload(path, filename=self.tuner.file_name(key))
-        self.store.add_provider_file("openai", file_id, run_id=run.id, dataset_id=run.dataset_id)
+        def step(what: str, value: str) -> None:
+            if what == "uploaded":  # recorded first: a cancel from here on deletes it
+                self._record_upload(run, value)
+            held.check()  # cancelled, or taken over: stop before the next side effect
+
+        return self.runner(run.provider).submit(spec, self.key(run.id), step=step)
+
+    def _record_upload(self, run: Run, file_id: str) -> None:
+        """A file the provider holds for the run: recorded, so that it can be deleted."""
+        if (self.store.get_run(run.id).result_json or {}).get("training_file") == file_id:
+            return
+        self.store.add_provider_file(
+            run.provider, file_id, run_id=run.id, dataset_id=run.dataset_id
+        )
         record = {**(self.store.get_run(run.id).result_json or {}), "training_file": file_id}
         self.store.update_run(run.id, result_json=record)
-        return file_id
 
     def _retry_later(self, run: Run, token: str, why: str) -> None:
         record = dict(self.store.get_run(run.id).result_json or {})
@@ -805,36 +828,34 @@ class Runs:
         self._refresh_homes(run)
 
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
-        from trainers.openai_ft import OpenAIError
-
+        run = self.store.get_run(run_id)
         try:
-            self.tuner.cancel(job_id)
-        except OpenAIError as exc:
+            self.runner(run.provider).cancel(Handle(run.provider, job_id))
+        except RunnerError as exc:
             log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
         self.store.update_run(run_id, external_id=job_id)
         self._cleanup_after_cancel(run_id)
         self.store.audit("tunebot", "cancelled_job", run_id=run_id, detail={"job": job_id})
 
     def _cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
-        from trainers.openai_ft import OpenAIError
-
+        run = self.store.get_run(run_id)
+        runner = self.runner(run.provider)
         for attempt in range(attempts):
             try:
-                job = self.tuner.find(self.key(run_id))
-            except OpenAIError as exc:
+                job = runner.find(self.key(run_id))
+            except RunnerError as exc:
                 log.warning(
                     "run %s: job lookup failed (%s), try %d", run_id, exc.message, attempt + 1
                 )
                 time.sleep(min(2.0**attempt, 5.0))
                 continue
-            if job is not None and job.status not in ("succeeded", "failed", "cancelled"):
+            if job is not None and job.status not in FINISHED:
                 self._cancel_orphan_job(run_id, job.id)
             return
-        run = self.store.get_run(run_id)
         self.wf.post(
             run.channel, run.thread_ts,
-            render.note(f"{run_id} is cancelled, but OpenAI could not be asked whether a job "
-                        "was made for it before; check its fine-tuning jobs."),
+            render.note(f"{run_id} is cancelled, but {run.provider} could not be asked whether "
+                        "a job was made for it before; check its fine-tuning jobs."),
         )  # fmt: skip
 
     def _cleanup_after_cancel(self, run_id: str) -> None:
@@ -843,15 +864,13 @@ class Runs:
             self._delete_run_files(run_id)
 
     def _delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
-        """Delete what was uploaded to OpenAI for a run (or a dataset); returns how many."""
-        from trainers.openai_ft import OpenAIError
-
+        """Delete what was uploaded to providers for a run (or a dataset); returns how many."""
         files = self.store.provider_files(run_id=run_id, dataset_id=dataset_id)
         deleted = 0
         for row in files:
             try:
-                self.tuner.delete_file(row["file_id"])
-            except (OpenAIError, UserError) as exc:
+                self.runner(row["provider"]).delete_file(row["file_id"])
+            except (RunnerError, UserError) as exc:
                 log.error("cannot delete %s: %s", row["file_id"], getattr(exc, "message", exc))
                 continue
             self.store.provider_file_deleted(row["provider"], row["file_id"])
@@ -893,8 +912,6 @@ class Runs:
             )  # fmt: skip
 
     def _poll_one(self, run: Run) -> None:
-        from trainers.openai_ft import OpenAIError
-
         if run.provider == "local":
             if run.status == "approved":
                 self.start(run.id)
@@ -913,19 +930,21 @@ class Runs:
             return
         state_data = dict(run.result_json or {})
         try:
-            state = self.tuner.poll(run.external_id, after_event_id=state_data.get("last_event_id"))
-        except OpenAIError as exc:
+            state = self.runner(run.provider).poll(
+                self.handle(run), cursor=state_data.get("last_event_id")
+            )
+        except RunnerError as exc:
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
             return
         for event in state.events:
             self.store.add_event(
                 run.id,
-                "openai_event",
+                f"{run.provider}_event",
                 {"id": event.id, "message": event.message, "at": event.created_at},
             )
-        if state.last_event_id:
-            state_data["last_event_id"] = state.last_event_id
-        if state.status in ("succeeded", "failed", "cancelled"):
+        if state.cursor:
+            state_data["last_event_id"] = state.cursor
+        if state.terminal:
             self._finish(run, run.status, state.status, state=state, data=state_data)
             return
         now = time.time()
@@ -951,7 +970,7 @@ class Runs:
         from_status: str,
         status: str,
         *,
-        state=None,
+        state: RunState | None = None,
         error: str | None = None,
         data: dict | None = None,
     ) -> None:
@@ -959,16 +978,19 @@ class Runs:
         actual = None
         if state is not None:
             data.update(
-                fine_tuned_model=state.fine_tuned_model, trained_tokens=state.trained_tokens
+                fine_tuned_model=state.output.get("fine_tuned_model"),
+                trained_tokens=state.trained_tokens,
             )
-            if state.trained_tokens:
+            if state.cost_usd is not None:
+                actual = state.cost_usd  # the provider's own figure
+            elif state.trained_tokens:
                 actual = state.trained_tokens / 1e6 * run.plan_json["estimate"]["price_per_1m"]
             elif status == "cancelled" and state.step and state.total_steps:
                 # Stopped partway with no token count: the steps done, at the estimate's rate.
                 share = min(state.step / state.total_steps, 1.0)
                 actual = (run.estimate_usd or 0.0) * share
             if state.error:
-                error = _state_error(state.error)
+                error = state.error
         if not self.store.transition_run(
             run.id, [from_status], status, actual_usd=actual, result_json=data, error=error
         ):
@@ -1100,11 +1122,11 @@ class Runs:
 
     def _launch_local(self, run: Run) -> None:
         from bot.local_models import LocalModels
-        from trainers import local
+        from trainers.local import complete_checkpoints
+        from trainers.runner import TrainingSpec
 
         plan = run.plan_json
         run_dir = self.run_dir(run.id)
-        resume = bool(local.complete_checkpoints(run_dir))
         try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
             model = LocalModels(self.settings, self.store).for_launch(
                 plan["model"], run.channel, run_dir
@@ -1113,41 +1135,31 @@ class Runs:
             self._finish(run, "running", "failed", error=f"cannot get model {plan['model']}: {exc}")
             return
         data = self._training_files(run)
-        spec = {
-            "run_id": run.id,
-            "model": model,
-            "train_file": data["train"],
-            "eval_file": data.get("eval"),
-            "output_dir": str(run_dir),
-            "epochs": plan["epochs"],
-            "lr": plan["lr"],
-            "batch": plan["batch"],
-            "r": plan["r"],
-            "alpha": plan["alpha"],
-            "targets": plan["targets"],
-            "max_length": plan["max_length"],
-            "qlora": bool(plan.get("qlora")),
-            "merge": plan.get("merge", False),
-            "resume": resume,
-            **self.local_overrides,
-        }
-        worker = local.launch(
-            run_dir,
-            spec,
-            processes=self.settings.local_processes,
-            accelerate_config=self.settings.accelerate_config or None,
+        spec = TrainingSpec(
+            run_id=run.id,
+            model=model,
+            train_file=Path(data["train"]),
+            eval_file=Path(data["eval"]) if data.get("eval") else None,
+            hyperparameters={
+                **{k: plan[k] for k in ("epochs", "lr", "batch", "r", "alpha", "targets")},
+                "max_length": plan["max_length"],
+                "qlora": bool(plan.get("qlora")),
+                "merge": plan.get("merge", False),
+                **self.local_overrides,
+            },
+            output_dir=run_dir,
         )
-        self.store.update_run(run.id, external_id=f"pid:{worker.pid}")
+        resume = bool(complete_checkpoints(run_dir))
+        worker = self.runner("local").submit(spec, self.key(run.id))
+        self.store.update_run(run.id, external_id=worker.id)
         self.store.audit(
             "tunebot",
             "resumed" if resume else "started",
             run_id=run.id,
             plan_hash=run.plan_hash,
-            detail={"pid": worker.pid},
+            detail={"pid": int(worker.id.removeprefix("pid:"))},
         )
-        log.info(
-            "run %s: local worker pid %d%s", run.id, worker.pid, " (resuming)" if resume else ""
-        )
+        log.info("run %s: local worker %s%s", run.id, worker.id, " (resuming)" if resume else "")
         message = render.local_progress(self.store.get_run(run.id), None)
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
@@ -1177,8 +1189,6 @@ class Runs:
             log.error("cannot update %s's message: %s", run.id, slack_error(exc))
 
     def _poll_local(self, run: Run) -> None:
-        from trainers import local
-
         if run.status in ("approved", "queued"):
             self.dispatch_local()
             return
@@ -1189,9 +1199,8 @@ class Runs:
                 log.info("run %s: launch interrupted; queued again", run.id)
                 self.dispatch_local()
             return
-        run_dir = self.run_dir(run.id)
-        state = local.read_state(run_dir, local.worker_of(run_dir))
-        if state.status in ("succeeded", "failed", "cancelled"):
+        state = self.runner("local").poll(self.handle(run))
+        if state.terminal:
             self._finish_local(run, state)
             self.dispatch_local()  # a slot is free
             return
@@ -1205,12 +1214,12 @@ class Runs:
             self._update(run, run.progress_ts, render.local_progress(run, state))
             self.store.update_run(run.id, result_json=data)
 
-    def _finish_local(self, run: Run, state) -> None:
+    def _finish_local(self, run: Run, state: RunState) -> None:
         data = dict(run.result_json or {})
         data.update(
-            adapter_dir=state.result.get("adapter_dir"),
-            merged_dir=state.result.get("merged_dir"),
-            metrics=state.result.get("metrics"),
+            adapter_dir=state.output.get("adapter_dir"),
+            merged_dir=state.output.get("merged_dir"),
+            metrics=state.output.get("metrics"),
             log_tail=state.log_tail,
         )
         error = state.error
@@ -1290,10 +1299,11 @@ class Runs:
         if run.provider == "local" and run.status == "running":
             from trainers import local
 
-            if not local.stop(local.worker_of(self.run_dir(run.id))):
+            if not local.alive(local.worker_of(self.run_dir(run.id))):
                 raise UserError(
                     f"{run.id}'s worker is not running; the next poll will say how it ended."
                 )
+            self.runner("local").cancel(self.handle(run))
             self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
             return render.note(
                 f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
@@ -1311,15 +1321,15 @@ class Runs:
                 in_channel=True,
             )
         if run.status in ("submitting", "running") and run.external_id:
-            from trainers.openai_ft import OpenAIError
-
+            provider = PROVIDER_NAMES.get(run.provider, run.provider)
             try:
-                self.tuner.cancel(run.external_id)
-            except OpenAIError as exc:
-                raise UserError(f"OpenAI did not cancel {run.id}: {_openai_text(exc)}") from None
+                self.runner(run.provider).cancel(self.handle(run))
+            except RunnerError as exc:
+                raise UserError(f"{provider} did not cancel {run.id}: {exc.summary}") from None
             self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
             return render.note(
-                f"Cancelling {run.id}; the thread says when OpenAI has stopped it.", in_channel=True
+                f"Cancelling {run.id}; the thread says when {provider} has stopped it.",
+                in_channel=True,
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
 
@@ -1499,21 +1509,6 @@ def _error_codes(dataset: Dataset) -> dict[str, int]:
 
     codes = (dataset.report_json or {}).get("codes", {})
     return {c: n for c, n in codes.items() if CODES.get(c, ("",))[0] == ERROR}
-
-
-def _openai_text(exc) -> str:
-    text = f"{exc.message}"
-    if exc.code:
-        text += f" ({exc.code})"
-    if exc.meaning:
-        text += f": {exc.meaning}"
-    return text
-
-
-def _state_error(error: Any) -> str:
-    if isinstance(error, dict):
-        return error.get("message") or str(error)
-    return getattr(error, "message", None) or str(error)
 
 
 def _flag(opts: dict[str, str], key: str) -> bool | None:

@@ -9,7 +9,8 @@ person, with no server path.
     ├── UnknownModel (ValueError)          trainers.pricing: not in the price table
     ├── RetiredModel (ValueError)          trainers.pricing: the provider no longer trains it
     ├── TokenizerUnavailable (RuntimeError) trainers.tokens: BPE files could not be loaded
-    ├── OpenAIError (RuntimeError)         trainers.openai_ft: a refused or failed API call
+    ├── RunnerError                        trainers.runner: a training backend refused or failed
+    │   └── OpenAIError (RuntimeError)     trainers.openai_ft: a refused or failed API call
     ├── ModelFetchError (RuntimeError)     trainers.models: download or conversion failed
     ├── MergeError (RuntimeError)          trainers.merge: merging an adapter failed
     └── ChatError (RuntimeError)           trainers.chat_worker: a chat was not answered
@@ -22,3 +23,20 @@ from __future__ import annotations
 
 class TrainerError(Exception):
     """Base of every exception trainers/ raises on purpose."""
+
+
+class RunnerError(TrainerError):
+    """A training backend (trainers.runner) refused or could not be reached.
+
+    `message` is the backend's own text; `summary` is what a person is shown;
+    `retryable` is true when trying again later may work.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+    @property
+    def summary(self) -> str:
+        return self.message

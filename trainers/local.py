@@ -3,7 +3,8 @@
 The worker is its own process group, writing `progress.jsonl` and, at the
 end, `result.json` in the run's folder. Everything the bot knows about a
 local run comes from those files and from whether the process still lives,
-so a restarted bot re-attaches by reading the same files.
+so a restarted bot re-attaches by reading the same files. `LocalRunner` is
+this as a Runner (trainers.runner): one folder per run under `runs_dir`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from trainers.runner import Handle, RunState, Step, TrainingSpec
 
 PROGRESS = "progress.jsonl"
 RESULT = "result.json"
@@ -307,3 +311,90 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 _ADAPTER_FILES: Sequence[str] = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class LocalRunner:
+    """The worker on this machine as a Runner: `runs_dir / <run id>` holds each run.
+
+    The key's last part (after the last ``:``) is the run id: keys are
+    ``"<installation id>:<run id>"``. The spec's `hyperparameters` are the
+    worker's spec fields (trainers.lora); `output_dir` defaults to the run's
+    folder. A run with complete checkpoints resumes from the newest.
+    """
+
+    name: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        runs_dir: Path,
+        *,
+        processes: int = 1,
+        accelerate_config: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.runs_dir = Path(runs_dir)
+        self.processes = processes
+        self.accelerate_config = accelerate_config
+        self.env = env
+
+    def run_dir(self, key: str) -> Path:
+        return self.runs_dir / key.rsplit(":", 1)[-1]
+
+    def find(self, key: str) -> Handle | None:
+        """The key's worker while it runs (a finished one is not found: resume starts anew)."""
+        run_dir = self.run_dir(key)
+        worker = worker_of(run_dir)
+        if not alive(worker):
+            return None
+        return Handle(
+            self.name, f"pid:{worker.pid}", reused=True, where=str(run_dir), status="running"
+        )
+
+    def submit(self, spec: TrainingSpec, key: str, *, step: Step | None = None) -> Handle:
+        found = self.find(key)
+        if found is not None:
+            return found
+        run_dir = Path(spec.output_dir) if spec.output_dir else self.run_dir(key)
+        worker_spec = {
+            "run_id": spec.run_id,
+            "model": spec.model,
+            "train_file": str(spec.train_file),
+            "eval_file": str(spec.eval_file) if spec.eval_file else None,
+            "output_dir": str(run_dir),
+            **spec.hyperparameters,
+            "resume": bool(complete_checkpoints(run_dir)),
+        }
+        if step is not None:
+            step("launching", str(run_dir))
+        worker = launch(
+            run_dir,
+            worker_spec,
+            processes=self.processes,
+            accelerate_config=self.accelerate_config,
+            env=self.env,
+        )
+        return Handle(self.name, f"pid:{worker.pid}", where=str(run_dir), status="running")
+
+    def poll(self, handle: Handle, *, cursor: str | None = None) -> RunState:
+        run_dir = Path(handle.where) if handle.where else self.runs_dir / handle.id
+        state = read_state(run_dir, worker_of(run_dir))
+        return RunState(
+            status=state.status,
+            step=state.step,
+            total_steps=state.total_steps,
+            train_loss=state.train_loss,
+            metrics=state.metrics,
+            error=state.error,
+            output=state.result,
+            log_tail=state.log_tail,
+            eta_seconds=state.eta_seconds,
+            tokens_per_second=state.tokens_per_second,
+        )
+
+    def cancel(self, handle: Handle) -> None:
+        """SIGTERM to the worker's group: it saves a checkpoint and stops."""
+        run_dir = Path(handle.where) if handle.where else self.runs_dir / handle.id
+        stop(worker_of(run_dir))
+
+    def delete_file(self, file_id: str) -> bool:
+        return False  # nothing is uploaded: the run's files stay in its folder

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainers.errors import TrainerError
+from trainers.errors import RunnerError
 
 if TYPE_CHECKING:
     import openai
@@ -62,7 +62,7 @@ _TRAINING_NOT_AVAILABLE = (
 )
 
 
-class OpenAIError(TrainerError, RuntimeError):
+class OpenAIError(RunnerError, RuntimeError):
     """A refused or failed call to OpenAI, in OpenAI's words and in plain ones.
 
     ``message`` is OpenAI's own text; ``meaning`` says what it means for a
@@ -84,7 +84,7 @@ class OpenAIError(TrainerError, RuntimeError):
         head = f"OpenAI {status}" if status is not None else "OpenAI"
         if code:
             head += f" {code}"
-        super().__init__(f"{meaning} ({head}: {message})")
+        super().__init__(f"{meaning} ({head}: {message})", retryable=retryable)
         self.message = message
         self.meaning = meaning
         self.status = status
@@ -92,6 +92,12 @@ class OpenAIError(TrainerError, RuntimeError):
         self.param = param
         self.retryable = retryable
         self.request_id = request_id
+
+    @property
+    def summary(self) -> str:
+        """OpenAI's words, its code, and what they mean for a tunebot user."""
+        text = self.message + (f" ({self.code})" if self.code else "")
+        return f"{text}: {self.meaning}" if self.meaning else text
 
 
 @dataclass(frozen=True)

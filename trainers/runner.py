@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from trainers.errors import TrainerError
+from trainers.errors import RunnerError
+
+__all__ = [
+    "STATUSES", "TERMINAL", "Handle", "RunEvent", "RunState", "Runner", "RunnerError",
+    "Step", "TrainingSpec",
+]  # fmt: skip
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -62,7 +67,8 @@ class Handle:
     `id`: the backend's name for it (a job id, ``pid:1234``, a Ray submission
     id). `reused`: `submit` found it for the key instead of creating it.
     `files`: what was uploaded to the backend for it (to delete later).
-    `where`: where its files live, for runners that write them.
+    `where`: where its files live, for runners that write them. `status`: one
+    of `STATUSES` as `submit` or `find` saw it (None: not asked).
     """
 
     runner: str
@@ -70,6 +76,7 @@ class Handle:
     reused: bool = False
     files: tuple[str, ...] = ()
     where: str | None = None
+    status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,9 @@ class RunState:
     trained_tokens: int | None = None
     cost_usd: float | None = None
     log_tail: str | None = None
+    estimated_finish: int | None = None  # Unix seconds, when the backend says
+    eta_seconds: float | None = None  # from the backend's own progress lines
+    tokens_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -125,15 +135,6 @@ class RunState:
         if self.step is None or not self.total_steps:
             return None
         return min(1.0, self.step / self.total_steps)
-
-
-class RunnerError(TrainerError):
-    """A backend refused or could not be reached. `retryable`: trying again later may work."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retryable = retryable
 
 
 # Called by `submit` after each step that leaves something behind at the
@@ -161,4 +162,9 @@ class Runner(Protocol):
 
     def cancel(self, handle: Handle) -> None:
         """Stop the job (a finished one is left as it is)."""
+        ...
+
+    def delete_file(self, file_id: str) -> bool:
+        """Delete a file `submit` left at the backend (one of `Handle.files`); False
+        when it was already gone. Runners that upload nothing return False."""
         ...
