@@ -10,7 +10,8 @@ person, with no server path.
     ├── RetiredModel (ValueError)          trainers.pricing: the provider no longer trains it
     ├── TokenizerUnavailable (RuntimeError) trainers.tokens: BPE files could not be loaded
     ├── RunnerError                        trainers.runner: a training backend refused or failed
-    │   └── OpenAIError (RuntimeError)     trainers.openai_ft: a refused or failed API call
+    │   ├── OpenAIError (RuntimeError)     trainers.openai_ft: a refused or failed API call
+    │   └── TogetherAPIError               trainers.together_ft: a refused or failed API call
     ├── ModelFetchError (RuntimeError)     trainers.models: download or conversion failed
     ├── MergeError (RuntimeError)          trainers.merge: merging an adapter failed
     └── ChatError (RuntimeError)           trainers.chat_worker: a chat was not answered

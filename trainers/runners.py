@@ -12,6 +12,7 @@ import importlib
 RUNNERS: dict[str, str] = {
     "openai": "trainers.openai_runner:OpenAIRunner",
     "local": "trainers.local:LocalRunner",
+    "together": "trainers.together_ft:TogetherRunner",
 }
 
 
