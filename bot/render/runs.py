@@ -1,0 +1,317 @@
+"""A run's own messages: the approval card and its buttons, the progress line
+edited in place, the queue position, the result posted once, the status line."""
+
+from __future__ import annotations
+
+from bot.render.actions import APPROVE_RUN, OVERRIDE_SECRET, REJECT_RUN
+from bot.render.text import (
+    Message,
+    clip,
+    duration,
+    escape,
+    failure_line,
+    money,
+    section,
+    short_paths,
+)
+
+STATE_WORDS = {
+    "pending_approval": "⏳ Waiting for approval",
+    "approved": "✅ Approved, starting",
+    "queued": "✅ Approved, submitting",
+    "running": "🏃 Running",
+    "rejected": "🚫 Rejected",
+    "expired": "⌛ Expired: nobody decided in time",
+    "cancelled": "✋ Cancelled",
+    "succeeded": "🎉 Succeeded",
+    "failed": "❌ Failed",
+}
+
+
+def _plan_lines(run) -> list[str]:
+    plan = run.plan_json or {}
+    est = plan.get("estimate", {})
+    hyper = [f"epochs {plan.get('epochs')}{' (auto)' if plan.get('epochs_auto') else ''}"]
+    labels = (
+        ("lr_mult", "lr ×"), ("lr", "lr "), ("batch", "batch "), ("suffix", "suffix "),
+        ("r", "r "), ("alpha", "alpha "), ("targets", "targets "), ("max_length", "max_length "),
+    )  # fmt: skip
+    for key, label in labels:
+        if plan.get(key) is not None:
+            hyper.append(f"{label}{escape(plan[key])}")
+    if plan.get("qlora"):
+        hyper.append("QLoRA 4-bit")
+    if plan.get("merge"):
+        hyper.append("merged model too")
+    held = (
+        f"eval set {escape(plan['eval_dataset_id'])}"
+        if plan.get("eval_dataset_id")
+        else f"{int((plan.get('split') or 0) * 100)}% held out for evaluation"
+    )
+    if run.provider == "eval":
+        parts = ["base and tuned answers"]
+        if plan.get("teacher"):
+            parts.append(f"the teacher {escape(plan['teacher'])}")
+        if plan.get("judge"):
+            parts.append("the LLM judge")
+        return [
+            f"Plan {run.plan_hash}: evaluate {plan.get('target_run')} on "
+            f"{plan.get('examples', 0):,} held-out examples — {', '.join(parts)}",
+            f"Estimate: at most {money(run.estimate_usd or 0)} (every answer at its token limit)",
+        ]
+    if run.provider == "distill":
+        return [
+            f"Plan {run.plan_hash}: distil {run.dataset_id} with teacher {escape(run.model)} — "
+            f"{plan.get('prompts', 0):,} prompts"
+            + (
+                f", system prompt “{escape(clip(plan['system'], 80))}”"
+                if plan.get("system")
+                else ""
+            ),
+            f"Estimate: {est.get('input_tokens', 0):,} input tokens exactly + at most "
+            f"{est.get('output_tokens', 0):,} output tokens ({plan.get('max_tokens', 1024):,} an "
+            f"answer), at most {money(run.estimate_usd or 0)}",
+        ]
+    if run.provider == "local":
+        cost = (
+            f"Estimate: {est.get('tokens', 0):,} training tokens, {duration(est.get('gpu_hours', 0))} "
+            f"on one 80 GB GPU for a ~{est.get('params_billions', 1):g}B model; no API cost"
+        )
+    else:
+        cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
+    return [
+        f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
+        cost,
+    ]
+
+
+def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -> Message:
+    """The request card: plan, estimate, budget, who decides, and the buttons while open."""
+    state = STATE_WORDS.get(run.status, run.status)
+    lines = [f"*{run.id}* requested by <@{run.requested_by}> — {state}", *_plan_lines(run)]
+    if budget is not None:
+        left = budget - committed_usd
+        lines.append(
+            f"Budget this month: {money(committed_usd)} committed of {money(budget)}, {money(max(left, 0))} left"
+        )
+    who = ", ".join(f"<@{a}>" for a in approvers) or "nobody"
+    lines.append(f"Approvals: {len(tally.approvals)} of {tally.needed} (from {who})")
+    if tally.approvals:
+        lines.append("Approved by " + ", ".join(f"<@{u}>" for u in tally.approvals))
+    if (run.plan_json or {}).get("secret_hold"):
+        if tally.overridden_by:
+            lines.append(
+                f"⚠️ Possible secrets in the data: sending anyway, overridden by <@{tally.overridden_by}>"
+            )
+        else:
+            lines.append(
+                "⚠️ The data may hold secrets: an approver must override that before it goes to OpenAI"
+            )
+    if tally.rejected_by:
+        lines.append(
+            f"Rejected by <@{tally.rejected_by}>" + (f": {escape(reasons[0])}" if reasons else "")
+        )
+    if run.status == "pending_approval" and run.expires_at:
+        lines.append(f"Expires {run.expires_at:%Y-%m-%d %H:%M} UTC")
+    text = "\n".join(lines)
+    blocks = [section(text)]
+    if run.status == "pending_approval":
+        held = bool((run.plan_json or {}).get("secret_hold") and not tally.overridden_by)
+        blocks.append(_decision_buttons(run, offer_override=held))
+    return Message(text, blocks)
+
+
+def _decision_buttons(run, *, offer_override: bool) -> dict:
+    """Approve and Reject, and *Send despite secrets* while a secret hold is not overridden."""
+    # slack_sdk's typed blocks, imported here: the CLI renders reports without them.
+    from slack_sdk.models.blocks import (
+        ActionsBlock,
+        ButtonElement,
+        ConfirmObject,
+        MarkdownTextObject,
+        PlainTextObject,
+    )
+
+    def plain(text: str) -> PlainTextObject:
+        return PlainTextObject(text=text)  # no `emoji` key: the JSON stays as Slack got it
+
+    buttons = [
+        ButtonElement(action_id=APPROVE_RUN, text=plain("Approve"), style="primary", value=run.id),
+        ButtonElement(action_id=REJECT_RUN, text=plain("Reject"), style="danger", value=run.id),
+    ]
+    if offer_override:
+        buttons.append(
+            ButtonElement(
+                action_id=OVERRIDE_SECRET,
+                text=plain("Send despite secrets"),
+                value=run.id,
+                confirm=ConfirmObject(
+                    title=plain("Send possible secrets?"),
+                    text=MarkdownTextObject(
+                        text="The data may contain credentials. They will be uploaded to "
+                        "OpenAI. This is audited."
+                    ),
+                    confirm=plain("Send anyway"),
+                    deny=plain("Cancel"),
+                ),
+            )
+        )
+    return ActionsBlock(block_id=f"decide_{run.id}", elements=buttons).to_dict()
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def _steps(run, state) -> list[str]:
+    """The start every progress line shares: run, status, bar, step, loss."""
+    parts = [f"{run.id} {state.status}"]
+    if state.total_steps:
+        step = state.step or 0
+        parts.append(f"{_bar(step / state.total_steps)} step {step:,}/{state.total_steps:,}")
+    if state.train_loss is not None:
+        parts.append(f"loss {state.train_loss:.4f}")
+    return parts
+
+
+def progress(run, state) -> Message:
+    """The one progress message per OpenAI run, edited in place."""
+    if state is None:
+        text = (
+            f"{run.id}: submitted to OpenAI as {escape(run.external_id)}; waiting for it to start."
+        )
+        return Message(text, [section(text)])
+    parts = _steps(run, state)
+    if state.trained_tokens:
+        parts.append(f"{state.trained_tokens:,} tokens")
+    if state.estimated_finish:
+        parts.append(f"ETA {dt_text(state.estimated_finish)}")
+    text = " · ".join(parts)
+    return Message(text, [section(text)])
+
+
+def dt_text(value) -> str:
+    import datetime as dt
+
+    if isinstance(value, int | float):
+        value = dt.datetime.fromtimestamp(value, dt.UTC)
+    return f"{value:%H:%M} UTC"
+
+
+def run_result(run) -> Message:
+    """Posted once when a run ends; mentions the requester."""
+    data = run.result_json or {}
+    head = f"<@{run.requested_by}> {run.id} {STATE_WORDS.get(run.status, run.status).lower()}"
+    lines = [head]
+    if run.status == "succeeded":
+        lines.append(f"Model: `{escape(data.get('fine_tuned_model'))}`")
+        if data.get("trained_tokens"):
+            lines.append(
+                f"Trained tokens: {data['trained_tokens']:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
+            )
+        lines.append(
+            f"Cost: {money(run.actual_usd or 0)} (estimated {money(run.estimate_usd or 0)})"
+        )
+    if run.status != "succeeded" and run.actual_usd:
+        lines.append(f"Spent: {money(run.actual_usd)} (approved {money(run.estimate_usd or 0)})")
+    if run.error:
+        who = "OpenAI said" if run.provider == "openai" and run.external_id else "Why"
+        lines.append(f"{who}: {escape(failure_line(run.error))}")
+    text = "\n".join(lines)
+    return Message(text, [section(text)])
+
+
+def run_status(run) -> Message:
+    text = (
+        f"{run.id}: {run.status} — {run.provider} {escape(run.model)} on {run.dataset_id}, "
+        f"requested by <@{run.requested_by}> at {run.created_at:%Y-%m-%d %H:%M} UTC"
+    )
+    if run.error:
+        text += f"\nError: {escape(failure_line(run.error))}"
+    return Message(text, [section(text)], in_channel=True)
+
+
+def local_accepted(run) -> Message:
+    text = "\n".join([f"{run.id} accepted: local runs need no approval here.", *_plan_lines(run)])
+    return Message(text, [section(text)])
+
+
+def queued(run, position: int, total: int) -> Message:
+    text = f"{run.id} queued for the local GPU: position {position} of {total}."
+    return Message(text, [section(text)])
+
+
+def local_progress(run, state) -> Message:
+    """The local run's progress message, edited in place."""
+    if state is None:
+        text = f"{run.id} starting: loading {escape(run.model)}…"
+        return Message(text, [section(text)])
+    parts = _steps(run, state)
+    if state.tokens_per_second:
+        parts.append(f"{state.tokens_per_second:,.0f} tokens/s")
+    if state.eta_seconds and state.status == "running":
+        parts.append(f"ETA {duration(state.eta_seconds / 3600)}")
+    text = " · ".join(parts)
+    return Message(text, [section(text)])
+
+
+def local_result(run, state) -> Message:
+    """Posted once when a local run ends; mentions the requester."""
+    head = f"<@{run.requested_by}> {run.id} {STATE_WORDS.get(run.status, run.status).lower()}"
+    lines = [head]
+    metrics = state.output.get("metrics") or {}
+    if run.status == "succeeded":
+        lines.append(f"Adapter: `{state.output.get('adapter_dir')}`")
+        if state.output.get("merged_dir"):
+            lines.append(f"Merged model: `{state.output['merged_dir']}`")
+        facts = []
+        if metrics.get("train_loss") is not None:
+            facts.append(f"final train loss {metrics['train_loss']:.4f}")
+        if metrics.get("eval_loss") is not None:
+            facts.append(f"held-out loss {metrics['eval_loss']:.4f}")
+        if metrics.get("tokens_per_second"):
+            facts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s")
+        if facts:
+            lines.append(", ".join(facts).capitalize())
+    elif run.status == "cancelled":
+        lines.append(f"A checkpoint was saved: `/finetune resume {run.id}` continues from it.")
+    if run.status == "failed":
+        # In words: what failed, the exception, what to do. The log goes up as a file.
+        lines.append(
+            f"What failed: the local training of `{escape(short_paths(run.model))}` on {run.dataset_id} "
+            "stopped before the end."
+        )
+    if run.error or run.status == "failed":
+        lines.append(f"Error: {escape(failure_line(run.error, state.log_tail))}")
+        lines.append(
+            f"Next: `/finetune resume {run.id}` continues from the newest complete checkpoint, "
+            "if any; if the error is in the data or the options, fix them and "
+            "`/finetune train` again."
+        )
+    if state.log_tail and run.status == "failed":
+        lines.append(f"The last lines of the worker's log are in this thread as {log_name(run)}.")
+    text = "\n".join(lines)
+    return Message(text, [section(text)])
+
+
+def log_name(run) -> str:
+    """The file name a failed local run's log tail is uploaded under."""
+    return f"worker-{run.id}.log"
+
+
+def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> Message:
+    lines = [
+        f"<@{run.requested_by}> {run.id} done: {escape(run.model)} wrote {examples:,} examples → {dataset_id} "
+        f"(from {run.dataset_id}), for {money(cost_usd)} (estimated {money(run.estimate_usd or 0)})"
+    ]
+    if failed:
+        shown = "; ".join(f"line {n}: {escape(clip(why, 80))}" for n, why in failed[:10])
+        more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+        lines.append(f"⚠️ The teacher failed on {len(failed)} prompt(s): {shown}{more}")
+    lines.append(
+        f"Next: `/finetune train {dataset_id} provider=openai model=gpt-4o-mini` or "
+        f"`/finetune train {dataset_id} provider=local` trains a student on it."
+    )
+    text = "\n".join(lines)
+    return Message(text, [section(text)])
