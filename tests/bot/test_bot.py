@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from bot import listeners
 from bot.commands import SPECS
-from tests.conftest import SECRET, training_file
+from tests.conftest import ROOT, SECRET, training_file
 from tests.fakes.signing import (
     file_share_message_event,
     file_shared_event,
@@ -20,7 +19,7 @@ from tests.fakes.signing import (
 )
 from tests.fakes.slack_api import DOWNLOAD
 
-MANIFEST = Path(__file__).parents[1] / "manifest.yml"
+MANIFEST = ROOT / "manifest.yml"
 
 
 def drop(bot, content: bytes, name: str = "support.jsonl", channel: str = "C1", **kwargs):
@@ -264,7 +263,7 @@ def test_every_subcommand_is_answered_documented_and_in_help(bot):
     # advise opens a modal from the listener itself: its trigger lasts 3 s.
     assert set(bot.workflow._commands()) | {"advise"} == set(SPECS)
     _, body = bot.command("help")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in SPECS:
         assert f"{name}" in body["text"], name
         assert re.search(rf"/finetune {name}\b|`{name}\b", readme), f"README lacks {name}"
