@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from wsgiref.simple_server import make_server
 
 import pytest
@@ -20,6 +21,11 @@ from storage import BlobStore, Store
 from tests.fakes.openai_api import FakeOpenAI
 from tests.fakes.signing import event_body, post_signed, slash_command_body
 from tests.fakes.slack_api import FakeSlack
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root (README.md, manifest.yml, examples/, the packages)."""
+CASES = ROOT / "tests" / "cases"
+"""The real-world data files shared by the bot's and the trainers' tests."""
 
 SECRET = "test-signing-secret"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_runs import texts, upload
+from tests.bot.test_runs import texts, upload
 from trainers import local
 from trainers.chat_worker import ChatBusy, ChatWorker, ChatWorkerDied
 
@@ -94,7 +94,7 @@ def side_by_side(bot) -> list[str]:
 def test_local_chat_runs_in_one_kept_worker_without_secrets(paid_bot, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from tests.test_evaluate import tiny_llama_with_adapter
+    from tests.trainers.test_evaluate import tiny_llama_with_adapter
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)  # what a bot's own environment holds
@@ -122,7 +122,8 @@ def test_local_chat_runs_in_one_kept_worker_without_secrets(paid_bot, tmp_path, 
 
         os.kill(first, signal.SIGKILL)  # dies between chats: the next chat starts another
         deadline = time.monotonic() + 10
-        while worker.pid is not None and time.monotonic() < deadline:
+        while worker.pid is not None:
+            assert time.monotonic() < deadline, "the worker's death went unnoticed"
             time.sleep(0.05)
         bot.command('chat r1 "hello"', user_id="U2")
         bot.wait_idle()
@@ -203,7 +204,7 @@ def test_the_worker_dies_mid_answer_then_starts_again(fake_python):
 def test_the_real_worker_leaves_when_idle(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from tests.test_evaluate import tiny_llama_with_adapter
+    from tests.trainers.test_evaluate import tiny_llama_with_adapter
 
     base_dir, adapter_dir = tiny_llama_with_adapter(tmp_path)
     worker = ChatWorker(idle_seconds=2.0, log_path=tmp_path / "chat-worker.log")
@@ -214,9 +215,9 @@ def test_the_real_worker_leaves_when_idle(tmp_path):
         two = worker.ask(str(base_dir), str(adapter_dir), messages, max_new_tokens=4)
         assert two.pid == one.pid and not two.loaded and two.tuned == one.tuned
         deadline = time.monotonic() + 20
-        while worker.pid is not None and time.monotonic() < deadline:
+        while worker.pid is not None:  # it leaves on its own, exit 0
+            assert time.monotonic() < deadline, "the idle worker did not leave"
             time.sleep(0.1)
-        assert worker.pid is None  # it left on its own, exit 0
         assert "idle for 2 s; exiting" in (tmp_path / "chat-worker.log").read_text()
         three = worker.ask(str(base_dir), str(adapter_dir), messages, max_new_tokens=4)
         assert three.pid != one.pid and three.loaded and three.notice is None

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from tests.test_distill import prompts_file
-from tests.test_paid_guarantees import (
+from tests.bot.test_distill import prompts_file
+from tests.bot.test_paid_guarantees import (
     EPOCH,
     creates,
     polling,
@@ -30,7 +30,7 @@ from tests.test_paid_guarantees import (
     uploads,
     wait_for,
 )
-from tests.test_runs import click, request, submit_reason, texts, upload
+from tests.bot.test_runs import click, request, submit_reason, texts, upload
 
 JOBS = "/fine_tuning/jobs"
 

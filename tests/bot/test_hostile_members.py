@@ -13,11 +13,11 @@ import time
 
 import pytest
 
+from tests.bot.test_distill import prompts_file
+from tests.bot.test_paid_guarantees import succeeded_run, wait_for
+from tests.bot.test_runs import click, request, submit_reason, texts, upload
 from tests.conftest import SECRET_KEY, chat_jsonl, secret_training_file, training_file
 from tests.fakes.signing import file_share_message_event
-from tests.test_distill import prompts_file
-from tests.test_paid_guarantees import succeeded_run
-from tests.test_runs import click, request, submit_reason, texts, upload
 
 KEY = SECRET_KEY
 VICTIM = "U0VICTIM"
@@ -470,10 +470,8 @@ def test_distill_of_a_file_still_being_checked_is_refused_or_held(paid_bot):
     bot.workflow.validation_pool.submit(time.sleep, 4).done()  # the checker is busy a while
     file = bot.slack.add_file(_leaky_prompts("messages"), name="prompts.jsonl")
     assert bot.event(file_share_message_event(file), event_id="EvRace") == 200
-    deadline = time.monotonic() + 10
-    while bot.store.latest_dataset("C1") is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert bot.store.latest_dataset("C1").report_json is None  # recorded, not checked yet
+    dataset = wait_for(lambda: bot.store.latest_dataset("C1"), 10, "the dataset to be recorded")
+    assert dataset.report_json is None  # recorded, not checked yet
     _, body = bot.command("distill teacher=gpt-4.1", user_id="UR")
     bot.wait_idle()
     assert bot.store.get_dataset("d1").report_json["codes"]["possible_secret"] == 12
@@ -497,10 +495,8 @@ def test_eval_on_a_set_still_being_checked_sends_nothing(paid_bot):
     bot.workflow.validation_pool.submit(time.sleep, 4).done()
     file = bot.slack.add_file(secret_training_file(12), name="leaky-eval.jsonl")
     assert bot.event(file_share_message_event(file), event_id="EvRaceEval") == 200
-    deadline = time.monotonic() + 10
-    while bot.store.find_dataset("d2") is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert bot.store.get_dataset("d2").report_json is None
+    dataset = wait_for(lambda: bot.store.find_dataset("d2"), 10, "d2 to be recorded")
+    assert dataset.report_json is None  # recorded, not checked yet
     _, body = bot.command("eval r1 eval=d2", user_id="UR")
     bot.wait_idle()
     assert bot.store.get_dataset("d2").report_json["codes"]["possible_secret"] == 12

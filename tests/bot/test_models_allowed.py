@@ -17,13 +17,13 @@ import time
 import pytest
 
 from bot.local_models import is_hub_id
+from tests.bot.test_runs import click, request, texts, upload
 from tests.conftest import training_file
 from tests.fakes.signing import file_share_message_event
-from tests.test_runs import click, request, texts, upload
 from trainers import local
 
 try:  # the folder tests need the tiny model; the refusals need no torch
-    from tests.test_lora import tiny
+    from tests.trainers.test_lora import tiny
 except pytest.skip.Exception:
 
     @pytest.fixture(scope="session")
@@ -238,7 +238,7 @@ def test_an_unmerged_run_is_merged_at_launch_and_trained_on(paid_bot, tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tests.test_local_runs import FAST, tick_until
+    from tests.bot.test_local_runs import FAST, tick_until
 
     bot = paid_bot(default_provider="local", model_dirs=(str(tiny.root),), judge_model="")
     bot.workflow.runs.local_overrides.update(FAST, max_steps=1)

@@ -19,11 +19,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import training_file
+from tests.conftest import CASES, training_file
 from tests.fakes.signing import file_share_message_event
 from trainers.convert import FORMATS, convert, convert_bytes
-
-CASES = Path(__file__).parent / "cases"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

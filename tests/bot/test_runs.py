@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bot.approvals import Policy, click_refusal, quorum, refusals, tally
-from tests.conftest import APPROVERS, training_file
+from tests.conftest import APPROVERS, CASES, training_file
 from tests.fakes.signing import (
     button_click_payload,
     file_share_message_event,
@@ -445,10 +445,9 @@ def test_bad_train_options_are_explained(paid_bot, text, needle):
 
 
 def test_a_preference_file_is_not_trained_as_supervised(paid_bot):
-    from pathlib import Path
 
     bot = paid_bot()
-    rows = (Path(__file__).parent / "cases" / "02-dpo-preference.jsonl").read_bytes()
+    rows = (CASES / "02-dpo-preference.jsonl").read_bytes()
     upload(bot, rows * 4, name="prefs.jsonl")  # enough rows to be trainable
     body = request(bot, "train provider=openai")
     assert (

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CASES
 from trainers import pricing
 from trainers.data import (
     ERROR,
@@ -30,7 +31,6 @@ from trainers.data import (
 )
 from trainers.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter, image_tokens
 
-CASES = Path(__file__).parent / "cases"
 SYSTEM = {"role": "system", "content": "You identify the kind of leaf in a photo."}
 
 

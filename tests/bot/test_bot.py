@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 
 from bot import listeners, render
 from bot.commands import SPECS
-from tests.conftest import SECRET, training_file
+from tests.conftest import ROOT, SECRET, training_file
 from tests.fakes.signing import (
     file_share_message_event,
     file_shared_event,
@@ -22,8 +21,8 @@ from tests.fakes.signing import (
 )
 from tests.fakes.slack_api import DOWNLOAD
 
-MANIFEST = Path(__file__).parents[1] / "manifest.yml"
-README = Path(__file__).parents[1] / "README.md"
+MANIFEST = ROOT / "manifest.yml"
+README = ROOT / "README.md"
 
 
 def drop(bot, content: bytes, name: str = "support.jsonl", channel: str = "C1", **kwargs):

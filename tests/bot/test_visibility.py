@@ -11,6 +11,8 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot.render import money
+from tests.bot.test_home_budget_advise import advise_submission
+from tests.bot.test_runs import JOBS, click
 from tests.conftest import training_file
 from tests.fakes.signing import (
     file_share_message_event,
@@ -18,8 +20,6 @@ from tests.fakes.signing import (
     view_submission_payload,
 )
 from tests.fakes.slack_api import FakeSlack
-from tests.test_home_budget_advise import advise_submission
-from tests.test_runs import JOBS, click
 
 C2_MODEL = "gpt-4.1-mini"
 

@@ -19,11 +19,11 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from bot import render
+from tests.bot.test_runs import click, request, submit_reason, upload
 from tests.conftest import training_file
 from tests.fakes.local_server import LocalHTTPServer
 from tests.fakes.signing import file_share_message_event
 from tests.fakes.slack_api import DOWNLOAD
-from tests.test_runs import click, request, submit_reason, upload
 from trainers import evaluate as ev
 from trainers import local
 
@@ -205,7 +205,8 @@ def test_the_worker_process_inherits_no_secrets(tmp_path, monkeypatch):
     worker = local.launch(run_dir, {"run_id": "r1", "output_dir": str(run_dir)})
     try:
         deadline = time.monotonic() + 60
-        while not dump.exists() and time.monotonic() < deadline:
+        while not dump.exists():
+            assert time.monotonic() < deadline, "the worker never started Python (no dump)"
             time.sleep(0.1)
         environ = json.loads(dump.read_text())
     finally:

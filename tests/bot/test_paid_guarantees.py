@@ -20,10 +20,10 @@ import pytest
 from slack_sdk import WebClient
 
 from bot.scheduler import start_scheduler
+from tests.bot.test_distill import prompts_file, teacher
+from tests.bot.test_runs import click, request, texts, upload
 from tests.conftest import training_file
 from tests.fakes.signing import file_share_message_event
-from tests.test_distill import prompts_file, teacher
-from tests.test_runs import click, request, texts, upload
 
 JOBS = "/fine_tuning/jobs"
 EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)

@@ -33,8 +33,8 @@ from storage import (
     SchemaTooNew,
     Store,
 )
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
@@ -569,7 +569,7 @@ lock.release()
 
 def start_holder(home: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(home), str(REPO / "storage" / "lock.py")],
+        [sys.executable, "-c", HOLDER, str(home), str(ROOT / "storage" / "lock.py")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -239,7 +239,7 @@ def test_every_code_is_covered_by_a_test(code):
         "over_token_limit",
         "line_too_long",
         "empty_file",
-        # whole-file shapes and kinds: tests/test_kinds.py
+        # whole-file shapes and kinds: tests/trainers/test_kinds.py
         "json_array",
         "multiline_json",
         "wrong_encoding",

@@ -10,17 +10,17 @@ numbers: these are real floating-point runs.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl", reason="local training needs the [local] extra")
 
+from tests.conftest import ROOT
 from tests.model_fixtures import smollm2_dir  # noqa: F401 (the session fixture)
 from trainers import local
 from trainers.evaluate import examples_from_file, generate_local, score
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 OPENING = "Hi there! 📦 Parcelino here."
 HELD_OUT = 8
 

@@ -29,6 +29,7 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+from tests.conftest import ROOT
 from trainers import local
 from trainers.lora import (
     CHATML_TEMPLATE,
@@ -45,7 +46,6 @@ from trainers.lora import (
     training_template,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are a concise support assistant."
 RUN_TIMEOUT = 300.0
 TEST_LR = 1e-2  # a tiny random model learns visibly in 18 steps at this rate

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
+from tests.bot.test_runs import click, request, upload
 from tests.fakes.signing import interaction_body, view_submission_payload
-from tests.test_runs import click, request, upload
 
 
 def advise_submission(

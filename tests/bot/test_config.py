@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bot.config import ConfigError, Settings
+from tests.conftest import ROOT
 
-README = Path(__file__).parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def test_defaults_from_an_empty_mapping():

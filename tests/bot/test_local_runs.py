@@ -17,9 +17,9 @@ import pytest
 pytest.importorskip("torch", reason="local training needs the [local] extra")
 pytest.importorskip("trl", reason="local training needs the [local] extra")
 
+from tests.bot.test_runs import request, texts, upload
 from tests.conftest import training_file
-from tests.test_lora import tiny  # noqa: F401 (the session fixture)
-from tests.test_runs import request, texts, upload
+from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from trainers import local
 
 FAST = {"lr": 1e-2, "grad_accum": 1, "max_length": 128}
@@ -93,7 +93,8 @@ def test_queue_cancel_with_checkpoint_and_resume(local_bot):
 
     run_dir = bot.workflow.runs.run_dir("r1")
     deadline = time.monotonic() + 120
-    while not local.complete_checkpoints(run_dir) and time.monotonic() < deadline:
+    while not local.complete_checkpoints(run_dir):
+        assert time.monotonic() < deadline, f"r1 saved no checkpoint:\n{local.log_tail(run_dir)}"
         time.sleep(0.5)
     _, body = bot.command("cancel r1", user_id="UR")
     assert "Stopping r1: it saves a checkpoint first" in body["text"]
@@ -120,9 +121,8 @@ def test_a_killed_worker_is_reported_with_its_log(local_bot):
     run = tick_until(bot, "r1", ("running",), timeout=30)
     worker = local.worker_of(bot.workflow.runs.run_dir("r1"))
     deadline = time.monotonic() + 60
-    while (
-        not local.read_state(bot.workflow.runs.run_dir("r1")).step and time.monotonic() < deadline
-    ):
+    while not local.read_state(bot.workflow.runs.run_dir("r1")).step:
+        assert time.monotonic() < deadline, "r1 never reported a training step"
         time.sleep(0.5)
     os.killpg(worker.pid, signal.SIGKILL)
     run = tick_until(bot, "r1", ("failed",))

@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 
-from tests.test_runs import click, request, run_to_end, texts, upload
+from tests.bot.test_runs import click, request, run_to_end, texts, upload
 from trainers.distill import load_prompts
 
 ERROR_BODY = {

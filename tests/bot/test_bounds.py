@@ -123,7 +123,7 @@ def test_a_file_that_kills_the_checker_says_so_and_later_files_work(workflow, tm
 
 
 def test_the_bot_reports_an_empty_file_as_one_finding(bot):
-    from tests.test_bot import drop, thread_messages
+    from tests.bot.test_bot import drop, thread_messages
 
     file = drop(bot, b"", name="nothing.jsonl")
     bot.wait_idle()
@@ -133,7 +133,7 @@ def test_the_bot_reports_an_empty_file_as_one_finding(bot):
 
 
 def test_the_bot_counts_a_million_blank_lines_and_stores_a_thousand(bot):
-    from tests.test_bot import drop, thread_messages
+    from tests.bot.test_bot import drop, thread_messages
 
     file = drop(bot, training_file(12) + b"\n" * 1_000_000, name="blanks.jsonl")
     bot.wait_idle()

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from storage import Store
-from tests.conftest import SECRET, training_file
+from tests.conftest import ROOT, SECRET, training_file
 from tests.fakes.openai_api import FakeOpenAI
 from tests.fakes.signing import (
     button_click_payload,
@@ -37,7 +37,6 @@ from tests.fakes.signing import (
 )
 from tests.fakes.slack_api import FakeSlack
 
-ROOT = Path(__file__).resolve().parent.parent
 TUNEBOT = ROOT / ".venv" / "bin" / "tunebot"
 JOBS = "/fine_tuning/jobs"
 FILES = "/files"

@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,15 +183,14 @@ def test_a_429_with_retry_after_0_is_retried_by_the_sdk(fake, tuner, train):
     fake.inject("POST", "/files", 429, retry_after=0)
     fake.inject("GET", JOBS, 429, exact=True, retry_after=0)
 
-    started = time.monotonic()
     job = tuner.start("run-1", train, MODEL)
 
     # Retry-After: 0 is not "now" to openai 3.x: it falls back to its backoff
     # (0.5 s less jitter), so two of them take about a second.
-    assert time.monotonic() - started < 3
     assert [c.status for c in fake.calls_to("POST", "/files")] == [429, 200]
     assert [c.status for c in fake.calls_to("GET", JOBS, exact=True)] == [429, 200]
     assert fake.calls_to("POST", "/files")[1].headers["x-stainless-retry-count"] == "1"
+    assert fake.calls_to("GET", JOBS, exact=True)[1].headers["x-stainless-retry-count"] == "1"
     assert len(fake.jobs()) == 1 and fake.jobs()[0]["id"] == job.id
 
 

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from bot.scheduler import start_scheduler
 from bot.workflow import INTERACTIVE_THREADS
 from storage import Store
+from tests.bot.test_distill import prompts_file
+from tests.bot.test_runs import click, request, texts, upload
 from tests.conftest import training_file
 from tests.fakes.signing import file_share_message_event, file_shared_event
 from tests.fakes.slack_api import DOWNLOAD
-from tests.test_distill import prompts_file
-from tests.test_runs import click, request, texts, upload
 
 
 @contextmanager

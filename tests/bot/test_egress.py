@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from tests.bot.test_paid_guarantees import succeeded_run
+from tests.bot.test_runs import click, request, texts, upload
 from tests.conftest import SECRET_KEY, secret_training_file, training_file
-from tests.test_paid_guarantees import succeeded_run
-from tests.test_runs import click, request, texts, upload
 
 KEY = SECRET_KEY
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+from tests.conftest import ROOT
 from tests.fakes.slack_api import METHOD_SCOPES
 
-ROOT = Path(__file__).parents[1]
 MANIFEST = ROOT / "manifest.yml"
-SCHEMA = Path(__file__).parents[2] / "shared" / "slack-app-manifest.schema.json"
+SCHEMA = ROOT.parent / "shared" / "slack-app-manifest.schema.json"
 
 
 @pytest.fixture(scope="module")
