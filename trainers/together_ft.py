@@ -312,6 +312,17 @@ class TogetherRunner:
                     return
                 raise
 
+    def delete_file(self, file_id: str) -> bool:
+        """Delete an uploaded file; False when Together no longer has it."""
+        import together
+
+        with _translated():
+            try:
+                self._client.files.delete(file_id)
+            except together.NotFoundError:
+                return False
+        return True
+
     # -- beyond the interface --------------------------------------------------
 
     def quote(self, spec: TrainingSpec, key: str) -> Quote:

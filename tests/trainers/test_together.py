@@ -455,6 +455,13 @@ def test_cancel(fake, runner, train):
     assert len(fake.calls_to("POST", f"{JOBS}/{handle.id}/cancel")) == 1
 
 
+def test_delete_file_removes_the_upload_once(fake, runner, train):
+    handle = runner.submit(spec_for(train), KEY)
+    assert runner.delete_file(handle.files[0]) is True
+    assert runner.delete_file(handle.files[0]) is False  # already gone
+    assert len(fake.calls_to("DELETE", f"{FILES}/{handle.files[0]}")) == 2
+
+
 def test_cancel_of_a_finished_job_leaves_it_alone(fake, runner, train):
     handle = runner.submit(spec_for(train), KEY)
     fake.run_to_end(handle.id)
