@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -231,41 +231,10 @@ def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def read_state(run_dir: Path, worker: Worker | None = None) -> LocalState:
     """Where the run is, from its files; a worker gone without a result has died."""
-    # Keyed by step: a resumed run logs again the steps after its checkpoint.
-    steps: dict[int, float] = {}
-    evals: dict[int, float] = {}
-    last: dict = {}
-    total = None
-    for event in _events(run_dir / PROGRESS):
-        kind = event.get("event")
-        if kind == "start":
-            total = event.get("max_steps") or total
-        elif kind == "step":
-            last = event
-            total = event.get("max_steps") or total
-            if event.get("loss") is not None:
-                steps[int(event["step"])] = float(event["loss"])
-        elif kind == "eval" and event.get("eval_loss") is not None:
-            evals[int(event.get("step", 0))] = float(event["eval_loss"])
-    common = {
-        "step": last.get("step"),
-        "total_steps": total,
-        "train_loss": last.get("loss"),
-        "eta_seconds": last.get("eta_seconds"),
-        "tokens_per_second": last.get("tokens_per_second"),
-        "metrics": tuple(sorted(steps.items())),
-        "eval_losses": tuple(sorted(evals.items())),
-    }
+    common = progress_fields(_events(run_dir / PROGRESS))
     result = _result(run_dir)
     if result is not None:
-        status = result.get("status", "failed")
-        return LocalState(
-            status=status,
-            error=result.get("error"),
-            log_tail=result.get("log_tail"),
-            result=result,
-            **common,
-        )
+        return state_from_result(result, common)
     if worker is not None and not alive(worker):
         return LocalState(
             status="failed",
@@ -276,24 +245,82 @@ def read_state(run_dir: Path, worker: Worker | None = None) -> LocalState:
     return LocalState(status="running", **common)
 
 
+def progress_fields(events: Iterable[dict]) -> dict:
+    """What `progress.jsonl`'s events say, as `LocalState` fields (every backend reads them so).
+
+    Keyed by step: a resumed run logs again the steps after its checkpoint.
+    """
+    steps: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    last: dict = {}
+    total = None
+    for event in events:
+        kind = event.get("event")
+        if kind == "start":
+            total = event.get("max_steps") or total
+        elif kind == "step":
+            last = event
+            total = event.get("max_steps") or total
+            if event.get("loss") is not None:
+                steps[int(event["step"])] = float(event["loss"])
+        elif kind == "eval" and event.get("eval_loss") is not None:
+            evals[int(event.get("step", 0))] = float(event["eval_loss"])
+    return {
+        "step": last.get("step"),
+        "total_steps": total,
+        "train_loss": last.get("loss"),
+        "eta_seconds": last.get("eta_seconds"),
+        "tokens_per_second": last.get("tokens_per_second"),
+        "metrics": tuple(sorted(steps.items())),
+        "eval_losses": tuple(sorted(evals.items())),
+    }
+
+
+def state_from_result(result: dict, common: dict) -> LocalState:
+    """The state `result.json` gives (with `progress_fields`' `common`)."""
+    return LocalState(
+        status=result.get("status", "failed"),
+        error=result.get("error"),
+        log_tail=result.get("log_tail"),
+        result=result,
+        **common,
+    )
+
+
+def parse_events(text: str) -> list[dict]:
+    """`progress.jsonl`'s events; a line that is not JSON yet (being written) is skipped."""
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def parse_result(text: str) -> dict | None:
+    """`result.json`'s object, or None while it is missing or not whole."""
+    try:
+        result = json.loads(text)
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def _events(path: Path) -> list[dict]:
     try:
         raw = path.read_text(errors="replace")
     except OSError:
         return []
-    events = []
-    for line in raw.splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written right now
-    return events
+    return parse_events(raw)
 
 
 def _result(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / RESULT).read_text())
-    except (OSError, ValueError):
+        return parse_result((run_dir / RESULT).read_text())
+    except OSError:
         return None
 
 

@@ -1,0 +1,300 @@
+"""trainers.ray_runner against a real Ray cluster: LoRA runs as Ray jobs, end to end.
+
+The cluster is one you start (`ray start --head`, see `CLUSTER` below); the
+tests that need it skip, saying why, when ray is not installed or no
+dashboard answers at ``TUNEBOT_RAY_ADDRESS`` (default http://127.0.0.1:8265).
+Each session's keys carry a fresh nonce: the cluster remembers every job it
+ran, and an old key would be adopted.
+
+The worker trains the tiny Llama of tests/test_lora.py (built offline) with
+a few steps at most; most of each job's time is Ray's start of the job and
+the worker's import of torch + transformers + trl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from trainers import artifacts
+from trainers.ray_runner import DEFAULT_ADDRESS, RayRunner, submission_id
+from trainers.runner import Handle, RunnerError, RunState, TrainingSpec
+
+CLUSTER = (
+    "start one (in a network and PID namespace of its own, so that it keeps to loopback): "
+    "unshare -n -p -f --mount-proc -- bash -c 'ip link set lo up; ray start --head --num-cpus 2 "
+    "--include-dashboard true --dashboard-host 127.0.0.1 --disable-usage-stats; pytest ...'"
+)
+ADDRESS = os.environ.get("TUNEBOT_RAY_ADDRESS", DEFAULT_ADDRESS)
+NONCE = uuid.uuid4().hex[:8]
+RUN_TIMEOUT = 300.0
+FAST = {"lr": 1e-2, "batch": 4, "grad_accum": 1, "max_length": 128, "num_cpus": 1}
+
+
+def _no_cluster() -> str | None:
+    if find_spec("ray") is None:
+        return "ray is not installed (pip install 'tunebot[ray]')"
+    try:
+        with urllib.request.urlopen(f"{ADDRESS}/api/version", timeout=5) as resp:
+            json.load(resp)
+    except (OSError, ValueError) as exc:
+        return f"no Ray cluster answers at {ADDRESS} ({exc}); {CLUSTER}"
+    return None
+
+
+NO_CLUSTER = _no_cluster()
+needs_cluster = pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")
+
+
+def key(name: str) -> str:
+    return f"test-{NONCE}:{name}"
+
+
+try:
+    from tests.test_lora import tiny
+except pytest.skip.Exception as exc:  # test_lora skips without the [local] extra
+    _NO_LOCAL = str(exc)
+
+    @pytest.fixture(scope="session")
+    def tiny():
+        pytest.skip(f"the worker needs the [local] extra ({_NO_LOCAL})")
+
+
+@pytest.fixture
+def runner(tmp_path, request):
+    """A runner with its artifacts under tmp_path; jobs left running at the end are stopped."""
+    made: list[RayRunner] = []
+    handles: list[Handle] = []
+
+    def make(**kwargs) -> RayRunner:
+        r = RayRunner(ADDRESS, tmp_path / "artifacts", **kwargs)
+        made.append(r)
+        return r
+
+    make.handles = handles  # type: ignore[attr-defined]
+    yield make
+    for handle in handles:
+        with contextlib.suppress(RunnerError):
+            made[0].cancel(handle)
+
+
+def spec(tiny, name: str, **hyper) -> TrainingSpec:
+    return TrainingSpec(
+        run_id=name,
+        model=str(tiny.model),
+        train_file=tiny.train,
+        eval_file=tiny.eval,
+        hyperparameters={**FAST, **hyper},
+    )
+
+
+def poll_until(runner, handle, statuses, timeout=RUN_TIMEOUT, cursor=None, seen=None):
+    """Poll every 0.5 s until the status is one of `statuses`; events collected in `seen`."""
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = runner.poll(handle, cursor=cursor)
+        cursor = state.cursor
+        if seen is not None:
+            seen.extend(state.events)
+        if state.status in statuses:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"{handle.id} stayed {state.status if state else 'unknown'}")
+
+
+def ray_jobs(sid: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return [j for j in JobSubmissionClient(ADDRESS).list_jobs() if j.submission_id == sid]
+
+
+# --- no cluster needed ---------------------------------------------------------------
+
+
+def test_submission_ids_are_safe_stable_and_distinct():
+    sid = submission_id("T0123:r1")
+    assert sid == submission_id("T0123:r1")
+    assert sid.startswith("tunebot-T0123-r1-")
+    assert submission_id("T0123-r1") != sid  # the same slug, another key
+    long = submission_id("x" * 500 + "/../?#%")
+    assert len(long) < 100 and all(c.isalnum() or c in "_.-" for c in long)
+    with pytest.raises(ValueError):
+        submission_id(" ")
+
+
+def test_a_hyperparameter_it_cannot_honour_is_refused_before_any_call(tmp_path):
+    # No cluster at this address: the refusal must come before any network call.
+    r = RayRunner("http://127.0.0.1:9", tmp_path)
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")
+    for hyper, word in (({"lr_mult": 2}, "lr_mult"), ({"beta": 1}, "beta"),
+                        ({"num_gpus": -1}, "num_gpus"), ({"epochs": 0}, "epochs")):  # fmt: skip
+        with pytest.raises(RunnerError, match=word):
+            r.submit(TrainingSpec("r1", "m", train, hyperparameters=hyper), "k:r1")
+    assert not (tmp_path / submission_id("k:r1")).exists()
+
+
+def test_an_artifacts_root_is_a_folder_or_a_file_uri(tmp_path):
+    fs, root = artifacts.resolve(tmp_path / "a b")
+    assert artifacts.resolve((tmp_path / "a b").as_uri())[1] == root == str(tmp_path / "a b")
+    where = artifacts.uri(fs, f"{root}/run")
+    assert where.startswith("file:///") and artifacts.path_of(fs, where) == f"{root}/run"
+    fs.pipe_file(f"{root}/run/spec.json", b"{}")
+    assert artifacts.read_text(fs, f"{root}/run/spec.json") == "{}"
+    assert artifacts.read_text(fs, f"{root}/run/result.json") is None
+    assert [p.name for p in (tmp_path / "a b" / "run").iterdir()] == ["spec.json"]
+    for bad in ("s3://bucket/runs", "file://otherhost/runs", ""):
+        with pytest.raises(ValueError, match="artifacts"):
+            artifacts.resolve(bad)
+
+
+def test_no_cluster_is_a_retryable_error(tmp_path):
+    if find_spec("ray") is None:
+        pytest.skip("ray is not installed")
+    r = RayRunner("http://127.0.0.1:9", tmp_path)
+    with pytest.raises(RunnerError) as info:
+        r.find("k:r1")
+    assert info.value.retryable
+
+
+# --- against the cluster ---------------------------------------------------------------
+
+
+@needs_cluster
+def test_a_run_trains_as_a_ray_job_end_to_end(runner, tiny):
+    secrets = {"SLACK_BOT_TOKEN": "xoxb-1", "OPENAI_API_KEY": "sk-1", "TUNEBOT_HOME": "/h"}
+    r = runner(env={**os.environ, **secrets, "CUDA_VISIBLE_DEVICES": "7"})
+    steps = []
+    handle = r.submit(spec(tiny, "r1", epochs=1), key("r1"), step=lambda *s: steps.append(s))
+    runner.handles.append(handle)
+    assert handle.runner == "ray" and not handle.reused
+    assert handle.id == submission_id(key("r1"))
+    assert [s[0] for s in steps] == ["uploaded", "created"]
+    run_dir = Path(handle.where.removeprefix("file://"))
+    assert (run_dir / "spec.json").is_file() and (run_dir / "data" / "train.jsonl").is_file()
+
+    seen: list = []
+    state = poll_until(r, handle, ("succeeded", "failed", "cancelled"), seen=seen)
+    assert state.status == "succeeded", (state.error, state.log_tail)
+    assert state.step == state.total_steps == 6 and state.progress == 1.0
+    assert len(state.metrics) == 6 and state.train_loss is not None
+    assert [e.message for e in seen][:1] == ["training started: 6 steps"]
+    assert any(e.message.startswith("eval loss") for e in seen)
+    assert len({e.id for e in seen}) == len(seen)  # the cursor gave each event once
+    adapter = Path(state.output["adapter_dir"])
+    assert adapter.parent == run_dir and (adapter / "adapter_config.json").is_file()
+    assert (run_dir / "progress.jsonl").is_file()
+
+    # The key again, from this runner and from a fresh one: the same job, adopted.
+    again = r.submit(spec(tiny, "r1", epochs=1), key("r1"))
+    assert again.reused and again.id == handle.id and again.where == handle.where
+    assert RayRunner(ADDRESS, "/nonexistent").find(key("r1")) == again
+    jobs = ray_jobs(handle.id)
+    assert len(jobs) == 1 and str(jobs[0].status) == "SUCCEEDED"
+    assert jobs[0].metadata["tunebot_run"] == "r1"
+    env_vars = jobs[0].runtime_env["env_vars"]
+    assert not set(secrets) & set(env_vars) and "CUDA_VISIBLE_DEVICES" not in env_vars
+    assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == "120" and "PATH" in env_vars
+    assert r.find(key("never-submitted")) is None
+
+
+@needs_cluster
+def test_one_key_from_five_threads_makes_exactly_one_job(runner, tiny):
+    runners = [runner() for _ in range(5)]
+    start = threading.Barrier(5)
+    handles: list = [None] * 5
+    errors: list = []
+
+    def go(i: int) -> None:
+        start.wait()
+        try:
+            handles[i] = runners[i].submit(spec(tiny, "r2", max_steps=2), key("r2"))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    runner.handles.append(handles[0])
+    assert len({h.id for h in handles}) == 1
+    assert sorted(h.reused for h in handles) == [False, True, True, True, True]
+    jobs = ray_jobs(handles[0].id)
+    assert len(jobs) == 1
+    # The refused duplicates did not spoil the first job (ray-project/ray#31356).
+    state = poll_until(runners[0], handles[0], ("succeeded", "failed", "cancelled"))
+    assert state.status == "succeeded", (state.error, state.log_tail)
+
+
+@needs_cluster
+def test_cancel_mid_run_saves_a_checkpoint_and_ends_cancelled(runner, tiny):
+    r = runner(stop_grace_s=60)
+    handle = r.submit(spec(tiny, "r3", epochs=200, save_steps=2), key("r3"))
+    runner.handles.append(handle)
+    run_dir = Path(handle.where.removeprefix("file://"))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        state = r.poll(handle)
+        assert not state.terminal, (state.error, state.log_tail)
+        if any(e.message.startswith("checkpoint saved") for e in state.events):
+            break
+        time.sleep(0.5)
+    assert state.status == "running" and state.step is not None
+    asked = time.monotonic()
+    r.cancel(handle)
+    state = poll_until(r, handle, ("succeeded", "failed", "cancelled"), timeout=90)
+    assert state.status == "cancelled", (state.error, state.log_tail)
+    # Ray saw the worker go (it did not wait out the 60 s grace, then SIGKILL it).
+    assert time.monotonic() - asked < 45
+    assert str(ray_jobs(handle.id)[0].status) == "STOPPED"
+    # The worker had the time to stop cleanly: a result and a checkpoint to resume from.
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "cancelled" and Path(result["checkpoint"]).is_dir()
+    assert state.output["checkpoint"] == result["checkpoint"]
+    assert state.step is not None and state.step < state.total_steps
+    r.cancel(handle)  # a finished job is left as it is
+
+
+@needs_cluster
+def test_a_failing_worker_reports_its_error_rays_message_and_the_log(runner, tiny, tmp_path):
+    r = runner()
+    bad = TrainingSpec(
+        run_id="r4",
+        model=str(tmp_path / "no-such-model"),
+        train_file=tiny.train,
+        hyperparameters={**FAST, "max_steps": 1},
+    )
+    handle = r.submit(bad, key("r4"))
+    runner.handles.append(handle)
+    state = poll_until(r, handle, ("succeeded", "failed", "cancelled"))
+    assert state.status == "failed"
+    assert "no-such-model" in state.error and "exit code 1" in state.error
+    assert state.log_tail and "Traceback" in state.log_tail
+    assert isinstance(state, RunState) and state.terminal
+
+
+@needs_cluster
+def test_a_job_ray_forgot_is_judged_by_its_files(runner, tmp_path):
+    r = runner()
+    folder = tmp_path / "forgotten"
+    folder.mkdir()
+    ghost = Handle(runner="ray", id=submission_id(key("ghost")), where=folder.as_uri())
+    state = r.poll(ghost)  # a cluster started afresh has no record of the job
+    assert state.status == "failed" and "no longer knows job" in state.error
+    (folder / "result.json").write_text(json.dumps({"status": "succeeded", "adapter_dir": "a"}))
+    state = r.poll(ghost)
+    assert state.status == "succeeded" and state.output["adapter_dir"] == "a"
+    with pytest.raises(RunnerError, match="no job"):
+        r.cancel(ghost)

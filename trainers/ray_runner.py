@@ -1,0 +1,447 @@
+"""The Ray runner: the local LoRA worker as a Ray job, through Ray's Jobs API.
+
+One run is one Ray job whose entrypoint is the worker the local runner starts
+(``python -m trainers.lora <run folder>/spec.json``), so a run trains the
+same way on a laptop, on a one-node cluster or on a GPU node of a big one.
+The runner talks to the cluster's dashboard over HTTP
+(`ray.job_submission.JobSubmissionClient`), never joins the cluster, and
+imports ray inside its methods only.
+
+The run folder is ``<artifacts root>/<submission id>``: the runner stages
+``spec.json`` and the data there, the worker writes ``progress.jsonl``,
+checkpoints, ``adapter/`` and ``result.json`` there, and `poll` reads them
+back (parsed by `trainers.local`, the same code as a local run). The root is
+a folder every node of the cluster sees (a local path or ``file://`` URI;
+a shared mount on a real cluster). See `trainers.artifacts` for the seam an
+object store goes through later.
+
+Idempotency: the Ray submission id is the run's idempotency key, made safe
+for Ray (`submission_id`). Ray refuses a second job with an id it already
+has, atomically, and keeps the first, so `submit` looks the id up first,
+submits, and on any error looks it up again: a job that is there is adopted
+(``Handle.reused``), never submitted twice, whatever its state: running a
+failed run again takes a new key. Ray keeps jobs for the life of
+the cluster (its GCS); a cluster started afresh has forgotten them, and a
+run it forgot is reported failed (or what its ``result.json`` says).
+
+Cancelling is Ray's ``stop_job``: SIGTERM to the worker and its children,
+then SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S`` (Ray's default: 3 s). The
+worker saves a checkpoint at its next optimizer step when it gets SIGTERM,
+so the runner sets that wait to ``stop_grace_s`` for its jobs.
+
+The worker's environment: Ray starts the entrypoint with the environment of
+the cluster's own processes (whoever ran ``ray start``), plus the job's
+``runtime_env`` env vars: here `trainers.local.worker_env` of the bot's
+environment (no tokens or keys), less the device lists, which Ray sets from
+``num_gpus``. Keep the bot's secrets out of the environment ``ray start``
+runs in as well.
+
+Ray's client reads the address from ``RAY_API_SERVER_ADDRESS`` or
+``RAY_ADDRESS`` when either is set, over the ``address`` given here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from trainers import artifacts
+from trainers.local import (
+    LOG_TAIL_LINES,
+    PROGRESS,
+    RESULT,
+    SPEC,
+    parse_events,
+    parse_result,
+    progress_fields,
+    worker_env,
+)
+from trainers.runner import Handle, RunEvent, RunnerError, RunState, Step, TrainingSpec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_STOP_GRACE_S = 120
+ID_PREFIX = "tunebot-"
+ID_SLUG_CHARS = 60
+# Job metadata (Ray keeps it with the job; `find` reads the run folder back from it).
+META_KEY = "tunebot_key"
+META_RUN = "tunebot_run"
+META_DIR = "tunebot_run_dir"
+META_MODEL = "tunebot_model"
+# Hyperparameters the runner takes for Ray rather than passing to the worker.
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
+# Set by Ray from num_gpus: the bot's own values must not override them.
+_DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+# Progress events shown as RunEvents (steps are in `metrics`).
+_EVENT_KINDS = ("start", "eval", "checkpoint")
+_RESULT_STATUSES = ("succeeded", "cancelled", "failed")  # what result.json can say
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_STATUS_CODE = re.compile(r"status code (\d{3})")
+
+RAY_STATUSES = {
+    "PENDING": "queued",
+    "RUNNING": "running",
+    "STOPPED": "cancelled",
+    "SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+}
+
+
+def submission_id(key: str) -> str:
+    """The Ray submission id for an idempotency key: readable, safe, one per key.
+
+    Ray uses the id in URLs, actor names and a log file name, so only
+    letters, digits, ``_``, ``.`` and ``-`` are kept; a hash of the whole key
+    keeps two keys that read alike apart (``a:b`` and ``a-b``).
+    """
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError("key: an idempotency key is required")
+    slug = _UNSAFE.sub("-", key).strip("-.")[:ID_SLUG_CHARS] or "run"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{ID_PREFIX}{slug}-{digest}"
+
+
+class RayRunner:
+    """Runs `trainers.lora` as Ray jobs on the cluster whose dashboard is at `address`.
+
+    `artifacts`: the root of the run folders (a path or ``file://`` URI every
+    node sees). `fs`: an fsspec-shaped filesystem for another kind of root.
+    `python`: the interpreter on the cluster's nodes that has tunebot's
+    ``[local]`` extra (default: this one, right for a cluster on this
+    machine). `ship_code`: send the `trainers` package with each job
+    (``runtime_env.py_modules``), so the nodes need the dependencies but not
+    tunebot itself. `env`: the environment `worker_env` filters (default
+    ``os.environ``). `num_cpus` / `num_gpus`: what a job reserves unless
+    its hyperparameters say otherwise. `stop_grace_s`: how long a cancelled
+    worker has to save its checkpoint before Ray kills it.
+    """
+
+    name: ClassVar[str] = "ray"
+
+    def __init__(
+        self,
+        address: str,
+        artifacts_root: str | os.PathLike[str],
+        *,
+        fs: artifacts.FileSystem | None = None,
+        python: str | None = None,
+        ship_code: bool = True,
+        env: Mapping[str, str] | None = None,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        stop_grace_s: int = DEFAULT_STOP_GRACE_S,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if not address:
+            raise ValueError("address: the Ray dashboard's address is required")
+        _check_resources({"num_cpus": num_cpus, "num_gpus": num_gpus})
+        if not isinstance(stop_grace_s, int) or stop_grace_s < 1:
+            raise ValueError(f"stop_grace_s: a whole number of seconds >= 1, not {stop_grace_s!r}")
+        if fs is None:
+            fs, root = artifacts.resolve(artifacts_root)
+        else:
+            root = artifacts.path_of(fs, os.fspath(artifacts_root))
+        self.address = address
+        self.fs = fs
+        self.root = root
+        self.python = python or sys.executable
+        self.ship_code = ship_code
+        self.env = env
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.stop_grace_s = stop_grace_s
+        self.headers = dict(headers) if headers else None
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # --- the Runner interface --------------------------------------------------------
+
+    def submit(self, spec: TrainingSpec, key: str, *, step: Step | None = None) -> Handle:
+        sid = submission_id(key)
+        run_dir = self.run_dir(sid)
+        worker_spec, resources = self._worker_spec(spec, run_dir)  # bad input: before any call
+        found = self._handle(sid)
+        if found is not None:
+            return found
+        where = artifacts.uri(self.fs, run_dir)
+        self._stage(spec, run_dir, worker_spec)
+        if step is not None:
+            step("uploaded", where)
+        client = self._connect()
+        try:
+            client.submit_job(
+                entrypoint=shlex.join([self.python, "-m", "trainers.lora", f"{run_dir}/{SPEC}"]),
+                submission_id=sid,
+                runtime_env=self._runtime_env(),
+                entrypoint_num_cpus=resources["num_cpus"],
+                entrypoint_num_gpus=resources["num_gpus"],
+                metadata={
+                    META_KEY: key,
+                    META_RUN: spec.run_id,
+                    META_DIR: where,
+                    META_MODEL: spec.model,
+                },
+            )
+        except Exception as exc:
+            # Refused as a duplicate, or the answer was lost: the job may be there all the
+            # same. Look before telling the caller anything.
+            found = self._handle(sid)
+            if found is not None:
+                return found
+            raise _runner_error(f"Ray refused job {sid}", exc) from exc
+        if step is not None:
+            step("created", sid)
+        return Handle(runner=self.name, id=sid, where=where)
+
+    def find(self, key: str) -> Handle | None:
+        return self._handle(submission_id(key))
+
+    def poll(self, handle: Handle, *, cursor: str | None = None) -> RunState:
+        info = self._info(handle.id)
+        run_dir = (
+            artifacts.path_of(self.fs, handle.where) if handle.where else self.run_dir(handle.id)
+        )
+        events = parse_events(artifacts.read_text(self.fs, f"{run_dir}/{PROGRESS}") or "")
+        result = parse_result(artifacts.read_text(self.fs, f"{run_dir}/{RESULT}") or "")
+        common = progress_fields(events)
+        seen = _cursor(cursor)
+        state: dict[str, Any] = {
+            "step": common["step"],
+            "total_steps": common["total_steps"],
+            "train_loss": common["train_loss"],
+            "metrics": common["metrics"],
+            "events": tuple(_run_events(events, seen)),
+            "cursor": str(max(seen, len(events))),
+        }
+        ray_status = str(info.status) if info is not None else None
+        status = RAY_STATUSES.get(ray_status or "", "running")
+        done = (result or {}).get("status")
+        if info is None:
+            # Ray forgot the job (a cluster started afresh): the files are all there is.
+            status = done if done in _RESULT_STATUSES else "failed"
+            if status == "failed":
+                state["error"] = (result or {}).get("error") or (
+                    f"the Ray cluster at {self.address} no longer knows job {handle.id} "
+                    "(restarted?) and the run left no result"
+                )
+        elif ray_status == "SUCCEEDED":
+            status = done if done in _RESULT_STATUSES else "failed"
+            if status == "failed":
+                state["error"] = (result or {}).get("error") or (
+                    f"the worker exited without a result in {handle.where or run_dir}"
+                )
+                state["log_tail"] = self._log_tail(handle.id)
+        elif ray_status == "STOPPED":
+            status = "succeeded" if done == "succeeded" else "cancelled"
+        elif ray_status == "FAILED":
+            state["error"] = _failure(info.message, (result or {}).get("error"))
+            state["log_tail"] = (result or {}).get("log_tail") or self._log_tail(handle.id)
+        if result is not None:
+            state["output"] = _output(result, handle.where)
+            total = (result.get("metrics") or {}).get("steps")
+            if status == "succeeded" and total is not None:
+                state["step"] = total
+            if state["train_loss"] is None:
+                state["train_loss"] = (result.get("metrics") or {}).get("train_loss")
+        return RunState(status=status, **state)
+
+    def cancel(self, handle: Handle) -> None:
+        client = self._connect()
+        try:
+            client.stop_job(handle.id)  # False for a finished job: left as it is
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                raise RunnerError(f"Ray has no job {handle.id}") from exc
+            raise _runner_error(f"Ray could not stop job {handle.id}", exc) from exc
+
+    # --- the rest ----------------------------------------------------------------------
+
+    def run_dir(self, sid: str) -> str:
+        """The run folder of a submission id (a path on `fs`)."""
+        return f"{self.root}/{sid}"
+
+    def logs(self, handle: Handle) -> str:
+        """Everything the job printed (Ray keeps it on the head node)."""
+        client = self._connect()
+        try:
+            return client.get_job_logs(handle.id)
+        except Exception as exc:
+            raise _runner_error(f"Ray has no logs for job {handle.id}", exc) from exc
+
+    def _connect(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    from ray.job_submission import JobSubmissionClient
+                except ImportError as exc:
+                    raise RunnerError(
+                        "the Ray runner needs Ray's job client: pip install 'tunebot[ray]'"
+                    ) from exc
+                try:
+                    self._client = JobSubmissionClient(self.address, headers=self.headers)
+                except Exception as exc:
+                    raise _runner_error(f"no Ray cluster answers at {self.address}", exc) from exc
+            return self._client
+
+    def _info(self, sid: str) -> Any:
+        """Ray's JobDetails for `sid`, or None when Ray has no such job."""
+        client = self._connect()
+        try:
+            return client.get_job_info(sid)
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return None
+            raise _runner_error(f"Ray did not answer for job {sid}", exc) from exc
+
+    def _handle(self, sid: str) -> Handle | None:
+        info = self._info(sid)
+        if info is None:
+            return None
+        where = (info.metadata or {}).get(META_DIR) or artifacts.uri(self.fs, self.run_dir(sid))
+        return Handle(runner=self.name, id=sid, reused=True, where=where)
+
+    def _worker_spec(self, spec: TrainingSpec, run_dir: str) -> tuple[dict, dict]:
+        """The worker's spec.json and the Ray resources, from the frozen `spec`."""
+        from trainers.lora import LoraSpec  # light: the heavy imports are inside its functions
+
+        params = {k: v for k, v in spec.hyperparameters.items() if v is not None}
+        resources = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        for name in RESOURCE_KEYS:
+            if name in params:
+                resources[name] = params.pop(name)
+        try:
+            _check_resources(resources)
+        except ValueError as exc:
+            raise RunnerError(str(exc)) from exc
+        if "lr_mult" in params:
+            raise RunnerError("lr_mult: the Ray runner trains LoRA locally; give lr instead")
+        own = {"run_id", "model", "train_file", "eval_file", "output_dir"}
+        knows = {f.name for f in fields(LoraSpec)} - own
+        for name in params:
+            if name not in knows:
+                raise RunnerError(
+                    f"{name}: the Ray runner does not know this hyperparameter "
+                    f"(it knows {', '.join(sorted(knows | set(RESOURCE_KEYS)))})"
+                )
+        data = {
+            "run_id": spec.run_id,
+            "model": spec.model,
+            "train_file": f"{run_dir}/data/train.jsonl",
+            "eval_file": f"{run_dir}/data/eval.jsonl" if spec.eval_file else None,
+            "output_dir": run_dir,
+            **params,
+        }
+        try:
+            LoraSpec.from_dict(data)
+        except ValueError as exc:
+            raise RunnerError(str(exc)) from exc
+        return data, resources
+
+    def _stage(self, spec: TrainingSpec, run_dir: str, worker_spec: dict) -> None:
+        """The spec and the data in the run folder (each write whole, so a repeat is harmless)."""
+        import json
+
+        try:
+            self.fs.makedirs(f"{run_dir}/data", exist_ok=True)
+            self.fs.put_file(str(spec.train_file), worker_spec["train_file"])
+            if spec.eval_file:
+                self.fs.put_file(str(spec.eval_file), worker_spec["eval_file"])
+            self.fs.pipe_file(f"{run_dir}/{SPEC}", json.dumps(worker_spec, indent=2).encode())
+        except OSError as exc:
+            raise RunnerError(f"cannot stage run {spec.run_id} in {run_dir}: {exc}") from exc
+
+    def _runtime_env(self) -> dict:
+        env_vars = worker_env(os.environ if self.env is None else self.env)
+        for name in _DEVICE_LISTS:
+            env_vars.pop(name, None)
+        env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(self.stop_grace_s)  # read by Ray's supervisor
+        env_vars.setdefault("PYTHONUNBUFFERED", "1")
+        runtime_env: dict[str, Any] = {"env_vars": env_vars}
+        if self.ship_code:
+            runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+            runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+        return runtime_env
+
+    def _log_tail(self, sid: str, lines: int = LOG_TAIL_LINES) -> str | None:
+        try:
+            text = self._connect().get_job_logs(sid)
+        except Exception:
+            return None
+        return "\n".join(text.splitlines()[-lines:]) or None
+
+
+def _check_resources(resources: Mapping[str, Any]) -> None:
+    for name, value in resources.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{name}: a number >= 0, not {value!r}")
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status in a Ray client error ("Request failed with status code 404: …")."""
+    match = _STATUS_CODE.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _runner_error(what: str, exc: BaseException) -> RunnerError:
+    code = _status_code(exc)
+    # Connection refused / reset (requests' errors are OSErrors), timeouts, 5xx: try again.
+    retryable = isinstance(exc, OSError | TimeoutError) or (code is not None and code >= 500)
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RunnerError(f"{what}: {detail[:300]}", retryable=retryable)
+
+
+def _failure(message: str | None, worker_error: str | None) -> str:
+    """One line: the worker's error when it wrote one, and what Ray says."""
+    first = (message or "").strip().splitlines()[0] if (message or "").strip() else ""
+    first = re.sub(r",? *last available logs.*$", "", first).strip()
+    if worker_error and first:
+        return f"{worker_error} ({first})"
+    return worker_error or first or "the Ray job failed"
+
+
+def _output(result: Mapping[str, Any], where: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"run_dir": where} if where else {}
+    for name in ("adapter_dir", "merged_dir", "checkpoint", "metrics"):
+        if result.get(name) is not None:
+            out[name] = result[name]
+    return out
+
+
+def _cursor(cursor: str | None) -> int:
+    try:
+        return max(0, int(cursor)) if cursor else 0
+    except ValueError:
+        return 0
+
+
+def _run_events(events: list[dict], seen: int) -> list[RunEvent]:
+    found = []
+    for index, event in enumerate(events[seen:], seen):
+        kind = event.get("event")
+        if kind not in _EVENT_KINDS:
+            continue
+        if kind == "start":
+            message = f"training started: {event.get('max_steps')} steps"
+            if event.get("resumed_from"):
+                message += f", resumed from {Path(str(event['resumed_from'])).name}"
+        elif kind == "eval":
+            message = f"eval loss {event.get('eval_loss')} at step {event.get('step')}"
+        else:
+            message = f"checkpoint saved at step {event.get('step')}"
+        created = event.get("time")
+        found.append(
+            RunEvent(
+                id=str(index),
+                created_at=int(created) if isinstance(created, int | float) else int(time.time()),
+                message=message,
+            )
+        )
+    return found
