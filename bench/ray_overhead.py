@@ -1,6 +1,6 @@
 """What a Ray job adds to a local LoRA run: the same tiny run through both runners.
 
-Builds the tiny Llama of tests/test_lora.py (2 layers, hidden 64, offline),
+Builds the tiny Llama of tests/trainers/test_lora.py (2 layers, hidden 64, offline),
 then trains it for one epoch (6 steps) `--repeat` times per arm, interleaved
 (local, ray, ray, local, ...):
 
@@ -47,11 +47,11 @@ HYPER = {"epochs": 1, "lr": 1e-2, "batch": 4, "grad_accum": 1, "max_length": 128
 
 
 def tiny_model(root: Path) -> tuple[Path, Path]:
-    """(model folder, training file): the tiny Llama and data of tests/test_lora.py."""
+    """(model folder, training file): the tiny Llama and data of tests/trainers/test_lora.py."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tests.test_lora import PLAIN_CHATML, _bpe, chat_row, write_jsonl
+    from tests.trainers.test_lora import PLAIN_CHATML, _bpe, chat_row, write_jsonl
 
     rows = [chat_row(i) for i in range(32)]
     texts = [m["content"] for r in rows for m in r["messages"]]

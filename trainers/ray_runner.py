@@ -264,6 +264,9 @@ class RayRunner:
 
     # --- the rest ----------------------------------------------------------------------
 
+    def delete_file(self, file_id: str) -> bool:
+        return False  # nothing goes to a provider: the run's files stay under the artifacts root
+
     def run_dir(self, sid: str) -> str:
         """The run folder of a submission id (a path on `fs`)."""
         return f"{self.root}/{sid}"

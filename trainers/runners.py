@@ -13,6 +13,7 @@ RUNNERS: dict[str, str] = {
     "openai": "trainers.openai_runner:OpenAIRunner",
     "local": "trainers.local:LocalRunner",
     "together": "trainers.together_ft:TogetherRunner",
+    "ray": "trainers.ray_runner:RayRunner",
 }
 
 

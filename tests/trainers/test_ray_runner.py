@@ -6,7 +6,7 @@ dashboard answers at ``TUNEBOT_RAY_ADDRESS`` (default http://127.0.0.1:8265).
 Each session's keys carry a fresh nonce: the cluster remembers every job it
 ran, and an old key would be adopted.
 
-The worker trains the tiny Llama of tests/test_lora.py (built offline) with
+The worker trains the tiny Llama of tests/trainers/test_lora.py (built offline) with
 a few steps at most; most of each job's time is Ray's start of the job and
 the worker's import of torch + transformers + trl.
 """
@@ -60,7 +60,7 @@ def key(name: str) -> str:
 
 
 try:
-    from tests.test_lora import tiny
+    from tests.trainers.test_lora import tiny
 except pytest.skip.Exception as exc:  # test_lora skips without the [local] extra
     _NO_LOCAL = str(exc)
 
