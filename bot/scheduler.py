@@ -1,4 +1,5 @@
-"""Background ticks: follow running jobs and expire stale approval requests.
+"""Background ticks: follow running jobs, expire stale approval requests, prune seen
+keys, resume acked work, and warn of models that stop serving.
 
 apscheduler 3.x's BackgroundScheduler, with coalescing and one instance per
 job: a slow OpenAI poll delays the next tick instead of piling ticks up. The
@@ -20,6 +21,7 @@ EXPIRY_SECONDS = 60
 PRUNE_SECONDS = 3600  # how often seen delivery ids and file keys are pruned
 SEEN_KEPT = dt.timedelta(days=1)  # Slack stops redelivering an event within hours
 RESUME_SECONDS = 60  # how often acked work nobody holds (a full queue at start) is taken up
+RETIREMENT_SECONDS = 24 * 3600  # the retirement watch (bot.retirement): daily, and at start
 
 
 def prune_seen(runs: Runs) -> int:
@@ -60,6 +62,13 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
     scheduler.add_job(
         runs.wf.resume, "interval", kwargs={"at_start": False}, seconds=RESUME_SECONDS,
         id="resume_work",
+    )  # fmt: skip
+    from bot.retirement import RetirementWatch
+
+    watch = RetirementWatch(runs.store, runs.wf.post, runs.clock)
+    scheduler.add_job(
+        watch.check, "interval", seconds=RETIREMENT_SECONDS, id="retirement_watch",
+        next_run_time=now,
     )  # fmt: skip
     scheduler.start()
     return scheduler

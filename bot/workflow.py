@@ -939,6 +939,7 @@ class Workflow:
             waiting=waiting,
             datasets=datasets,
             evals=evals,
+            finished=[r for r in runs if r.status == "succeeded"],
             spent_usd=self.runs.committed_usd(),
             budget_usd=self.settings.monthly_budget_usd,
         )

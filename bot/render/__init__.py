@@ -49,6 +49,7 @@ from bot.render.runs import (
     log_name,
     progress,
     queued,
+    retirement_notice,
     run_result,
     run_status,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "queued",
     "reject_modal",
     "reshared_pointer",
+    "retirement_notice",
     "run_result",
     "run_status",
     "runs_list",

@@ -10,7 +10,7 @@ from bot.render.text import context, escape, money, section
 
 def home_view(
     *, user: str, active: Sequence, waiting: Sequence, datasets: Sequence, evals: Sequence,
-    spent_usd: float, budget_usd: float | None,
+    spent_usd: float, budget_usd: float | None, finished: Sequence = (),
 ) -> dict:  # fmt: skip
     """The App Home tab: what runs, what waits for this person, spend, latest data and evals."""
     blocks: list[dict] = [
@@ -36,6 +36,9 @@ def home_view(
         blocks.append(section("*Runs in progress*\n" + "\n".join(lines)))
     else:
         blocks.append(section("*Runs in progress*\nNone right now."))
+    retiring = _retiring(finished)
+    if retiring:
+        blocks.append(section("*Models that stop serving*\n" + "\n".join(retiring)))
     if datasets:
         lines = [
             f"• {d.id} {escape(d.name)}: {d.valid_examples or 0:,}/{d.examples or 0:,} valid, {d.tokens_total or 0:,} tokens"
@@ -64,3 +67,16 @@ def _eval_line(summary: dict) -> str:
         f"{primary} base {means.get('base', 0):.2f} → tuned {means.get('tuned', 0):.2f}; "
         f"tuned wins {wtl.get('win', 0)}, ties {wtl.get('tie', 0)}, loses {wtl.get('loss', 0)}"
     )
+
+
+def _retiring(runs: Sequence) -> list[str]:
+    """A line for each finished run whose fine-tuned model's provider stops serving it."""
+    from trainers.retirement import serving_ends
+
+    lines = []
+    for run in runs:
+        model = (run.result_json or {}).get("fine_tuned_model")
+        ends = serving_ends(model) if model else None
+        if ends:
+            lines.append(f"• {run.id}: `{escape(model)}` stops serving on {ends:%Y-%m-%d}")
+    return lines

@@ -32,6 +32,7 @@ def runs_list(runs: Sequence) -> Message:
         return Message(text, [section(text)], in_channel=True)
     lines = [
         f"• {r.id} — {r.provider} {escape(r.model)} on {r.dataset_id}: {r.status} (by <@{r.requested_by}>)"
+        + _serving_end(r)
         for r in runs
     ]
     text = "Training runs in this channel (newest first):\n" + "\n".join(lines)
@@ -93,3 +94,12 @@ def audit_log(entries, run_id: str | None) -> Message:
         lines.append(f"• {e.created_at:%Y-%m-%d %H:%M:%S} {who} {e.action} {target}{plan}")
     text = "Audit log (newest first):\n" + "\n".join(lines)
     return Message(text, [section(text)], in_channel=True)
+
+
+def _serving_end(run) -> str:
+    """`; its model stops serving on …` for a fine-tuned model whose end is known."""
+    from trainers.retirement import serving_ends
+
+    model = (run.result_json or {}).get("fine_tuned_model")
+    ends = serving_ends(model) if model and run.status == "succeeded" else None
+    return f"; its model stops serving on {ends:%Y-%m-%d}" if ends else ""

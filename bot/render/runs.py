@@ -315,3 +315,18 @@ def distilled(run, dataset_id: str, examples: int, failed, cost_usd: float) -> M
     )
     text = "\n".join(lines)
     return Message(text, [section(text)])
+
+
+def retirement_notice(run, model: str, ends, days: int) -> Message:
+    """A fine-tuned model's provider stops serving it in `days` days (30, 7 or 1)."""
+    from trainers.retirement import SOURCE
+
+    when = "tomorrow" if days <= 1 else f"in {days} days"
+    text = (
+        f"⚠️ {run.id}'s model `{escape(model)}` stops serving on {ends:%Y-%m-%d} ({when}), "
+        f"with every fine-tune of its base model ({SOURCE}); calls to it fail from then on. "
+        f"Train {run.dataset_id} again where it keeps serving, e.g. "
+        f"`/finetune train {run.dataset_id} provider=local`, and evaluate the two while this "
+        "one still answers."
+    )
+    return Message(text, [section(text)], in_channel=True)
