@@ -124,3 +124,20 @@ def test_heavy_libraries_are_imported_where_they_are_used():
     for name, path in modules.items():
         _, _, top = _imports(path, names)
         assert not top & HEAVY, f"{name} imports {sorted(top & HEAVY)} at module level"
+
+
+def test_the_architecture_map_names_modules_that_exist_and_every_runner():
+    """docs/architecture.md stays true: each module it names exists, and each
+    registered Runner is in its table."""
+    import re
+
+    from trainers.runners import RUNNERS
+
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:bot|trainers|storage)/[\w/]+\.py)`", doc))
+    assert named, "the map names no module"
+    for path in sorted(named):
+        assert (ROOT / path).is_file(), f"docs/architecture.md names {path}, which does not exist"
+    for name, target in RUNNERS.items():
+        module = target.split(":")[0].replace(".", "/") + ".py"
+        assert f"| `{name}` |" in doc and module in doc, f"runner {name} is not in the map"
