@@ -69,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         help="prompting, few_shot, structured_outputs or rag (repeatable)",
     )
+    sub.add_parser("providers", help="hosted providers: which are configured, what each trains")
     dem = sub.add_parser(
         "demo", help="the whole loop offline: validate, train a LoRA on CPU, evaluate"
     )
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -
             return _advise(args)
         if args.command == "models":
             return _models(args, settings)
+        if args.command == "providers":
+            return _providers(settings, env)
         if args.command == "serve":
             from bot.serve import serve
 
@@ -302,6 +305,26 @@ def _price_table(settings: Settings):
         return PriceTable.from_file(settings.prices_file)
     except ValueError as exc:
         raise ConfigError(f"TUNEBOT_PRICES: {exc}") from None
+
+
+def _providers(settings: Settings, env: dict[str, str] | None) -> int:
+    """`tunebot providers`: the built-in ones and TUNEBOT_PROVIDERS', keys set or not."""
+    from bot import render
+
+    print(render.providers_list(configured_providers(settings), env).text)
+    return 0
+
+
+def configured_providers(settings: Settings) -> dict:
+    """The providers file's providers by name ({} without one); UsageError if it is bad."""
+    if settings.providers_file is None:
+        return {}
+    from trainers.providers import ProvidersFileError, load
+
+    try:
+        return load(settings.providers_file)
+    except ProvidersFileError as exc:
+        raise UsageError(f"TUNEBOT_PROVIDERS: {exc}") from None
 
 
 if __name__ == "__main__":

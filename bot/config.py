@@ -82,6 +82,12 @@ class Settings:
         default=None,
         metadata=_meta("TUNEBOT_PRICES", "JSON file overriding the training price table"),
     )
+    providers_file: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "TUNEBOT_PROVIDERS", "TOML file naming more hosted providers (trainers/providers.py)"
+        ),
+    )
     default_model: str = field(
         default="gpt-4o-mini-2024-07-18",
         metadata=_meta("TUNEBOT_DEFAULT_MODEL", "Model estimated and trained when none is named"),
@@ -269,7 +275,7 @@ _CHOICES = {"default_provider": ("local", "openai"), "reshared_files": ("report"
 
 
 def _parse(name: str, env: str, raw: str) -> object:
-    if name in ("home", "prices_file"):
+    if name in ("home", "prices_file", "providers_file"):
         return Path(raw).expanduser()
     if name in _LISTS:
         return tuple(c.strip() for c in raw.split(",") if c.strip())

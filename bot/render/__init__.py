@@ -22,7 +22,13 @@ from __future__ import annotations
 
 from bot.render.evaluations import eval_summary, side_by_side
 from bot.render.home import home_view
-from bot.render.lists import audit_log, budget_report, datasets_list, runs_list
+from bot.render.lists import (
+    audit_log,
+    budget_report,
+    datasets_list,
+    providers_list,
+    runs_list,
+)
 from bot.render.modals import advice, advise_modal, reject_modal
 from bot.render.reports import (
     CONVERT_FORMATS,
@@ -98,6 +104,7 @@ __all__ = [
     "money",
     "note",
     "progress",
+    "providers_list",
     "queued",
     "reject_modal",
     "reshared_pointer",

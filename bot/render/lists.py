@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bot.render.text import Message, escape, money, plural, section
 
@@ -103,3 +103,29 @@ def _serving_end(run) -> str:
     model = (run.result_json or {}).get("fine_tuned_model")
     ends = serving_ends(model) if model and run.status == "succeeded" else None
     return f"; its model stops serving on {ends:%Y-%m-%d}" if ends else ""
+
+
+def providers_list(providers: Mapping, environ: Mapping[str, str] | None = None) -> Message:
+    """Where runs can train: OpenAI and local always, then the providers file's, each
+    with its kind, models (training price per 1M tokens, context) and whether its key is
+    set. `environ` defaults to the process environment; keys are never shown."""
+    import os
+
+    env = os.environ if environ is None else environ
+    key = "key set" if env.get("OPENAI_API_KEY") else "OPENAI_API_KEY not set"
+    lines = [
+        f"• openai — OpenAI fine-tuning ({key}); new jobs until 2027-01-06",
+        "• local — LoRA / QLoRA on this machine's GPUs (`tunebot models`)",
+    ]
+    for name, p in sorted(providers.items()):
+        key = "key set" if env.get(p.api_key_env) else f"{p.api_key_env} not set"
+        where = f" at {p.base_url}" if p.base_url else ""
+        models = ", ".join(
+            f"{escape(m.name)} (${m.training_per_1m:g}/1M, {m.context:,} tokens)" for m in p.models
+        )
+        read = f"; prices read {p.prices_read}" if p.prices_read else ""
+        lines.append(
+            f"• {escape(name)} — {p.kind}{escape(where)} ({key}): {models or 'no models listed'}{read}"
+        )
+    text = "Providers (TUNEBOT_PROVIDERS adds more):\n" + "\n".join(lines)
+    return Message(text, [section(text)], in_channel=False)

@@ -188,3 +188,28 @@ def test_an_unexpected_error_is_one_line_and_exit_2(monkeypatch, capsys, good_fi
     assert cli.main(["validate", str(good_file)], env={}) == 2
     err = capsys.readouterr().err
     assert err == "tunebot validate: unexpected error: RuntimeError: something broke deep inside\n"
+
+
+def test_providers_lists_the_file_and_whether_each_key_is_set(tmp_path):
+    import os
+
+    from tests.trainers.test_providers import GOOD
+
+    path = tmp_path / "providers.toml"
+    path.write_text(GOOD)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    out = run("providers", env={**env, "TUNEBOT_PROVIDERS": str(path), "ACME_API_KEY": "sk-x"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith("• openai") and "OPENAI_API_KEY not set" in lines[1]
+    assert lines[2].startswith("• local")
+    (acme,) = [line for line in lines if line.startswith("• acme")]
+    assert "openai-compatible at http://127.0.0.1:9/v1 (key set)" in acme
+    assert "acme-8b ($0.5/1M, 32,768 tokens)" in acme and "sk-x" not in out.stdout
+    (tog,) = [line for line in lines if line.startswith("• tog")]
+    assert "TOGETHER_API_KEY not set" in tog
+
+    path.write_text('[providers.a]\nkind = "openai"\napi_key_env = "sk-live-1"')
+    out = run("providers", env={**env, "TUNEBOT_PROVIDERS": str(path)})
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr.startswith("TUNEBOT_PROVIDERS:") and "never hold the key" in out.stderr
