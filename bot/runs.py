@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
-import re
 import threading
 import time
 import uuid
@@ -32,10 +30,10 @@ from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
+from bot.plans import Planner, TrainingPlan
 from bot.priority import ACKS
 from bot.spend import SpendGate
 from storage import Dataset, Run
-from trainers import pricing
 from trainers.runner import Handle, Runner, RunnerError, RunState
 
 if TYPE_CHECKING:
@@ -47,7 +45,6 @@ ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
 PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}  # as people write them
-SPLIT_DEFAULT = 0.1
 APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
@@ -82,6 +79,9 @@ class Runs:
         self._approvers_refreshing = False
         self.gate = SpendGate(
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
+        )
+        self.planner = Planner(
+            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
         )
         from bot.evaluation import Evaluations
 
@@ -243,10 +243,7 @@ class Runs:
         provider = opts.get("provider", self.settings.default_provider).lower()
         if provider not in ("openai", "local"):
             raise UserError(f"provider must be openai or local, not `{provider}`.")
-        if provider == "local":
-            plan = self._local_plan(dataset, report, opts, channel)
-        else:
-            plan = self._openai_plan(dataset, report, opts, channel)
+        plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
@@ -377,121 +374,6 @@ class Runs:
                 f"{run.id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
             )
         return render.note(f"{run.id} needs approval: the card is in {dataset.id}'s thread.")
-
-    def _openai_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
-        try:
-            model = self.wf.prices.resolve(opts.get("model", self.settings.default_model))
-            epochs = pricing.parse_epochs(opts.get("epochs"))
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if not model.trainable:
-            raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
-        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
-            raise UserError(pricing.openai_notices(self.clock().date())[0])
-        lr_mult = _positive(opts, "lr_mult", float, most=10.0)
-        batch = _positive(opts, "batch", int, most=256)  # OpenAI's range
-        suffix = opts.get("suffix")
-        if suffix is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", suffix):
-            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
-        eval_id, split = self._eval_choice(opts, channel, dataset)
-        counts = _training_share(report.token_counts, split)
-        estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
-        return {
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "openai",
-            "model": model.name,
-            "epochs": estimate.epochs,
-            "epochs_auto": epochs is None,
-            "lr_mult": lr_mult,
-            "batch": batch,
-            "suffix": suffix,
-            "eval_dataset_id": eval_id,
-            "split": split,
-            "secret_hold": bool(
-                egress.secret_findings(dataset)
-                or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
-            ),
-            "estimate": {
-                "billed_tokens": estimate.billed_tokens,
-                "cost_usd": round(estimate.cost_usd, 4),
-                "price_per_1m": model.training_per_1m,
-            },
-        }
-
-    def _local_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
-        unknown = sorted(set(opts) & {"lr_mult", "suffix"})
-        if unknown:
-            raise UserError(
-                f"`{unknown[0]}=` is for provider=openai; local runs take lr=, r=, alpha=, …"
-            )
-        try:
-            epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        from bot.local_models import LocalModels
-
-        # Checked here and again at launch: see bot/local_models.py for what is allowed.
-        source = LocalModels(self.settings, self.store).check(opts.get("model"), channel)
-        model = source.ref
-        targets = opts.get("targets", "all-linear")
-        if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
-            raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
-        max_length = _positive(opts, "max_length", int, most=1_048_576) or 2048
-        eval_id, split = self._eval_choice(opts, channel, dataset)
-        params = source.params_billions or _params_billions(model)
-        qlora = _flag(opts, "qlora")
-        local = pricing.local_estimate(
-            _training_share(report.token_counts, split),
-            params_billions=params,
-            epochs=epochs,
-            max_length=max_length,
-            qlora=bool(qlora),
-        )
-        return {
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "local",
-            "model": model,
-            "epochs": epochs,
-            "epochs_auto": False,
-            "lr": _positive(opts, "lr", float, most=1.0) or 2e-4,
-            "batch": _positive(opts, "batch", int, most=4096) or 4,
-            "r": _positive(opts, "r", int, most=1024) or 16,
-            "alpha": _positive(opts, "alpha", int, most=8192) or 32,
-            "targets": targets,
-            "max_length": max_length,
-            "qlora": qlora,
-            "merge": bool(_flag(opts, "merge")),
-            "eval_dataset_id": eval_id,
-            "split": split,
-            "secret_hold": False,  # the data stays on our machines
-            "estimate": {
-                "billed_tokens": 0,
-                "cost_usd": 0.0,
-                "price_per_1m": 0.0,
-                "tokens": local.tokens,
-                "gpu_hours": round(local.gpu_hours, 4),
-                "params_billions": params,
-            },
-        }
-
-    def _eval_choice(
-        self, opts: dict[str, str], channel: str, dataset: Dataset
-    ) -> tuple[str | None, float | None]:
-        if "eval" in opts and "split" in opts:
-            raise UserError("Give eval=<dataset> or split=<fraction>, not both.")
-        if "eval" in opts:
-            held_out = self.wf.find_dataset(channel, opts["eval"])
-            if held_out.id == dataset.id:
-                raise UserError("The eval set must be another dataset than the training set.")
-            if (held_out.errors or 0) > 0:
-                raise UserError(f"{held_out.id} has errors and cannot be the eval set.")
-            return held_out.id, None
-        split = _positive(opts, "split", float)
-        if split is not None and not 0 < split < 0.5:
-            raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
-        return None, split if split is not None else SPLIT_DEFAULT
 
     # --- the card and decisions ---------------------------------------------------------
 
@@ -766,7 +648,7 @@ class Runs:
         """The job for the run's key: found if it exists, else submitted now."""
         from trainers.runner import TrainingSpec
 
-        plan = run.plan_json
+        plan = TrainingPlan.from_json(run.plan_json)
         dataset = self.store.get_dataset(run.dataset_id)
         if dataset.forgotten_at:
             raise UserError(f"its dataset {dataset.id} was forgotten")
@@ -775,12 +657,8 @@ class Runs:
             run_id=run.id,
             model=run.model,
             train_file=self.wf.blobs.path(data["train_sha256"]),
-            hyperparameters={
-                "epochs": None if plan.get("epochs_auto") else plan["epochs"],
-                "batch": plan.get("batch"),
-                "lr_mult": plan.get("lr_mult"),
-            },
-            suffix=plan.get("suffix"),
+            hyperparameters=plan.hyperparameters(),
+            suffix=getattr(plan, "suffix", None),
         )
 
         def step(what: str, value: str) -> None:
@@ -1125,14 +1003,14 @@ class Runs:
         from trainers.local import complete_checkpoints
         from trainers.runner import TrainingSpec
 
-        plan = run.plan_json
+        plan = TrainingPlan.from_json(run.plan_json)
         run_dir = self.run_dir(run.id)
         try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
             model = LocalModels(self.settings, self.store).for_launch(
-                plan["model"], run.channel, run_dir
+                plan.model, run.channel, run_dir
             )
         except Exception as exc:
-            self._finish(run, "running", "failed", error=f"cannot get model {plan['model']}: {exc}")
+            self._finish(run, "running", "failed", error=f"cannot get model {plan.model}: {exc}")
             return
         data = self._training_files(run)
         spec = TrainingSpec(
@@ -1140,13 +1018,7 @@ class Runs:
             model=model,
             train_file=Path(data["train"]),
             eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters={
-                **{k: plan[k] for k in ("epochs", "lr", "batch", "r", "alpha", "targets")},
-                "max_length": plan["max_length"],
-                "qlora": bool(plan.get("qlora")),
-                "merge": plan.get("merge", False),
-                **self.local_overrides,
-            },
+            hyperparameters={**plan.hyperparameters(), **self.local_overrides},
             output_dir=run_dir,
         )
         resume = bool(complete_checkpoints(run_dir))
@@ -1480,72 +1352,8 @@ class Runs:
         return run
 
 
-def _positive(opts: dict[str, str], key: str, kind: type, *, most: float | None = None) -> Any:
-    """A hyper-parameter given as `key=`: a finite number above 0 and at most `most`,
-    or a usage error naming it.
-
-    nan, inf, negatives, zero, absurd sizes and non-numbers are refused when
-    the run is requested, never discovered by a provider or a worker later.
-    """
-    if key not in opts:
-        return None
-    raw = opts[key].strip()
-    what = "a whole number" if kind is int else "a number"
-    try:
-        value = int(raw) if kind is int else float(raw)
-    except ValueError:
-        raise UserError(
-            f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`.")
-    if most is not None and value > most:
-        raise UserError(f"{key}= must be at most {most:,g}, not `{render.escape(opts[key])}`.")
-    return value
-
-
 def _error_codes(dataset: Dataset) -> dict[str, int]:
     from trainers.data import CODES, ERROR
 
     codes = (dataset.report_json or {}).get("codes", {})
     return {c: n for c, n in codes.items() if CODES.get(c, ("",))[0] == ERROR}
-
-
-def _flag(opts: dict[str, str], key: str) -> bool | None:
-    if key not in opts:
-        return None
-    value = opts[key].lower()
-    if value in ("true", "yes", "on", "1"):
-        return True
-    if value in ("false", "no", "off", "0"):
-        return False
-    raise UserError(f"{key}= takes true or false, not `{opts[key]}`.")
-
-
-def _params_billions(model: str) -> float:
-    """A size guess from the name (Llama-3.1-8B -> 8), for the GPU-time estimate."""
-    if model.lower() == "smollm2":
-        return 0.135
-    found = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", model.lower().replace("_", "-"))
-    if not found:
-        return 1.0
-    size = float(found.group(1))
-    return size / 1000 if found.group(2) == "m" else size
-
-
-def _training_share(counts, split: float | None) -> list[int]:
-    """The token counts the run trains on: the held-out share is left out.
-
-    The split itself is made later, from the frozen plan; which examples it
-    holds out is seeded, so this takes the same number of the mean-sized
-    examples off: an estimate, labelled as such.
-    """
-    from bot.evaluation import held_out_count
-
-    counts = list(counts)
-    held = held_out_count(len(counts), split) if split else 0
-    if not held:
-        return counts
-    mean = sum(counts) / len(counts)
-    ordered = sorted(counts, key=lambda c: abs(c - mean))
-    return ordered[held:]
