@@ -695,7 +695,7 @@ class Runs:
             run_id, ["submitting"], "failed", error=error, owner=None, lease_expires_at=None
         ):
             return
-        self._delete_run_files(run_id)
+        self.delete_run_files(run_id)
         self.gate.settle("run", run_id, 0.0, note="failed before training")
         run = self.store.get_run(run_id)
         self.store.audit(
@@ -715,7 +715,7 @@ class Runs:
         self._cleanup_after_cancel(run_id)
         self.store.audit("tunebot", "cancelled_job", run_id=run_id, detail={"job": job_id})
 
-    def _cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
+    def cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
         run = self.store.get_run(run_id)
         runner = self.runner(run.provider)
         for attempt in range(attempts):
@@ -739,9 +739,9 @@ class Runs:
     def _cleanup_after_cancel(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
         if run.status in FINISHED:
-            self._delete_run_files(run_id)
+            self.delete_run_files(run_id)
 
-    def _delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
+    def delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
         """Delete what was uploaded to providers for a run (or a dataset); returns how many."""
         files = self.store.provider_files(run_id=run_id, dataset_id=dataset_id)
         deleted = 0
@@ -1130,7 +1130,7 @@ class Runs:
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
         from trainers import local
 
-        run = self._find_run(cmd.target, channel)
+        run = self.find_run(cmd.target, channel)
         if run.provider != "local":
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
         if user != run.requested_by and user not in self.policy().approvers:
@@ -1150,11 +1150,11 @@ class Runs:
         self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
         return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
 
-    # --- cancel, forget, audit -------------------------------------------------------
+    # --- cancel, resume -------------------------------------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Cancel a run from any state that is not final, whatever its provider."""
-        run = self._find_run(cmd.target, channel)
+        run = self.find_run(cmd.target, channel)
         if user != run.requested_by and not self.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
         if run.status in WAITING and not (run.provider == "openai" and run.external_id):
@@ -1210,138 +1210,12 @@ class Runs:
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
         if run.provider == "openai" and not run.external_id and self.settings.openai_api_key:
-            self._cancel_job_by_key(run_id)
+            self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
 
-    def release(self, cmd: Command, channel: str, user: str) -> render.Message:
-        """An approver lets a dataset that may hold secrets go to hosted models."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        if not self.gate.is_approver(user):
-            raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
-        if user == dataset.user:
-            raise UserError(f"You uploaded {dataset.id}, so another approver must release it.")
-        if not egress.secret_findings(dataset):
-            return render.note(
-                f"{dataset.id} has no possible secrets: there is nothing to release."
-            )
-        if not egress.release(self.store, dataset, user):
-            return render.note(
-                f"{dataset.id} was already released by <@{egress.released_by(self.store, dataset.id)}>."
-            )
-        log.info("dataset %s released for hosted models by %s", dataset.id, user)
-        return render.note(
-            f"<@{user}> released {dataset.id} ({egress.secret_findings(dataset):,} possible "
-            "secret(s)): it may now go to hosted models for evaluation and chat.",
-            in_channel=True,
-        )
-
-    def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
-        """Forget a dataset: its bytes (if no other dataset has them), its splits, its
-        uploads to providers, and the runs still waiting on it."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        if user != dataset.user and not self.gate.is_approver(user):
-            raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
-        self.store.update_dataset(dataset.id, forgotten_at=self.clock(), forgotten_by=user)
-        cancelled = []
-        for run in self.store.runs(status=list(WAITING), limit=None):
-            if dataset.id not in (run.dataset_id, run.eval_dataset_id):
-                continue
-            if run.external_id and run.provider == "openai":
-                continue  # already training: cancel it by name if it should stop
-            if self.store.transition_run(
-                run.id, [run.status], "cancelled", error=f"its dataset {dataset.id} was forgotten"
-            ):
-                self.gate.settle("run", run.id, 0.0, note="dataset forgotten")
-                self.store.audit(user, "cancelled", run_id=run.id, detail={"why": "forgotten"})
-                cancelled.append(run)
-        self.wf.submit(
-            f"forgetting {dataset.id}",
-            lambda: self._forget_files(dataset, user, cancelled),
-            channel,
-            dataset.thread_ts,
-        )
-        also = f"; {', '.join(r.id for r in cancelled)} cancelled" if cancelled else ""
-        return render.note(f"{dataset.id} is forgotten{also}.", in_channel=True)
-
-    def _forget_files(self, dataset: Dataset, user: str, cancelled: list[Run]) -> None:
-        shas = {dataset.sha256}
-        for run in self.store.runs(channel=dataset.channel, limit=None):
-            if run.dataset_id == dataset.id:
-                data = (run.result_json or {}).get("data") or {}
-                shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
-        report = dataset.report_json or {}
-        shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
-        removed_blobs = 0
-        for sha in shas:
-            if not self.store.sha_in_use(sha, besides=dataset.id) and self.wf.blobs.delete(sha):
-                removed_blobs += 1
-        removed_remote = (
-            self._delete_run_files(dataset_id=dataset.id) if self.settings.openai_api_key else 0
-        )
-        self.store.audit(
-            user,
-            "forgot",
-            dataset_id=dataset.id,
-            detail={
-                "blobs": removed_blobs,
-                "provider_files": removed_remote,
-                "cancelled": [r.id for r in cancelled],
-            },
-        )
-        for run in cancelled:
-            if run.provider == "openai" and self.settings.openai_api_key:
-                self._cancel_job_by_key(run.id)  # a lost reply may have made one
-            self.refresh_card(run.id)
-            self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"<@{run.requested_by}> {run.id} is cancelled: its dataset {dataset.id} "
-                    f"was forgotten by <@{user}>."
-                ),
-            )
-        where = f" and {removed_remote} upload(s) to OpenAI" if removed_remote else ""
-        self.wf.post(
-            dataset.channel,
-            dataset.thread_ts,
-            render.note(
-                f"{dataset.id} was forgotten by <@{user}>: its stored file(s){where} deleted."
-            ),
-        )
-
-    def budget(self, channel: str) -> render.Message:
-        """This month's spend: the shared total, this channel's paid runs by run and by
-        person, and all other channels as one sum (their runs, models and people stay
-        in their channels). Totals come from the spend ledger."""
-        now = self.clock()
-        since = approvals.month_start(now)
-        rows = [
-            r for r in self.store.runs(channel=channel, limit=None)
-            if r.created_at >= since and r.provider != "local" and r.status not in ("rejected", "expired")
-        ]  # fmt: skip
-        total = self.gate.committed_usd()
-        here = self.gate.ledger.committed(self.gate.since(), channel=channel)
-        return render.budget_report(
-            rows,
-            spent_usd=total,
-            budget_usd=self.settings.monthly_budget_usd,
-            month=f"{now:%B %Y}",
-            here_usd=here,
-            others_usd=max(total - here, 0.0),
-        )
-
-    def audit(self, cmd: Command, channel: str) -> render.Message:
-        if cmd.target:
-            run = self._find_run(cmd.target, channel)
-            rows = self.store.audit_log(run_id=run.id, limit=50)
-        else:
-            ids = {r.id for r in self.store.runs(channel=channel, limit=None)}
-            rows = [e for e in self.store.audit_log(limit=200) if e.run_id in ids][:50]
-        return render.audit_log(rows, cmd.target)
-
-    def _find_run(self, ref: str | None, channel: str) -> Run:
+    def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:
             raise UserError("Name the run, e.g. `r3`: `/finetune runs` lists them.")
         run = self.store.find_run(ref.lower())

@@ -382,7 +382,7 @@ def test_another_channel_cannot_name_this_channels_datasets_or_runs(paid_bot):
 # Found by attack (low, same root cause as the two ping bugs above, now fixed): render._inert treats any
 # `<@U…>` in a composed message as the bot's own mention, so words a member typed come
 # back as live mentions: `/finetune status <@U0VICTIM>` answers "No run `<@U0VICTIM>`…"
-# (bot/runs.py _find_run / bot/workflow.py _status put the raw ref in the UserError).
+# (bot/runs.py find_run / bot/workflow.py _status put the raw ref in the UserError).
 # Ephemeral here, so nobody is notified, but the same path pings in thread posts.
 # Fix at the root: escape user words where they enter a message (render.escape), and
 # let _inert keep only mentions the bot composed (or drop _inert's exception).
