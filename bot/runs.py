@@ -70,6 +70,9 @@ class Runs:
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
         self._local_lock = threading.Lock()
+        # Called with the run, on a job thread, when a run succeeds; the workflow
+        # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
+        self.on_success: list[Callable[[Run], None]] = []
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
@@ -1115,11 +1118,13 @@ class Runs:
         self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
 
     def _after_end(self, done: Run, metrics, log_tail: str | None = None) -> None:
-        """Charts, logs and the evaluation, on a job thread: never on the scheduler's."""
+        """The success hooks (the evaluation), charts and logs, on a job thread: never
+        on the scheduler's."""
 
         def report() -> None:
             if done.status == "succeeded":
-                self.evals.after_success(done)
+                for hook in list(self.on_success):
+                    hook(done)
             if metrics:
                 self._upload_loss_curve(done, metrics)
             if log_tail:

@@ -118,6 +118,7 @@ class Workflow:
 
         self.runs = Runs(self, tuner=tuner)
         self.admin = Admin(self.runs)  # release, forget, budget, audit
+        self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
         # What each kind of acked work runs (see start_work); its args come from pending_work.
         self._work: dict[str, Callable[[dict], Any]] = {
             "ingest": self._ingest_work,
