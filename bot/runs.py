@@ -12,6 +12,12 @@ External submissions go through a claim (bot/claims.py): the run moves to
 claimant uploads and creates, and the job carries an idempotency key unique
 to this installation, so a poll, a retry or a restart finds the job instead
 of making a second one.
+
+What a run is asked to do is its plan, built and frozen by bot/plans.py
+(`Planner`, `TrainingPlan`) and stored as `plan.to_json()`. The admin
+commands (release, forget, budget, audit) are bot/admin.py's. When a run
+succeeds, the callables in `Runs.on_success` run on a job thread (the
+workflow registers the evaluation there).
 """
 
 from __future__ import annotations
