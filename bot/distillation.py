@@ -343,7 +343,7 @@ class Distiller:
 
     def chat(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Ask the base and the tuned model of a run one prompt; paid ones through the gate."""
-        run = self.runs._find_run(cmd.target, channel)
+        run = self.runs.find_run(cmd.target, channel)
         prompt = cmd.options.get("prompt") or " ".join(cmd.args[1:])
         if not prompt.strip():
             raise UserError(

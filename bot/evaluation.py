@@ -164,7 +164,7 @@ class Evaluations:
     def request(
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
     ) -> render.Message:
-        run = self.runs._find_run(run_ref, channel)
+        run = self.runs.find_run(run_ref, channel)
         if run.status != "succeeded" or run.provider not in ("openai", "local"):
             raise UserError(
                 f"{run.id} is {run.status}: only a succeeded training run can be evaluated."

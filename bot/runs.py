@@ -12,14 +12,18 @@ External submissions go through a claim (bot/claims.py): the run moves to
 claimant uploads and creates, and the job carries an idempotency key unique
 to this installation, so a poll, a retry or a restart finds the job instead
 of making a second one.
+
+What a run is asked to do is its plan, built and frozen by bot/plans.py
+(`Planner`, `TrainingPlan`) and stored as `plan.to_json()`. The admin
+commands (release, forget, budget, audit) are bot/admin.py's. When a run
+succeeds, the callables in `Runs.on_success` run on a job thread (the
+workflow registers the evaluation there).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
-import re
 import threading
 import time
 import uuid
@@ -32,10 +36,10 @@ from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
+from bot.plans import Planner, TrainingPlan
 from bot.priority import ACKS
 from bot.spend import SpendGate
 from storage import Dataset, Run
-from trainers import pricing
 from trainers.runner import Handle, Runner, RunnerError, RunState
 
 if TYPE_CHECKING:
@@ -47,7 +51,6 @@ ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
 PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}  # as people write them
-SPLIT_DEFAULT = 0.1
 APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
@@ -73,6 +76,9 @@ class Runs:
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
         self._local_lock = threading.Lock()
+        # Called with the run, on a job thread, when a run succeeds; the workflow
+        # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
+        self.on_success: list[Callable[[Run], None]] = []
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
@@ -82,6 +88,9 @@ class Runs:
         self._approvers_refreshing = False
         self.gate = SpendGate(
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
+        )
+        self.planner = Planner(
+            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
         )
         from bot.evaluation import Evaluations
 
@@ -243,10 +252,7 @@ class Runs:
         provider = opts.get("provider", self.settings.default_provider).lower()
         if provider not in ("openai", "local"):
             raise UserError(f"provider must be openai or local, not `{provider}`.")
-        if provider == "local":
-            plan = self._local_plan(dataset, report, opts, channel)
-        else:
-            plan = self._openai_plan(dataset, report, opts, channel)
+        plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
@@ -377,121 +383,6 @@ class Runs:
                 f"{run.id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
             )
         return render.note(f"{run.id} needs approval: the card is in {dataset.id}'s thread.")
-
-    def _openai_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
-        try:
-            model = self.wf.prices.resolve(opts.get("model", self.settings.default_model))
-            epochs = pricing.parse_epochs(opts.get("epochs"))
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if not model.trainable:
-            raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
-        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
-            raise UserError(pricing.openai_notices(self.clock().date())[0])
-        lr_mult = _positive(opts, "lr_mult", float, most=10.0)
-        batch = _positive(opts, "batch", int, most=256)  # OpenAI's range
-        suffix = opts.get("suffix")
-        if suffix is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", suffix):
-            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
-        eval_id, split = self._eval_choice(opts, channel, dataset)
-        counts = _training_share(report.token_counts, split)
-        estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
-        return {
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "openai",
-            "model": model.name,
-            "epochs": estimate.epochs,
-            "epochs_auto": epochs is None,
-            "lr_mult": lr_mult,
-            "batch": batch,
-            "suffix": suffix,
-            "eval_dataset_id": eval_id,
-            "split": split,
-            "secret_hold": bool(
-                egress.secret_findings(dataset)
-                or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
-            ),
-            "estimate": {
-                "billed_tokens": estimate.billed_tokens,
-                "cost_usd": round(estimate.cost_usd, 4),
-                "price_per_1m": model.training_per_1m,
-            },
-        }
-
-    def _local_plan(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> dict:
-        unknown = sorted(set(opts) & {"lr_mult", "suffix"})
-        if unknown:
-            raise UserError(
-                f"`{unknown[0]}=` is for provider=openai; local runs take lr=, r=, alpha=, …"
-            )
-        try:
-            epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        from bot.local_models import LocalModels
-
-        # Checked here and again at launch: see bot/local_models.py for what is allowed.
-        source = LocalModels(self.settings, self.store).check(opts.get("model"), channel)
-        model = source.ref
-        targets = opts.get("targets", "all-linear")
-        if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
-            raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
-        max_length = _positive(opts, "max_length", int, most=1_048_576) or 2048
-        eval_id, split = self._eval_choice(opts, channel, dataset)
-        params = source.params_billions or _params_billions(model)
-        qlora = _flag(opts, "qlora")
-        local = pricing.local_estimate(
-            _training_share(report.token_counts, split),
-            params_billions=params,
-            epochs=epochs,
-            max_length=max_length,
-            qlora=bool(qlora),
-        )
-        return {
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "local",
-            "model": model,
-            "epochs": epochs,
-            "epochs_auto": False,
-            "lr": _positive(opts, "lr", float, most=1.0) or 2e-4,
-            "batch": _positive(opts, "batch", int, most=4096) or 4,
-            "r": _positive(opts, "r", int, most=1024) or 16,
-            "alpha": _positive(opts, "alpha", int, most=8192) or 32,
-            "targets": targets,
-            "max_length": max_length,
-            "qlora": qlora,
-            "merge": bool(_flag(opts, "merge")),
-            "eval_dataset_id": eval_id,
-            "split": split,
-            "secret_hold": False,  # the data stays on our machines
-            "estimate": {
-                "billed_tokens": 0,
-                "cost_usd": 0.0,
-                "price_per_1m": 0.0,
-                "tokens": local.tokens,
-                "gpu_hours": round(local.gpu_hours, 4),
-                "params_billions": params,
-            },
-        }
-
-    def _eval_choice(
-        self, opts: dict[str, str], channel: str, dataset: Dataset
-    ) -> tuple[str | None, float | None]:
-        if "eval" in opts and "split" in opts:
-            raise UserError("Give eval=<dataset> or split=<fraction>, not both.")
-        if "eval" in opts:
-            held_out = self.wf.find_dataset(channel, opts["eval"])
-            if held_out.id == dataset.id:
-                raise UserError("The eval set must be another dataset than the training set.")
-            if (held_out.errors or 0) > 0:
-                raise UserError(f"{held_out.id} has errors and cannot be the eval set.")
-            return held_out.id, None
-        split = _positive(opts, "split", float)
-        if split is not None and not 0 < split < 0.5:
-            raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
-        return None, split if split is not None else SPLIT_DEFAULT
 
     # --- the card and decisions ---------------------------------------------------------
 
@@ -766,7 +657,7 @@ class Runs:
         """The job for the run's key: found if it exists, else submitted now."""
         from trainers.runner import TrainingSpec
 
-        plan = run.plan_json
+        plan = TrainingPlan.from_json(run.plan_json)
         dataset = self.store.get_dataset(run.dataset_id)
         if dataset.forgotten_at:
             raise UserError(f"its dataset {dataset.id} was forgotten")
@@ -775,12 +666,8 @@ class Runs:
             run_id=run.id,
             model=run.model,
             train_file=self.wf.blobs.path(data["train_sha256"]),
-            hyperparameters={
-                "epochs": None if plan.get("epochs_auto") else plan["epochs"],
-                "batch": plan.get("batch"),
-                "lr_mult": plan.get("lr_mult"),
-            },
-            suffix=plan.get("suffix"),
+            hyperparameters=plan.hyperparameters(),
+            suffix=getattr(plan, "suffix", None),
         )
 
         def step(what: str, value: str) -> None:
@@ -817,7 +704,7 @@ class Runs:
             run_id, ["submitting"], "failed", error=error, owner=None, lease_expires_at=None
         ):
             return
-        self._delete_run_files(run_id)
+        self.delete_run_files(run_id)
         self.gate.settle("run", run_id, 0.0, note="failed before training")
         run = self.store.get_run(run_id)
         self.store.audit(
@@ -837,7 +724,7 @@ class Runs:
         self._cleanup_after_cancel(run_id)
         self.store.audit("tunebot", "cancelled_job", run_id=run_id, detail={"job": job_id})
 
-    def _cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
+    def cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
         run = self.store.get_run(run_id)
         runner = self.runner(run.provider)
         for attempt in range(attempts):
@@ -861,9 +748,9 @@ class Runs:
     def _cleanup_after_cancel(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
         if run.status in FINISHED:
-            self._delete_run_files(run_id)
+            self.delete_run_files(run_id)
 
-    def _delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
+    def delete_run_files(self, run_id: str | None = None, dataset_id: str | None = None) -> int:
         """Delete what was uploaded to providers for a run (or a dataset); returns how many."""
         files = self.store.provider_files(run_id=run_id, dataset_id=dataset_id)
         deleted = 0
@@ -1125,14 +1012,14 @@ class Runs:
         from trainers.local import complete_checkpoints
         from trainers.runner import TrainingSpec
 
-        plan = run.plan_json
+        plan = TrainingPlan.from_json(run.plan_json)
         run_dir = self.run_dir(run.id)
         try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
             model = LocalModels(self.settings, self.store).for_launch(
-                plan["model"], run.channel, run_dir
+                plan.model, run.channel, run_dir
             )
         except Exception as exc:
-            self._finish(run, "running", "failed", error=f"cannot get model {plan['model']}: {exc}")
+            self._finish(run, "running", "failed", error=f"cannot get model {plan.model}: {exc}")
             return
         data = self._training_files(run)
         spec = TrainingSpec(
@@ -1140,13 +1027,7 @@ class Runs:
             model=model,
             train_file=Path(data["train"]),
             eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters={
-                **{k: plan[k] for k in ("epochs", "lr", "batch", "r", "alpha", "targets")},
-                "max_length": plan["max_length"],
-                "qlora": bool(plan.get("qlora")),
-                "merge": plan.get("merge", False),
-                **self.local_overrides,
-            },
+            hyperparameters={**plan.hyperparameters(), **self.local_overrides},
             output_dir=run_dir,
         )
         resume = bool(complete_checkpoints(run_dir))
@@ -1243,11 +1124,13 @@ class Runs:
         self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
 
     def _after_end(self, done: Run, metrics, log_tail: str | None = None) -> None:
-        """Charts, logs and the evaluation, on a job thread: never on the scheduler's."""
+        """The success hooks (the evaluation), charts and logs, on a job thread: never
+        on the scheduler's."""
 
         def report() -> None:
             if done.status == "succeeded":
-                self.evals.after_success(done)
+                for hook in list(self.on_success):
+                    hook(done)
             if metrics:
                 self._upload_loss_curve(done, metrics)
             if log_tail:
@@ -1258,7 +1141,7 @@ class Runs:
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
         from trainers import local
 
-        run = self._find_run(cmd.target, channel)
+        run = self.find_run(cmd.target, channel)
         if run.provider != "local":
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
         if user != run.requested_by and user not in self.policy().approvers:
@@ -1278,11 +1161,11 @@ class Runs:
         self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
         return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
 
-    # --- cancel, forget, audit -------------------------------------------------------
+    # --- cancel, resume -------------------------------------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Cancel a run from any state that is not final, whatever its provider."""
-        run = self._find_run(cmd.target, channel)
+        run = self.find_run(cmd.target, channel)
         if user != run.requested_by and not self.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
         if run.status in WAITING and not (run.provider == "openai" and run.external_id):
@@ -1338,138 +1221,12 @@ class Runs:
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
         if run.provider == "openai" and not run.external_id and self.settings.openai_api_key:
-            self._cancel_job_by_key(run_id)
+            self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
 
-    def release(self, cmd: Command, channel: str, user: str) -> render.Message:
-        """An approver lets a dataset that may hold secrets go to hosted models."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        if not self.gate.is_approver(user):
-            raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
-        if user == dataset.user:
-            raise UserError(f"You uploaded {dataset.id}, so another approver must release it.")
-        if not egress.secret_findings(dataset):
-            return render.note(
-                f"{dataset.id} has no possible secrets: there is nothing to release."
-            )
-        if not egress.release(self.store, dataset, user):
-            return render.note(
-                f"{dataset.id} was already released by <@{egress.released_by(self.store, dataset.id)}>."
-            )
-        log.info("dataset %s released for hosted models by %s", dataset.id, user)
-        return render.note(
-            f"<@{user}> released {dataset.id} ({egress.secret_findings(dataset):,} possible "
-            "secret(s)): it may now go to hosted models for evaluation and chat.",
-            in_channel=True,
-        )
-
-    def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
-        """Forget a dataset: its bytes (if no other dataset has them), its splits, its
-        uploads to providers, and the runs still waiting on it."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        if user != dataset.user and not self.gate.is_approver(user):
-            raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
-        self.store.update_dataset(dataset.id, forgotten_at=self.clock(), forgotten_by=user)
-        cancelled = []
-        for run in self.store.runs(status=list(WAITING), limit=None):
-            if dataset.id not in (run.dataset_id, run.eval_dataset_id):
-                continue
-            if run.external_id and run.provider == "openai":
-                continue  # already training: cancel it by name if it should stop
-            if self.store.transition_run(
-                run.id, [run.status], "cancelled", error=f"its dataset {dataset.id} was forgotten"
-            ):
-                self.gate.settle("run", run.id, 0.0, note="dataset forgotten")
-                self.store.audit(user, "cancelled", run_id=run.id, detail={"why": "forgotten"})
-                cancelled.append(run)
-        self.wf.submit(
-            f"forgetting {dataset.id}",
-            lambda: self._forget_files(dataset, user, cancelled),
-            channel,
-            dataset.thread_ts,
-        )
-        also = f"; {', '.join(r.id for r in cancelled)} cancelled" if cancelled else ""
-        return render.note(f"{dataset.id} is forgotten{also}.", in_channel=True)
-
-    def _forget_files(self, dataset: Dataset, user: str, cancelled: list[Run]) -> None:
-        shas = {dataset.sha256}
-        for run in self.store.runs(channel=dataset.channel, limit=None):
-            if run.dataset_id == dataset.id:
-                data = (run.result_json or {}).get("data") or {}
-                shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
-        report = dataset.report_json or {}
-        shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
-        removed_blobs = 0
-        for sha in shas:
-            if not self.store.sha_in_use(sha, besides=dataset.id) and self.wf.blobs.delete(sha):
-                removed_blobs += 1
-        removed_remote = (
-            self._delete_run_files(dataset_id=dataset.id) if self.settings.openai_api_key else 0
-        )
-        self.store.audit(
-            user,
-            "forgot",
-            dataset_id=dataset.id,
-            detail={
-                "blobs": removed_blobs,
-                "provider_files": removed_remote,
-                "cancelled": [r.id for r in cancelled],
-            },
-        )
-        for run in cancelled:
-            if run.provider == "openai" and self.settings.openai_api_key:
-                self._cancel_job_by_key(run.id)  # a lost reply may have made one
-            self.refresh_card(run.id)
-            self.wf.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"<@{run.requested_by}> {run.id} is cancelled: its dataset {dataset.id} "
-                    f"was forgotten by <@{user}>."
-                ),
-            )
-        where = f" and {removed_remote} upload(s) to OpenAI" if removed_remote else ""
-        self.wf.post(
-            dataset.channel,
-            dataset.thread_ts,
-            render.note(
-                f"{dataset.id} was forgotten by <@{user}>: its stored file(s){where} deleted."
-            ),
-        )
-
-    def budget(self, channel: str) -> render.Message:
-        """This month's spend: the shared total, this channel's paid runs by run and by
-        person, and all other channels as one sum (their runs, models and people stay
-        in their channels). Totals come from the spend ledger."""
-        now = self.clock()
-        since = approvals.month_start(now)
-        rows = [
-            r for r in self.store.runs(channel=channel, limit=None)
-            if r.created_at >= since and r.provider != "local" and r.status not in ("rejected", "expired")
-        ]  # fmt: skip
-        total = self.gate.committed_usd()
-        here = self.gate.ledger.committed(self.gate.since(), channel=channel)
-        return render.budget_report(
-            rows,
-            spent_usd=total,
-            budget_usd=self.settings.monthly_budget_usd,
-            month=f"{now:%B %Y}",
-            here_usd=here,
-            others_usd=max(total - here, 0.0),
-        )
-
-    def audit(self, cmd: Command, channel: str) -> render.Message:
-        if cmd.target:
-            run = self._find_run(cmd.target, channel)
-            rows = self.store.audit_log(run_id=run.id, limit=50)
-        else:
-            ids = {r.id for r in self.store.runs(channel=channel, limit=None)}
-            rows = [e for e in self.store.audit_log(limit=200) if e.run_id in ids][:50]
-        return render.audit_log(rows, cmd.target)
-
-    def _find_run(self, ref: str | None, channel: str) -> Run:
+    def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:
             raise UserError("Name the run, e.g. `r3`: `/finetune runs` lists them.")
         run = self.store.find_run(ref.lower())
@@ -1480,72 +1237,8 @@ class Runs:
         return run
 
 
-def _positive(opts: dict[str, str], key: str, kind: type, *, most: float | None = None) -> Any:
-    """A hyper-parameter given as `key=`: a finite number above 0 and at most `most`,
-    or a usage error naming it.
-
-    nan, inf, negatives, zero, absurd sizes and non-numbers are refused when
-    the run is requested, never discovered by a provider or a worker later.
-    """
-    if key not in opts:
-        return None
-    raw = opts[key].strip()
-    what = "a whole number" if kind is int else "a number"
-    try:
-        value = int(raw) if kind is int else float(raw)
-    except ValueError:
-        raise UserError(
-            f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`.")
-    if most is not None and value > most:
-        raise UserError(f"{key}= must be at most {most:,g}, not `{render.escape(opts[key])}`.")
-    return value
-
-
 def _error_codes(dataset: Dataset) -> dict[str, int]:
     from trainers.data import CODES, ERROR
 
     codes = (dataset.report_json or {}).get("codes", {})
     return {c: n for c, n in codes.items() if CODES.get(c, ("",))[0] == ERROR}
-
-
-def _flag(opts: dict[str, str], key: str) -> bool | None:
-    if key not in opts:
-        return None
-    value = opts[key].lower()
-    if value in ("true", "yes", "on", "1"):
-        return True
-    if value in ("false", "no", "off", "0"):
-        return False
-    raise UserError(f"{key}= takes true or false, not `{opts[key]}`.")
-
-
-def _params_billions(model: str) -> float:
-    """A size guess from the name (Llama-3.1-8B -> 8), for the GPU-time estimate."""
-    if model.lower() == "smollm2":
-        return 0.135
-    found = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", model.lower().replace("_", "-"))
-    if not found:
-        return 1.0
-    size = float(found.group(1))
-    return size / 1000 if found.group(2) == "m" else size
-
-
-def _training_share(counts, split: float | None) -> list[int]:
-    """The token counts the run trains on: the held-out share is left out.
-
-    The split itself is made later, from the frozen plan; which examples it
-    holds out is seeded, so this takes the same number of the mean-sized
-    examples off: an estimate, labelled as such.
-    """
-    from bot.evaluation import held_out_count
-
-    counts = list(counts)
-    held = held_out_count(len(counts), split) if split else 0
-    if not held:
-        return counts
-    mean = sum(counts) / len(counts)
-    ordered = sorted(counts, key=lambda c: abs(c - mean))
-    return ordered[held:]

@@ -113,9 +113,12 @@ class Workflow:
         self._memberships: dict[str, tuple[float, frozenset[str]]] = {}
         self._memberships_lock = threading.Lock()
         self._homes_waiting: set[str] = set()  # users whose Home refresh is queued
+        from bot.admin import Admin
         from bot.runs import Runs  # runs build on this class
 
         self.runs = Runs(self, tuner=tuner)
+        self.admin = Admin(self.runs)  # release, forget, budget, audit
+        self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
         # What each kind of acked work runs (see start_work); its args come from pending_work.
         self._work: dict[str, Callable[[dict], Any]] = {
             "ingest": self._ingest_work,
@@ -1029,7 +1032,7 @@ class Workflow:
     def _commands(self) -> dict[str, Callable[[Command, str, str], render.Message]]:
         """Each subcommand of the grammar (bot.commands.SPECS) and what answers it;
         tests hold the two to the same names."""
-        runs = self.runs
+        runs, admin = self.runs, self.admin
         return {
             "help": lambda cmd, channel, user: render.help_text(unknown=cmd.target),
             "datasets": lambda cmd, channel, user: render.datasets_list(
@@ -1046,11 +1049,11 @@ class Workflow:
             "eval": lambda cmd, channel, user: runs.evals.request(
                 cmd.target, channel, cmd.options.get("eval"), user
             ),
-            "budget": lambda cmd, channel, user: runs.budget(channel),
+            "budget": lambda cmd, channel, user: admin.budget(channel),
             "resume": runs.resume,
-            "audit": lambda cmd, channel, user: runs.audit(cmd, channel),
-            "release": runs.release,
-            "forget": runs.forget,
+            "audit": lambda cmd, channel, user: admin.audit(cmd, channel),
+            "release": admin.release,
+            "forget": admin.forget,
             "convert": self.convert,
             "validate": lambda cmd, channel, user: self._validate_command(cmd, channel),
             "estimate": lambda cmd, channel, user: self._estimate_command(cmd, channel),

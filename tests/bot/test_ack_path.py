@@ -303,12 +303,12 @@ def test_a_train_ack_records_the_request_and_the_job_checks_the_budget_again(pai
     read-only check, and the job's transaction refuses the second in the thread."""
     bot = paid_bot()
     file = upload(bot, training_file(40))
-    one = bot.workflow.runs._openai_plan(
+    one = bot.workflow.runs.planner.openai(
         bot.store.get_dataset("d1"),
         bot.workflow.stored_report(bot.store.get_dataset("d1")),
         {},
         "C1",
-    )["estimate"]["cost_usd"]
+    ).estimate.cost_usd
     bot2 = paid_bot(monthly_budget_usd=one * 1.5)
     with holding(bot2):
         acks = [bot2.command("train d1", user_id=f"U{i}")[1]["text"] for i in range(2)]

@@ -71,7 +71,7 @@ def _clean(n: int, topic: str) -> bytes:
 
 
 # Found by attack (now fixed): forgetting d1 deletes blobs that other datasets still use. _forget_files in
-# bot/runs.py deletes d1's findings and token-counts blobs when no *dataset* has the
+# bot/admin.py deletes d1's findings and token-counts blobs when no *dataset* has the
 # same sha256 as those blobs (Store.sha_in_use compares dataset bytes only), but the
 # findings blob of every clean file is the same "[]" (and equal token counts give equal
 # count blobs). After `forget d1` by its uploader, `validate d2` / `train d2` on a
@@ -191,10 +191,10 @@ def test_odd_options_are_usage_errors_and_nothing_is_asked(paid_bot, text, field
 
 
 # Found by attack (now fixed): no upper bound on whole-number hyper-parameters. `r=99999999999` (and alpha=,
-# max_length=, batch= for either provider) is accepted by bot/runs.py `_positive` and
+# max_length=, batch= for either provider) is accepted by bot/plans.py `positive` and
 # frozen into a plan that approvers sign, to fail (or exhaust the GPU's memory) only at
 # launch / OpenAI's create (batch_size is 1..256 there, and in tests/fakes). README: hyper-parameters "are
-# checked when the run is requested". Give `_positive` a maximum per field.
+# checked when the run is requested". Give `positive` a maximum per field.
 @pytest.mark.parametrize(
     "text, field",
     [
@@ -214,7 +214,7 @@ def test_huge_hyper_parameters_are_usage_errors(paid_bot, text, field):
     assert bot.store.find_run("r1") is None
 
 
-# Found by attack (now fixed): bot/runs.py checks suffix= with str.isalnum(), which is true for any Unicode letter
+# Found by attack (now fixed): bot/plans.py checks suffix= with str.isalnum(), which is true for any Unicode letter
 # or digit ("ünïcode", "数据", "²"), so such a suffix is approved and then refused by
 # OpenAI at job creation (the usage error itself says "letters, digits, - and _").
 # Use an ASCII pattern: re.fullmatch(r"[A-Za-z0-9_-]{1,40}", suffix).
@@ -270,7 +270,7 @@ def test_a_quoted_chat_prompt_may_contain_an_equals_sign(paid_bot):
 
 
 # Found by attack (policy gap, now fixed): an approver can release the possible secrets in a file they uploaded
-# themselves (bot/runs.py Runs.release checks only is_approver). On a card *Send despite
+# themselves (bot/admin.py Admin.release checks only is_approver). On a card *Send despite
 # secrets* is "never on their own request"; by name, one person alone can upload a file
 # with credentials and release it to hosted models (the LLM judge, eval, chat). Refuse a
 # release by the dataset's uploader, like a self-approval.
@@ -382,7 +382,7 @@ def test_another_channel_cannot_name_this_channels_datasets_or_runs(paid_bot):
 # Found by attack (low, same root cause as the two ping bugs above, now fixed): render._inert treats any
 # `<@U…>` in a composed message as the bot's own mention, so words a member typed come
 # back as live mentions: `/finetune status <@U0VICTIM>` answers "No run `<@U0VICTIM>`…"
-# (bot/runs.py _find_run / bot/workflow.py _status put the raw ref in the UserError).
+# (bot/runs.py find_run / bot/workflow.py _status put the raw ref in the UserError).
 # Ephemeral here, so nobody is notified, but the same path pings in thread posts.
 # Fix at the root: escape user words where they enter a message (render.escape), and
 # let _inert keep only mentions the bot composed (or drop _inert's exception).
@@ -506,7 +506,7 @@ def test_eval_on_a_set_still_being_checked_sends_nothing(paid_bot):
 
 # Found by attack (same family as the findings blob, now fixed): the held-out split is content-addressed, so the
 # same file in two channels gets the same train/eval split blobs; `forget d1` in C1
-# deletes them (bot/runs.py _forget_files only spares shas that some *dataset* has), and
+# deletes them (bot/admin.py _forget_files only spares shas that some *dataset* has), and
 # C2's run r2, on its own dataset d2, then fails at submission for a missing blob.
 # Reference-count blobs across datasets *and* runs (and report blobs) before deleting.
 def test_forgetting_a_file_in_one_channel_leaves_the_same_file_in_another_usable(paid_bot):

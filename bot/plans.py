@@ -1,0 +1,517 @@
+"""The plan of a training run: what approvers sign off on, frozen as data.
+
+`/finetune train` turns a dataset, its report and the command's options into
+a plan (`Planner`): the dataset by id and sha256, the provider and model, the
+hyper-parameters and the estimate. A plan never changes after it is made; the
+run stores `plan.to_json()` in `runs.plan_json` and its `plan_hash`
+(bot.approvals) is computed from that stored dict.
+
+Plans are frozen dataclasses in the style of trl's configs: every field has
+`help` metadata, and `__post_init__` raises a ValueError naming the bad field.
+They are a backstop: the Planner refuses bad options first, with a usage
+message naming the option as the user wrote it.
+
+`to_json()` gives the stored dict with `"version": 1`; `from_json()` reads it
+back, and reads the unversioned dicts stored before the version existed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from bot import egress, render
+from bot.errors import UserError
+from trainers import pricing
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from storage import Dataset, Store
+
+VERSION = 1
+SPLIT_DEFAULT = 0.1  # the held-out share when neither eval= nor split= is given
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _bad(owner: object, name: str, why: str, value: object) -> ValueError:
+    return ValueError(f"{type(owner).__name__}.{name} {why}, not {value!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_positive(owner: object, name: str, kind: type, *, optional: bool) -> None:
+    value = getattr(owner, name)
+    if value is None and optional:
+        return
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise _bad(owner, name, "must be a whole number above 0", value)
+    if not _number(value) or not math.isfinite(value) or value <= 0:
+        raise _bad(owner, name, "must be a finite number above 0", value)
+
+
+def _check_text(owner: object, name: str, *, optional: bool = False) -> None:
+    value = getattr(owner, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise _bad(owner, name, "must be a non-empty string", value)
+
+
+def _check_bool(owner: object, name: str, *, optional: bool = False) -> None:
+    value = getattr(owner, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        raise _bad(owner, name, "must be true or false", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """What a run is expected to cost: billed tokens and dollars; GPU time for local runs."""
+
+    billed_tokens: int = field(default=0, metadata={"help": "Tokens the provider bills."})
+    cost_usd: float = field(default=0.0, metadata={"help": "Estimated cost in USD (4 decimals)."})
+    price_per_1m: float = field(
+        default=0.0, metadata={"help": "Training price per 1M tokens, USD (0 for local runs)."}
+    )
+    tokens: int | None = field(
+        default=None, metadata={"help": "Local runs: tokens trained (epochs x truncated counts)."}
+    )
+    gpu_hours: float | None = field(
+        default=None, metadata={"help": "Local runs: estimated GPU-hours (4 decimals)."}
+    )
+    params_billions: float | None = field(
+        default=None, metadata={"help": "Local runs: the model's size in billions of parameters."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("billed_tokens", "cost_usd", "price_per_1m", "tokens", "gpu_hours"):
+            value = getattr(self, name)
+            if value is None and name in ("tokens", "gpu_hours"):
+                continue
+            if not _number(value) or not math.isfinite(value) or value < 0:
+                raise _bad(self, name, "must be a finite number, 0 or more", value)
+        _check_positive(self, "params_billions", float, optional=True)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "billed_tokens": self.billed_tokens,
+            "cost_usd": self.cost_usd,
+            "price_per_1m": self.price_per_1m,
+        }
+        for name in ("tokens", "gpu_hours", "params_billions"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> Estimate:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingPlan:
+    """The fields every training plan has, whatever its provider.
+
+    Use `TrainingPlan.from_json(d)` to read a stored plan: it answers the
+    subclass for the plan's provider (`OpenAIPlan`, `LocalPlan`).
+    """
+
+    PROVIDER: ClassVar[str | None] = None
+
+    dataset_id: str = field(metadata={"help": "The training dataset's id (d3)."})
+    dataset_sha256: str = field(metadata={"help": "The sha256 of its bytes: what is trained."})
+    provider: str = field(metadata={"help": "Who trains: openai or local."})
+    model: str = field(metadata={"help": "The base model: a provider's name, hub id or path."})
+    epochs: int = field(metadata={"help": "Passes over the training data (1..25)."})
+    epochs_auto: bool = field(
+        default=False, metadata={"help": "True when epochs were left to the provider's rule."}
+    )
+    eval_dataset_id: str | None = field(
+        default=None, metadata={"help": "A dataset held out for evaluation (eval=), or None."}
+    )
+    split: float | None = field(
+        default=None,
+        metadata={"help": "The share held out of the training data (0 < split < 0.5), or None."},
+    )
+    secret_hold: bool = field(
+        default=False,
+        metadata={"help": "True when the data may hold secrets: approvers must override."},
+    )
+    estimate: Estimate = field(
+        default_factory=Estimate, metadata={"help": "What the run is expected to cost."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_id", "dataset_sha256", "provider", "model"):
+            _check_text(self, name)
+        if self.PROVIDER is not None and self.provider != self.PROVIDER:
+            raise _bad(self, "provider", f"must be {self.PROVIDER}", self.provider)
+        _check_positive(self, "epochs", int, optional=False)
+        _check_bool(self, "epochs_auto")
+        _check_text(self, "eval_dataset_id", optional=True)
+        if self.split is not None and (not _number(self.split) or not 0 < self.split < 0.5):
+            raise _bad(self, "split", "must be a fraction between 0 and 0.5", self.split)
+        if self.split is not None and self.eval_dataset_id is not None:
+            raise _bad(self, "split", "must be None when eval_dataset_id is given", self.split)
+        _check_bool(self, "secret_hold")
+        if not isinstance(self.estimate, Estimate):
+            raise _bad(self, "estimate", "must be an Estimate", self.estimate)
+
+    # --- the stored form -------------------------------------------------------------
+
+    def _specific(self) -> dict[str, Any]:
+        """The provider's own fields, in their stored order."""
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The dict stored in runs.plan_json (and hashed into the run's plan_hash)."""
+        return {
+            "version": VERSION,
+            "dataset_id": self.dataset_id,
+            "dataset_sha256": self.dataset_sha256,
+            "provider": self.provider,
+            "model": self.model,
+            "epochs": self.epochs,
+            "epochs_auto": self.epochs_auto,
+            **self._specific(),
+            "eval_dataset_id": self.eval_dataset_id,
+            "split": self.split,
+            "secret_hold": self.secret_hold,
+            "estimate": self.estimate.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TrainingPlan:
+        """A stored plan, versioned or from before versions (no "version" key).
+
+        Called on TrainingPlan, answers the subclass for d["provider"]; keys a
+        plan does not know are left out; missing ones take their defaults.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan must be a dict, not {type(d).__name__}")
+        version = d.get("version", VERSION)
+        if version != VERSION:
+            raise ValueError(f"TrainingPlan.version {version!r} is not one tunebot reads")
+        kind = cls
+        if cls is TrainingPlan:
+            kind = PLANS.get(d.get("provider"), TrainingPlan)  # type: ignore[arg-type]
+        names = {f.name for f in fields(kind)}
+        args = {k: v for k, v in d.items() if k in names}
+        args["estimate"] = Estimate.from_json(d.get("estimate"))
+        return kind(**args)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the runner gets as TrainingSpec.hyperparameters."""
+        return {"epochs": self.epochs}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAIPlan(TrainingPlan):
+    """A run on OpenAI's fine-tuning API (or another host of the same API)."""
+
+    PROVIDER: ClassVar[str | None] = "openai"
+
+    provider: str = field(default="openai", metadata={"help": "Who trains: openai."})
+    lr_mult: float | None = field(
+        default=None, metadata={"help": "learning_rate_multiplier (0 < lr_mult <= 10), or auto."}
+    )
+    batch: int | None = field(default=None, metadata={"help": "batch_size (1..256), or auto."})
+    suffix: str | None = field(
+        default=None, metadata={"help": "Up to 40 of A-Z a-z 0-9 - _ in the model's name."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "lr_mult", float, optional=True)
+        _check_positive(self, "batch", int, optional=True)
+        if self.suffix is not None and not (
+            isinstance(self.suffix, str) and SUFFIX.fullmatch(self.suffix)
+        ):
+            raise _bad(self, "suffix", "must be up to 40 of A-Z a-z 0-9 - _", self.suffix)
+
+    def _specific(self) -> dict[str, Any]:
+        return {"lr_mult": self.lr_mult, "batch": self.batch, "suffix": self.suffix}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "epochs": None if self.epochs_auto else self.epochs,
+            "batch": self.batch,
+            "lr_mult": self.lr_mult,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalPlan(TrainingPlan):
+    """A LoRA / QLoRA run on the local GPU worker (trainers/lora)."""
+
+    PROVIDER: ClassVar[str | None] = "local"
+
+    provider: str = field(default="local", metadata={"help": "Who trains: local."})
+    lr: float = field(default=2e-4, metadata={"help": "Learning rate (0 < lr <= 1)."})
+    batch: int = field(default=4, metadata={"help": "Per-device batch size (1..4096)."})
+    r: int = field(default=16, metadata={"help": "LoRA rank (1..1024)."})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha (1..8192)."})
+    targets: str = field(
+        default="all-linear",
+        metadata={"help": "all-linear, or the module names LoRA adapts: q,k,v,o."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Tokens per example, at most."})
+    qlora: bool | None = field(
+        default=None, metadata={"help": "4-bit base weights (QLoRA); None when not asked."}
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "Also save the adapter merged into the base model."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "lr", float, optional=False)
+        for name in ("batch", "r", "alpha", "max_length"):
+            _check_positive(self, name, int, optional=False)
+        _check_text(self, "targets")
+        if self.targets != "all-linear" and not all(t.strip() for t in self.targets.split(",")):
+            raise _bad(self, "targets", "must be all-linear or module names", self.targets)
+        _check_bool(self, "qlora", optional=True)
+        _check_bool(self, "merge")
+
+    def _specific(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "batch": self.batch,
+            "r": self.r,
+            "alpha": self.alpha,
+            "targets": self.targets,
+            "max_length": self.max_length,
+            "qlora": self.qlora,
+            "merge": self.merge,
+        }
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch": self.batch,
+            "r": self.r,
+            "alpha": self.alpha,
+            "targets": self.targets,
+            "max_length": self.max_length,
+            "qlora": bool(self.qlora),
+            "merge": self.merge,
+        }
+
+
+PLANS: dict[str, type[TrainingPlan]] = {"openai": OpenAIPlan, "local": LocalPlan}
+
+
+class Planner:
+    """Turns `/finetune train` options into a frozen plan, or a usage error naming the option.
+
+    `find_dataset(channel, ref)` finds a dataset as the workflow does (for eval=);
+    `prices` is the workflow's pricing.PriceTable.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        prices: pricing.PriceTable,
+        find_dataset: Callable[[str, str | None], Dataset],
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.prices = prices
+        self.find_dataset = find_dataset
+        self.clock = clock
+
+    def plan(self, provider: str, dataset: Dataset, report, opts: dict[str, str], channel: str):
+        if provider == "local":
+            return self.local(dataset, report, opts, channel)
+        return self.openai(dataset, report, opts, channel)
+
+    def openai(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> OpenAIPlan:
+        try:
+            model = self.prices.resolve(opts.get("model", self.settings.default_model))
+            epochs = pricing.parse_epochs(opts.get("epochs"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if not model.trainable:
+            raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
+        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
+            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        lr_mult = positive(opts, "lr_mult", float, most=10.0)
+        batch = positive(opts, "batch", int, most=256)  # OpenAI's range
+        suffix = opts.get("suffix")
+        if suffix is not None and not SUFFIX.fullmatch(suffix):
+            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
+        eval_id, split = self.eval_choice(opts, channel, dataset)
+        counts = training_share(report.token_counts, split)
+        estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
+        return OpenAIPlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            model=model.name,
+            epochs=estimate.epochs,
+            epochs_auto=epochs is None,
+            lr_mult=lr_mult,
+            batch=batch,
+            suffix=suffix,
+            eval_dataset_id=eval_id,
+            split=split,
+            secret_hold=bool(
+                egress.secret_findings(dataset)
+                or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
+            ),
+            estimate=Estimate(
+                billed_tokens=estimate.billed_tokens,
+                cost_usd=round(estimate.cost_usd, 4),
+                price_per_1m=model.training_per_1m,
+            ),
+        )
+
+    def local(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> LocalPlan:
+        unknown = sorted(set(opts) & {"lr_mult", "suffix"})
+        if unknown:
+            raise UserError(
+                f"`{unknown[0]}=` is for provider=openai; local runs take lr=, r=, alpha=, …"
+            )
+        try:
+            epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        from bot.local_models import LocalModels
+
+        # Checked here and again at launch: see bot/local_models.py for what is allowed.
+        source = LocalModels(self.settings, self.store).check(opts.get("model"), channel)
+        model = source.ref
+        targets = opts.get("targets", "all-linear")
+        if targets != "all-linear" and not all(t.strip() for t in targets.split(",")):
+            raise UserError("targets= takes all-linear, or module names like q,k,v,o.")
+        max_length = positive(opts, "max_length", int, most=1_048_576) or 2048
+        eval_id, split = self.eval_choice(opts, channel, dataset)
+        params = source.params_billions or params_billions(model)
+        qlora = flag(opts, "qlora")
+        local = pricing.local_estimate(
+            training_share(report.token_counts, split),
+            params_billions=params,
+            epochs=epochs,
+            max_length=max_length,
+            qlora=bool(qlora),
+        )
+        return LocalPlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            model=model,
+            epochs=epochs,
+            epochs_auto=False,
+            lr=positive(opts, "lr", float, most=1.0) or 2e-4,
+            batch=positive(opts, "batch", int, most=4096) or 4,
+            r=positive(opts, "r", int, most=1024) or 16,
+            alpha=positive(opts, "alpha", int, most=8192) or 32,
+            targets=targets,
+            max_length=max_length,
+            qlora=qlora,
+            merge=bool(flag(opts, "merge")),
+            eval_dataset_id=eval_id,
+            split=split,
+            secret_hold=False,  # the data stays on our machines
+            estimate=Estimate(
+                billed_tokens=0,
+                cost_usd=0.0,
+                price_per_1m=0.0,
+                tokens=local.tokens,
+                gpu_hours=round(local.gpu_hours, 4),
+                params_billions=params,
+            ),
+        )
+
+    def eval_choice(
+        self, opts: dict[str, str], channel: str, dataset: Dataset
+    ) -> tuple[str | None, float | None]:
+        """(the eval dataset's id, None) for eval=, else (None, the held-out share)."""
+        if "eval" in opts and "split" in opts:
+            raise UserError("Give eval=<dataset> or split=<fraction>, not both.")
+        if "eval" in opts:
+            held_out = self.find_dataset(channel, opts["eval"])
+            if held_out.id == dataset.id:
+                raise UserError("The eval set must be another dataset than the training set.")
+            if (held_out.errors or 0) > 0:
+                raise UserError(f"{held_out.id} has errors and cannot be the eval set.")
+            return held_out.id, None
+        split = positive(opts, "split", float)
+        if split is not None and not 0 < split < 0.5:
+            raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
+        return None, split if split is not None else SPLIT_DEFAULT
+
+
+def positive(opts: dict[str, str], key: str, kind: type, *, most: float | None = None) -> Any:
+    """A hyper-parameter given as `key=`: a finite number above 0 and at most `most`,
+    or a usage error naming it.
+
+    nan, inf, negatives, zero, absurd sizes and non-numbers are refused when
+    the run is requested, never discovered by a provider or a worker later.
+    """
+    if key not in opts:
+        return None
+    raw = opts[key].strip()
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = int(raw) if kind is int else float(raw)
+    except ValueError:
+        raise UserError(
+            f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`."
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{key}= must be {what} above 0, not `{render.escape(opts[key])}`.")
+    if most is not None and value > most:
+        raise UserError(f"{key}= must be at most {most:,g}, not `{render.escape(opts[key])}`.")
+    return value
+
+
+def flag(opts: dict[str, str], key: str) -> bool | None:
+    """A `key=true|false` option (yes/no, on/off, 1/0), None when not given."""
+    if key not in opts:
+        return None
+    value = opts[key].lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise UserError(f"{key}= takes true or false, not `{opts[key]}`.")
+
+
+def params_billions(model: str) -> float:
+    """A size guess from the name (Llama-3.1-8B -> 8), for the GPU-time estimate."""
+    if model.lower() == "smollm2":
+        return 0.135
+    found = re.search(r"(\d+(?:\.\d+)?)\s*([bm])\b", model.lower().replace("_", "-"))
+    if not found:
+        return 1.0
+    size = float(found.group(1))
+    return size / 1000 if found.group(2) == "m" else size
+
+
+def training_share(counts, split: float | None) -> list[int]:
+    """The token counts the run trains on: the held-out share is left out.
+
+    The split itself is made later, from the frozen plan; which examples it
+    holds out is seeded, so this takes the same number of the mean-sized
+    examples off: an estimate, labelled as such.
+    """
+    from bot.evaluation import held_out_count
+
+    counts = list(counts)
+    held = held_out_count(len(counts), split) if split else 0
+    if not held:
+        return counts
+    mean = sum(counts) / len(counts)
+    ordered = sorted(counts, key=lambda c: abs(c - mean))
+    return ordered[held:]

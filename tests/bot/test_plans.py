@@ -1,0 +1,134 @@
+"""Plans as data (bot/plans.py): the stored dict round-trips, old dicts still read,
+and a bad field is named in the error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bot import approvals
+from bot.plans import VERSION, Estimate, LocalPlan, OpenAIPlan, TrainingPlan
+
+OPENAI_OLD = {
+    "dataset_id": "d1",
+    "dataset_sha256": "ab" * 32,
+    "provider": "openai",
+    "model": "gpt-4o-mini-2024-07-18",
+    "epochs": 3,
+    "epochs_auto": True,
+    "lr_mult": None,
+    "batch": 8,
+    "suffix": "support",
+    "eval_dataset_id": None,
+    "split": 0.1,
+    "secret_hold": False,
+    "estimate": {"billed_tokens": 30_000, "cost_usd": 0.09, "price_per_1m": 3.0},
+}
+
+LOCAL_OLD = {
+    "dataset_id": "d2",
+    "dataset_sha256": "cd" * 32,
+    "provider": "local",
+    "model": "smollm2",
+    "epochs": 2,
+    "epochs_auto": False,
+    "lr": 2e-4,
+    "batch": 4,
+    "r": 8,
+    "alpha": 32,
+    "targets": "q,k,v,o",
+    "max_length": 512,
+    "qlora": None,
+    "merge": True,
+    "eval_dataset_id": "d3",
+    "split": None,
+    "secret_hold": False,
+    "estimate": {
+        "billed_tokens": 0,
+        "cost_usd": 0.0,
+        "price_per_1m": 0.0,
+        "tokens": 12_000,
+        "gpu_hours": 0.0123,
+        "params_billions": 0.135,
+    },
+}
+
+
+@pytest.mark.parametrize("old", [OPENAI_OLD, LOCAL_OLD], ids=["openai", "local"])
+def test_an_old_dict_reads_and_writes_back_the_same_dict_plus_the_version(old):
+    plan = TrainingPlan.from_json(old)
+    assert type(plan) is (OpenAIPlan if old["provider"] == "openai" else LocalPlan)
+    stored = plan.to_json()
+    assert stored == {"version": VERSION, **old}
+    assert list(stored)[1:] == list(old)  # the same order as before the dataclasses
+    assert TrainingPlan.from_json(stored) == plan  # versioned dicts round-trip too
+    assert approvals.plan_hash(stored) == approvals.plan_hash(plan.to_json())
+
+
+def test_hyperparameters_are_what_the_runners_got_from_the_dicts():
+    openai = TrainingPlan.from_json(OPENAI_OLD)
+    assert openai.hyperparameters() == {"epochs": None, "batch": 8, "lr_mult": None}
+    local = TrainingPlan.from_json(LOCAL_OLD)
+    assert local.hyperparameters() == {
+        "epochs": 2, "lr": 2e-4, "batch": 4, "r": 8, "alpha": 32, "targets": "q,k,v,o",
+        "max_length": 512, "qlora": False, "merge": True,
+    }  # fmt: skip
+
+
+def test_keys_missing_from_older_plans_take_their_defaults():
+    old = {k: v for k, v in LOCAL_OLD.items() if k not in ("merge", "qlora", "secret_hold")}
+    plan = TrainingPlan.from_json(old)
+    assert plan.merge is False and plan.qlora is None and plan.secret_hold is False
+
+
+def test_an_unknown_version_is_refused():
+    with pytest.raises(ValueError, match="version"):
+        TrainingPlan.from_json({**OPENAI_OLD, "version": 2})
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": "3"}, "epochs"),
+        ({"dataset_id": ""}, "dataset_id"),
+        ({"split": 0.7}, "split"),
+        ({"split": 0.1, "eval_dataset_id": "d3"}, "split"),
+        ({"lr_mult": float("nan")}, "lr_mult"),
+        ({"batch": -1}, "batch"),
+        ({"suffix": "no spaces"}, "suffix"),
+        ({"secret_hold": "yes"}, "secret_hold"),
+    ],
+)
+def test_a_bad_field_is_named(change, field):
+    with pytest.raises(ValueError, match=rf"OpenAIPlan\.{field} "):
+        TrainingPlan.from_json({**OPENAI_OLD, **change})
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"r": 0}, "r"), ({"lr": float("inf")}, "lr"), ({"targets": ","}, "targets"),
+     ({"merge": None}, "merge"), ({"provider": "openai"}, "provider")],
+)  # fmt: skip
+def test_a_bad_local_field_is_named(change, field):
+    plan = TrainingPlan.from_json(LOCAL_OLD)
+    with pytest.raises(ValueError, match=rf"LocalPlan\.{field} "):
+        dataclasses.replace(plan, **change)
+
+
+def test_a_bad_estimate_is_named():
+    with pytest.raises(ValueError, match=r"Estimate\.cost_usd "):
+        Estimate(cost_usd=-1.0)
+
+
+def test_every_field_has_help():
+    for kind in (Estimate, TrainingPlan, OpenAIPlan, LocalPlan):
+        for f in dataclasses.fields(kind):
+            assert f.metadata.get("help"), f"{kind.__name__}.{f.name}"
+
+
+def test_plans_are_frozen():
+    plan = TrainingPlan.from_json(OPENAI_OLD)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.epochs = 5  # type: ignore[misc]
