@@ -116,6 +116,7 @@ SPECS: dict[str, Spec] = {
             max_args=1,
         ),
         Spec("budget", "budget", "this month's spend by run and by person, estimate vs actual"),
+        Spec("providers", "providers", "where runs can train, their models and prices"),
         Spec(
             "advise", "advise", "should we fine-tune at all? a few questions, then a recommendation"
         ),

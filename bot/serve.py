@@ -70,7 +70,8 @@ def _fail(message: str) -> int:
 
 
 def _check_prices(settings: Settings) -> str | None:
-    """What is wrong with TUNEBOT_PRICES or TUNEBOT_DEFAULT_MODEL, before anything starts."""
+    """What is wrong with TUNEBOT_PRICES, TUNEBOT_DEFAULT_MODEL or TUNEBOT_PROVIDERS,
+    before anything starts."""
     from trainers.pricing import PriceTable
 
     try:
@@ -81,6 +82,13 @@ def _check_prices(settings: Settings) -> str | None:
         table.resolve(settings.default_model)
     except ValueError as exc:  # UnknownModel
         return f"TUNEBOT_DEFAULT_MODEL: {exc}"
+    if settings.providers_file is not None:
+        from trainers.providers import ProvidersFileError, load
+
+        try:
+            load(settings.providers_file)
+        except ProvidersFileError as exc:
+            return f"TUNEBOT_PROVIDERS: {exc}"
     return None
 
 

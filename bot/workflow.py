@@ -88,6 +88,7 @@ class Workflow:
         self.blobs = blobs
         self.client = client
         self.prices = _price_table(settings)
+        self.providers = _providers(settings)  # TUNEBOT_PROVIDERS, checked at start
         # Job threads run at a lower OS priority than the threads that ack
         # Slack's requests, so a burst of background work never starves an ack.
         self.jobs = jobs or ThreadPoolExecutor(
@@ -1050,6 +1051,7 @@ class Workflow:
                 cmd.target, channel, cmd.options.get("eval"), user
             ),
             "budget": lambda cmd, channel, user: admin.budget(channel),
+            "providers": lambda cmd, channel, user: render.providers_list(self.providers),
             "resume": runs.resume,
             "audit": lambda cmd, channel, user: admin.audit(cmd, channel),
             "release": admin.release,
@@ -1385,3 +1387,12 @@ def _lower_thread_priority(niceness: int) -> None:
 
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
+def _providers(settings: Settings) -> dict:
+    """TUNEBOT_PROVIDERS' providers by name; ValueError (ProvidersFileError) if it is bad."""
+    if settings.providers_file is None:
+        return {}
+    from trainers.providers import load
+
+    return load(settings.providers_file)

@@ -91,6 +91,12 @@ def test_a_second_bot_on_the_same_home_refuses_to_start(slack, tmp_path):
             "Slack refused SLACK_BOT_TOKEN: invalid_auth",
         ),
         (None, {"TUNEBOT_MAX_FILE_MB": "-3"}, ["--http"], "TUNEBOT_MAX_FILE_MB must be at least 1"),
+        (
+            None,
+            {"TUNEBOT_PROVIDERS": "/nonexistent/providers.toml"},
+            ["--http"],
+            "TUNEBOT_PROVIDERS: cannot read providers file /nonexistent/providers.toml",
+        ),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(slack, tmp_path, drop, extra, args, needle):
