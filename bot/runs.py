@@ -324,8 +324,15 @@ class Runs:
         if not reasons:
             now = self.clock()
             try:
-                # One transaction: the run exists only if its reservation fits the budget.
+                # One transaction: the run exists only if its reservation fits the budget,
+                # and only if its dataset was not forgotten meanwhile (forget cancels the
+                # runs it finds in a transaction of its own: one of the two comes first).
                 with self.store.transaction():
+                    if self.store.get_dataset(dataset.id).forgotten_at:
+                        raise UserError(
+                            f"{run_id or 'This run'} cannot be requested: its dataset "
+                            f"{dataset.id} was forgotten meanwhile."
+                        )
                     run = self.store.add_run(
                         id=run_id,
                         dataset_id=dataset.id,

@@ -356,3 +356,18 @@ def test_a_train_request_acked_before_a_stop_is_recorded_once_at_the_next_start(
     assert len(cards) == 1
     assert second.workflow.runs.gate.ledger.open("run", "r1") is not None
     assert second.workflow.resume() == 0 and second.store.pending_work() == []
+
+
+def test_a_dataset_forgotten_between_the_train_ack_and_its_job_gets_no_run(paid_bot):
+    bot = paid_bot()
+    file = upload(bot, training_file(40))
+    with holding(bot):
+        assert bot.command("train d1", user_id="UR")[1]["text"].startswith("r1 needs approval")
+        assert bot.command("forget d1", user_id="U1")[1]["text"] == "d1 is forgotten."
+    bot.wait_idle()
+    assert bot.store.find_run("r1") is None
+    assert "⚠️ r1 cannot be requested: its dataset d1 was forgotten meanwhile." in thread_texts(
+        bot, file
+    )
+    assert bot.workflow.runs.gate.ledger.open("run", "r1") is None
+    assert bot.store.pending_work() == []
