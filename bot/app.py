@@ -31,11 +31,18 @@ def _bolt_logger() -> logging.Logger:
     return logger
 
 
+class _AcksFirstClient(WebClient):
+    """Every Web API call from a job thread first steps aside for acks in flight
+    (bot.priority); from an ack's own thread it goes at once."""
+
+    def api_call(self, *args: Any, **kwargs: Any) -> Any:
+        ACKS.step_aside()
+        return super().api_call(*args, **kwargs)
+
+
 def make_client(settings: Settings) -> WebClient:
     """A Web API client that waits out Slack's rate limits instead of failing."""
-    from bot.priority import stepping_aside
-
-    client = stepping_aside(WebClient)(
+    client = _AcksFirstClient(
         token=settings.slack_bot_token, base_url=settings.slack_api_url, timeout=30
     )
     client.retry_handlers.append(RateLimitErrorRetryHandler(max_retry_count=3))

@@ -317,12 +317,10 @@ def _providers(settings: Settings, env: dict[str, str] | None) -> int:
 
 def configured_providers(settings: Settings) -> dict:
     """The providers file's providers by name ({} without one); UsageError if it is bad."""
-    if settings.providers_file is None:
-        return {}
-    from trainers.providers import ProvidersFileError, load
+    from trainers.providers import ProvidersFileError, load_optional
 
     try:
-        return load(settings.providers_file)
+        return load_optional(settings.providers_file)
     except ProvidersFileError as exc:
         raise UsageError(f"TUNEBOT_PROVIDERS: {exc}") from None
 

@@ -295,17 +295,7 @@ class LocalPlan(TrainingPlan):
         }
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch": self.batch,
-            "r": self.r,
-            "alpha": self.alpha,
-            "targets": self.targets,
-            "max_length": self.max_length,
-            "qlora": bool(self.qlora),
-            "merge": self.merge,
-        }
+        return {"epochs": self.epochs, **self._specific(), "qlora": bool(self.qlora)}
 
 
 PLANS: dict[str, type[TrainingPlan]] = {"openai": OpenAIPlan, "local": LocalPlan}

@@ -73,16 +73,3 @@ class AckFirst:
 
 
 ACKS = AckFirst()  # one interpreter lock per process, so one count per process
-
-
-def stepping_aside(client_class: type) -> type:
-    """`client_class` (slack_sdk's WebClient) whose every call from a job thread
-    first steps aside for acks in flight."""
-
-    class SteppingAside(client_class):
-        def api_call(self, *args, **kwargs):
-            ACKS.step_aside()
-            return super().api_call(*args, **kwargs)
-
-    SteppingAside.__name__ = SteppingAside.__qualname__ = f"SteppingAside{client_class.__name__}"
-    return SteppingAside

@@ -47,9 +47,10 @@ class RetirementWatch:
         for run in self.store.runs(status="succeeded", limit=None):
             model = (run.result_json or {}).get("fine_tuned_model")
             ends = retirement.serving_ends(model) if model else None
-            if ends is None:
-                continue
-            days = self._claim(run, (ends - today).days, ends)
+            days_left = (ends - today).days if ends else -1
+            if retirement.notice_due(days_left, set()) is None:
+                continue  # too early, or over: nothing to claim
+            days = self._claim(run, days_left, ends)
             if days is None:
                 continue
             self.post(run.channel, None, render.retirement_notice(run, model, ends, days))

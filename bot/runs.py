@@ -127,9 +127,7 @@ class Runs:
             from trainers.openai_runner import OpenAIRunner
 
             return OpenAIRunner(self.tuner)
-        from trainers.runners import runner_class
-
-        return runner_class(provider)()
+        raise UserError(f"runs on {provider} are not offered by this bot yet")
 
     def handle(self, run: Run) -> Handle:
         """The handle of a run's job, from what the run recorded."""

@@ -82,13 +82,12 @@ def _check_prices(settings: Settings) -> str | None:
         table.resolve(settings.default_model)
     except ValueError as exc:  # UnknownModel
         return f"TUNEBOT_DEFAULT_MODEL: {exc}"
-    if settings.providers_file is not None:
-        from trainers.providers import ProvidersFileError, load
+    from trainers.providers import ProvidersFileError, load_optional
 
-        try:
-            load(settings.providers_file)
-        except ProvidersFileError as exc:
-            return f"TUNEBOT_PROVIDERS: {exc}"
+    try:
+        load_optional(settings.providers_file)
+    except ProvidersFileError as exc:
+        return f"TUNEBOT_PROVIDERS: {exc}"
     return None
 
 

@@ -36,6 +36,7 @@ from bot.priority import ACKS
 from storage import BlobStore, BlobTooLarge, Dataset, Store
 from trainers import pricing
 from trainers.data import Finding, Report, TokenStats
+from trainers.providers import load_optional
 
 log = logging.getLogger("tunebot")
 
@@ -88,7 +89,7 @@ class Workflow:
         self.blobs = blobs
         self.client = client
         self.prices = _price_table(settings)
-        self.providers = _providers(settings)  # TUNEBOT_PROVIDERS, checked at start
+        self.providers = load_optional(settings.providers_file)  # checked at start too
         # Job threads run at a lower OS priority than the threads that ack
         # Slack's requests, so a burst of background work never starves an ack.
         self.jobs = jobs or ThreadPoolExecutor(
@@ -1387,12 +1388,3 @@ def _lower_thread_priority(niceness: int) -> None:
 
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-
-
-def _providers(settings: Settings) -> dict:
-    """TUNEBOT_PROVIDERS' providers by name; ValueError (ProvidersFileError) if it is bad."""
-    if settings.providers_file is None:
-        return {}
-    from trainers.providers import load
-
-    return load(settings.providers_file)

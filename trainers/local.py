@@ -403,7 +403,7 @@ class LocalRunner:
         return Handle(self.name, f"pid:{worker.pid}", where=str(run_dir), status="running")
 
     def poll(self, handle: Handle, *, cursor: str | None = None) -> RunState:
-        run_dir = Path(handle.where) if handle.where else self.runs_dir / handle.id
+        run_dir = _folder(handle)
         state = read_state(run_dir, worker_of(run_dir))
         return RunState(
             status=state.status,
@@ -420,8 +420,14 @@ class LocalRunner:
 
     def cancel(self, handle: Handle) -> None:
         """SIGTERM to the worker's group: it saves a checkpoint and stops."""
-        run_dir = Path(handle.where) if handle.where else self.runs_dir / handle.id
-        stop(worker_of(run_dir))
+        stop(worker_of(_folder(handle)))
 
     def delete_file(self, file_id: str) -> bool:
         return False  # nothing is uploaded: the run's files stay in its folder
+
+
+def _folder(handle: Handle) -> Path:
+    """The run folder a local handle names (`submit` and `find` always set it)."""
+    if not handle.where:
+        raise ValueError(f"handle {handle.id!r} names no run folder")
+    return Path(handle.where)

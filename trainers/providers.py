@@ -68,6 +68,11 @@ class Provider:
         return next((m for m in self.models if key == m.name.lower() or key in m.aliases), None)
 
 
+def load_optional(path: str | Path | None) -> dict[str, Provider]:
+    """`load(path)`, or {} when no providers file is configured (None)."""
+    return {} if path is None else load(path)
+
+
 def load(path: str | Path) -> dict[str, Provider]:
     """The providers in the file at `path`, by name."""
     where = str(path)
