@@ -31,9 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from bot import egress, render
 from bot.claims import Held, lapsed
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import SpendRefused, UserError, describe, slack_error
 
 if TYPE_CHECKING:
+    from bot.runs import Runs  # which builds this and imports this module
     from storage import Run
 
 log = logging.getLogger("tunebot")
@@ -71,13 +74,14 @@ def held_out_count(valid_examples: int, fraction: float) -> int:
 
 
 class Evaluations:
-    def __init__(self, runs: Any) -> None:  # bot.runs.Runs, which builds this
-        self.runs = runs
+    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+        self.ctx = ctx
+        self.datasets = datasets
+        self.runs = runs  # which builds this
         # Splits made in this process, by (dataset sha256, fraction, seed): the
         # same dataset requested twenty times is split once.
         self._splits: dict[tuple, dict] = {}
         self._splits_lock = threading.Lock()
-        self.wf = runs.wf
         self.store = runs.store
         self.settings = runs.settings
 
@@ -91,20 +95,20 @@ class Evaluations:
         if existing:
             return existing
         plan = run.plan_json
-        source = self.wf.blobs.path(plan["dataset_sha256"])
+        source = self.ctx.blobs.path(plan["dataset_sha256"])
         data: dict[str, Any] = {"train_sha256": plan["dataset_sha256"], "eval_sha256": None}
         with tempfile.TemporaryDirectory() as tmp:
             train, held = Path(tmp) / "train.jsonl", Path(tmp) / "eval.jsonl"
             if plan.get("eval_dataset_id"):
                 eval_dataset = self.store.get_dataset(plan["eval_dataset_id"])
                 data["eval_sha256"] = eval_dataset.sha256
-                data["overlap"] = overlap(source, self.wf.blobs.path(eval_dataset.sha256))
+                data["overlap"] = overlap(source, self.ctx.blobs.path(eval_dataset.sha256))
             elif plan.get("split"):
                 key = (plan["dataset_sha256"], plan["split"], SPLIT_SEED)
                 with self._splits_lock:
                     made = self._splits.get(key)
                 if made and all(
-                    self.wf.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")
+                    self.ctx.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")
                 ):
                     data.update(made)  # the split is a function of (bytes, fraction, seed)
                 else:
@@ -116,8 +120,8 @@ class Evaluations:
                         data["note"] = f"no evaluation set: {exc}"
                     else:
                         data.update(
-                            train_sha256=self.wf.blobs.put_file(train),
-                            eval_sha256=self.wf.blobs.put_file(held),
+                            train_sha256=self.ctx.blobs.put_file(train),
+                            eval_sha256=self.ctx.blobs.put_file(held),
                             split=info.to_dict(),
                         )
                         with self._splits_lock:
@@ -128,7 +132,7 @@ class Evaluations:
         self.store.update_run(run.id, result_json=record)
         if data.get("overlap"):
             lines = ", ".join(str(n) for n in data["overlap"][:10])
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -146,7 +150,7 @@ class Evaluations:
         data = (run.result_json or {}).get("data") or {}
         if not data.get("eval_sha256"):
             note = data.get("note") or "no held-out data"
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -159,7 +163,7 @@ class Evaluations:
         except UserError as exc:
             message = render.note(f"{run.id}: not evaluated: {exc.summary}")
         if message is not None:
-            self.wf.post(run.channel, run.thread_ts, message)
+            self.ctx.post(run.channel, run.thread_ts, message)
 
     def request(
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
@@ -171,7 +175,7 @@ class Evaluations:
             )
         eval_dataset_id = None
         if eval_ref:
-            dataset = self.wf.find_dataset(channel, eval_ref)
+            dataset = self.datasets.find_dataset(channel, eval_ref)
             if not dataset.report_json:  # its secret check is not done yet
                 raise UserError(
                     f"{dataset.id} has no report yet: it is still being checked, or the check failed."
@@ -181,7 +185,7 @@ class Evaluations:
             eval_sha, eval_dataset_id = dataset.sha256, dataset.id
         else:
             source = run.plan_json.get("eval_dataset_id") or run.dataset_id
-            self.wf.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
+            self.datasets.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
             eval_sha = ((run.result_json or {}).get("data") or {}).get("eval_sha256")
             if not eval_sha:
                 raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
@@ -198,7 +202,7 @@ class Evaluations:
         """
         from trainers.evaluate import examples_from_file
 
-        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        examples = examples_from_file(self.ctx.blobs.path(eval_sha))
         if not examples:
             raise UserError(
                 f"The evaluation set of {run.id} has no example with an assistant turn."
@@ -217,7 +221,7 @@ class Evaluations:
             cost = EvalCost(
                 cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0
             )
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -228,7 +232,7 @@ class Evaluations:
             )
         teacher = self.teacher_of(run)
         if teacher and not self.settings.openai_api_key:
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -251,8 +255,8 @@ class Evaluations:
             )
         reservation, cost, left_out = self._reserve(run, cost, user)
         if left_out:
-            self.wf.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
-        self.wf.submit(
+            self.ctx.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
+        self.ctx.submit(
             f"evaluating {run.id}",
             lambda: self._reserved(run.id, eval_sha, eval_dataset_id, cost, reservation.id),
             run.channel,
@@ -338,7 +342,7 @@ class Evaluations:
             if not model:
                 return 0.0
             try:
-                return inference_cost(model, tokens_in, tokens_out, self.wf.prices)
+                return inference_cost(model, tokens_in, tokens_out, self.ctx.prices)
             except ValueError:
                 raise UserError(
                     f"{model} has no inference price in the price table, so tunebot cannot "
@@ -366,7 +370,7 @@ class Evaluations:
             run.id, ["approved"], "running", owner=(token := self.runs.claim_token()),
             lease=self.runs.lease,
         ):  # fmt: skip
-            self.wf.submit(
+            self.ctx.submit(
                 f"evaluating for {run.id}",
                 lambda: self._approved(run.id, token),
                 run.channel,
@@ -391,7 +395,7 @@ class Evaluations:
             actual = max(entry.estimate_usd, entry.actual_usd or 0.0) if entry else 0.0
             self.runs.gate.settle("run", run.id, actual, note="interrupted")
             self.store.update_run(run.id, actual_usd=actual)
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
     def _approved(self, run_id: str, token: str) -> None:
         run = self.store.get_run(run_id)
@@ -429,7 +433,7 @@ class Evaluations:
                 self.store.update_run(run_id, actual_usd=spent[0])
             gate.settle("run", run_id, spent[0], note=status)
         if status != "succeeded":
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run_id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run_id)))
 
     # --- the evaluation -----------------------------------------------------------------
 
@@ -475,7 +479,7 @@ class Evaluations:
         run = self.store.get_run(run_id)
         data = (run.result_json or {}).get("data") or {}
         eval_sha = eval_sha or data.get("eval_sha256")
-        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        examples = examples_from_file(self.ctx.blobs.path(eval_sha))
         if not examples:
             raise UserError(
                 f"The evaluation set of {run.id} has no example with an assistant turn."
@@ -544,7 +548,7 @@ class Evaluations:
             result.primary,
             summary["means"].get(result.primary),
         )
-        self.wf.post(
+        self.ctx.post(
             run.channel,
             run.thread_ts,
             render.eval_summary(run, result, cost_usd=cost, prices_per_1k=prices),
@@ -572,7 +576,7 @@ class Evaluations:
         concurrency = self.settings.eval_concurrency
         base = generate_openai(client, run.model, examples, concurrency=concurrency)
         tuned = generate_openai(client, tuned_model, examples, concurrency=concurrency)
-        prices = self.wf.prices
+        prices = self.ctx.prices
         cost = (generation_cost(run.model, base, prices) or 0.0) + (
             generation_cost(tuned_model, tuned, prices) or 0.0
         )
@@ -598,7 +602,7 @@ class Evaluations:
         answers = generate_openai(
             self._openai(), teacher, examples, concurrency=self.settings.eval_concurrency
         )
-        return teacher, answers, generation_cost(teacher, answers, self.wf.prices) or 0.0
+        return teacher, answers, generation_cost(teacher, answers, self.ctx.prices) or 0.0
 
     def _prices_per_1k(
         self, run: Run, base, tuned, teacher_model: str | None, teacher
@@ -606,7 +610,7 @@ class Evaluations:
         """Price of 1,000 calls like the evaluated ones, per model; a local model has none."""
         from trainers.evaluate import price_per_1k_calls
 
-        prices = self.wf.prices
+        prices = self.ctx.prices
         out: dict[str, dict] = {}
         if teacher_model:
             out["teacher"] = {
@@ -653,7 +657,7 @@ class Evaluations:
     def _upload(self, run: Run, result) -> None:
         from bot.charts import score_bars
 
-        png = self.wf.draw(
+        png = self.ctx.draw(
             score_bars,
             [s.name for s in result.summaries],
             [s.base or 0.0 for s in result.summaries],
@@ -668,7 +672,7 @@ class Evaluations:
             if content is None:  # the chart could not be drawn (logged)
                 continue
             try:
-                self.wf.client.files_upload_v2(
+                self.ctx.client.files_upload_v2(
                     channel=run.channel,
                     thread_ts=run.thread_ts,
                     content=content,

@@ -35,6 +35,8 @@ from bot import approvals, egress, render
 from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.plans import Planner, TrainingPlan
 from bot.priority import ACKS
@@ -64,14 +66,16 @@ def _now() -> dt.datetime:
 class Runs:
     def __init__(
         self,
-        workflow: Any,  # bot.workflow.Workflow, which builds this (imports go one way)
+        ctx: Context,
+        datasets: Datasets,
         *,
         tuner: Callable[[], OpenAIFineTuner] | None = None,
         clock: Callable[[], dt.datetime] = _now,
     ) -> None:
-        self.wf = workflow
-        self.store = workflow.store
-        self.settings = workflow.settings
+        self.ctx = ctx
+        self.datasets = datasets
+        self.store = ctx.store
+        self.settings = ctx.settings
         self.clock = clock
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
@@ -79,6 +83,9 @@ class Runs:
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
+        # Called with a user id when a run they care about changed; the workflow
+        # points it at App Home (bot/home.py, Home.refresh_home).
+        self.refresh_home: Callable[[str], None] = lambda user: None
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
@@ -89,15 +96,13 @@ class Runs:
         self.gate = SpendGate(
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
         )
-        self.planner = Planner(
-            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
-        )
+        self.planner = Planner(self.settings, self.store, ctx.prices, datasets.find_dataset, clock)
         from bot.evaluation import Evaluations
 
-        self.evals = Evaluations(self)
+        self.evals = Evaluations(ctx, datasets, self)
         from bot.distillation import Distiller
 
-        self.distiller = Distiller(self)
+        self.distiller = Distiller(ctx, datasets, self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class Runs:
                 self._approvers_refreshing = True
         if refresh:
             try:
-                self.wf.submit(
+                self.ctx.submit(
                     "resolving the approvers' user groups", self._refresh_approvers, "", None
                 )
             except RuntimeError:  # stopping: the pool takes no more work
@@ -178,7 +183,7 @@ class Runs:
     def warm_approvers(self) -> None:
         """Resolve the approvers' user groups on a job thread now, so no ack waits for it."""
         if self._has_groups():
-            self.wf.submit("resolving the approvers' user groups", self.approvers, "", None)
+            self.ctx.submit("resolving the approvers' user groups", self.approvers, "", None)
 
     def _has_groups(self) -> bool:
         return any(ident.startswith("S") for ident in self.settings.approvers)
@@ -215,7 +220,7 @@ class Runs:
         for ident in ids:
             if ident.startswith("S"):  # a user group: its members approve
                 try:
-                    users.update(self.wf.client.usergroups_users_list(usergroup=ident)["users"])
+                    users.update(self.ctx.client.usergroups_users_list(usergroup=ident)["users"])
                 except Exception as exc:  # Slack refused, or could not be reached
                     log.error("cannot list user group %s: %s", ident, slack_error(exc))
                     if failed is not None:
@@ -233,8 +238,8 @@ class Runs:
     def request(self, cmd: Command, channel: str, user: str) -> render.Message:
         if cmd.name == "distill":
             return self.distiller.request(cmd, channel, user)
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        report = self.wf.stored_report(dataset)
+        dataset = self.datasets.find_dataset(channel, cmd.target)
+        report = self.datasets.stored_report(dataset)
         if report.has_errors:
             codes = ", ".join(f"{c} ×{n}" for c, n in _error_codes(dataset).items())
             raise UserError(
@@ -257,7 +262,7 @@ class Runs:
         # the run, its reservation and its card are the job's (`request_work`).
         with self.store.transaction():
             run_id = self.store.new_run_id()
-            start = self.wf.record_work(
+            start = self.ctx.record_work(
                 "request", f"request:{run_id}",
                 {"run_id": run_id, "plan": plan, "channel": channel, "user": user},
                 what=f"recording {run_id}", channel=channel, thread_ts=dataset.thread_ts,
@@ -377,7 +382,7 @@ class Runs:
             plan["model"],
             estimate_usd,
         )
-        self.wf.submit(
+        self.ctx.submit(
             f"posting {run.id}'s approval card",
             lambda: self._post_card(run.id),
             channel,
@@ -418,7 +423,7 @@ class Runs:
         if not approvals.needs_approval(self.policy(), run.provider):
             self._approve_without_card(run)
             return
-        ts = self.wf.post(run.channel, run.thread_ts, self.card(run))
+        ts = self.ctx.post(run.channel, run.thread_ts, self.card(run))
         self.store.update_run(run.id, card_ts=ts)
         self._ask_approvers(run)
         self._refresh_homes(run)
@@ -426,18 +431,18 @@ class Runs:
     def _approve_without_card(self, run: Run) -> None:
         if self.store.transition_run(run.id, ["pending_approval"], "approved"):
             self.store.audit("tunebot", "auto_approved", run_id=run.id, plan_hash=run.plan_hash)
-            self.wf.post(run.channel, run.thread_ts, render.local_accepted(run))
+            self.ctx.post(run.channel, run.thread_ts, render.local_accepted(run))
             self.start(run.id)
 
     def _ask_approvers(self, run: Run) -> None:
         for approver in sorted(self.policy().approvers - {run.requested_by}):
             try:
-                dm = self.wf.client.conversations_open(users=approver)["channel"]["id"]
+                dm = self.ctx.client.conversations_open(users=approver)["channel"]["id"]
                 text = (
                     f"<@{run.requested_by}> asks for your approval of {run.id} "
                     f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
                 )
-                self.wf.client.chat_postMessage(channel=dm, text=text)
+                self.ctx.client.chat_postMessage(channel=dm, text=text)
             except Exception as exc:  # Slack refused, or could not be reached
                 log.error(
                     "cannot DM approver %s about %s: %s",
@@ -449,7 +454,7 @@ class Runs:
     def _refresh_homes(self, run: Run) -> None:
         """A run changed state: the Home tabs of the people it concerns show it."""
         for user in {run.requested_by, *self.policy().approvers} - {None}:
-            self.wf.refresh_home(user)
+            self.refresh_home(user)
 
     def refresh_card(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
@@ -457,7 +462,7 @@ class Runs:
             return
         message = self.card(run)
         try:
-            self.wf.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
+            self.ctx.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
         except Exception as exc:  # Slack refused, or could not be reached
             log.error("cannot update %s's card: %s", run.id, slack_error(exc))
 
@@ -513,7 +518,7 @@ class Runs:
                 self.gate.settle("run", run_id, 0.0, note="rejected")
                 self.refresh_card(run_id)
                 why = f": {render.escape(reason)}" if reason else ""
-                self.wf.post(
+                self.ctx.post(
                     run.channel,
                     run.thread_ts,
                     render.note(f"<@{run.requested_by}> {run_id} was rejected by <@{user}>{why}."),
@@ -527,7 +532,7 @@ class Runs:
                 self.gate.settle("run", run_id, 0.0, note="over budget at approval")
                 self.store.audit("tunebot", "refused_budget", run_id=run_id, detail={"why": why})
                 self.refresh_card(run_id)
-                self.wf.post(
+                self.ctx.post(
                     run.channel,
                     run.thread_ts,
                     render.note(f"<@{run.requested_by}> {run_id} cannot start: {why}."),
@@ -587,7 +592,7 @@ class Runs:
                 run_id, ["approved"], "submitting", owner=(token := self.claim_token()),
                 lease=self.lease,
             ):  # fmt: skip
-                self.wf.submit(
+                self.ctx.submit(
                     f"submitting {run_id}", lambda: self._submit(run_id, token), run.channel,
                     run.thread_ts, long=True,
                     on_busy=lambda: self.store.release_claim(
@@ -596,7 +601,7 @@ class Runs:
                 )  # fmt: skip
         except Busy as exc:
             log.info("run %s: approved; its start waits (%s)", run_id, exc.summary)
-            self.wf.post(
+            self.ctx.post(
                 run.channel, run.thread_ts,
                 render.note(f"{run_id} is approved; it starts as soon as a job thread is free "
                             f"({exc.ahead} jobs ahead)."),
@@ -653,7 +658,7 @@ class Runs:
             detail={"job": job.id},
         )
         log.info("run %s: %s as %s", run_id, "found" if job.reused else "submitted", job.id)
-        ts = self.wf.post(
+        ts = self.ctx.post(
             run.channel, run.thread_ts, render.progress(self.store.get_run(run_id), None)
         )
         self.store.update_run(run_id, progress_ts=ts)
@@ -670,7 +675,7 @@ class Runs:
         spec = TrainingSpec(
             run_id=run.id,
             model=run.model,
-            train_file=self.wf.blobs.path(data["train_sha256"]),
+            train_file=self.ctx.blobs.path(data["train_sha256"]),
             hyperparameters=plan.hyperparameters(),
             suffix=getattr(plan, "suffix", None),
         )
@@ -716,7 +721,7 @@ class Runs:
             "tunebot", "failed", run_id=run_id, plan_hash=run.plan_hash, detail={"error": error}
         )
         log.info("run %s: failed before training: %s", run_id, error)
-        self.wf.post(run.channel, run.thread_ts, render.run_result(run))
+        self.ctx.post(run.channel, run.thread_ts, render.run_result(run))
         self._refresh_homes(run)
 
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
@@ -744,7 +749,7 @@ class Runs:
             if job is not None and job.status not in FINISHED:
                 self._cancel_orphan_job(run_id, job.id)
             return
-        self.wf.post(
+        self.ctx.post(
             run.channel, run.thread_ts,
             render.note(f"{run_id} is cancelled, but {run.provider} could not be asked whether "
                         "a job was made for it before; check its fine-tuning jobs."),
@@ -784,11 +789,11 @@ class Runs:
             except UserError as exc:
                 log.error("run %s: %s", run.id, exc.summary)
             except Exception as exc:  # one run's trouble must not stop the others
-                self.wf.unexpected(exc, f"polling {run.id}")
+                self.ctx.unexpected(exc, f"polling {run.id}")
 
     def _post_result_again(self, run: Run) -> None:
         """A result Slack did not take when the run ended: posted once it answers."""
-        if self.wf.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
+        if self.ctx.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
             record = {k: v for k, v in (run.result_json or {}).items() if k != "unposted"}
             self.store.update_run(run.id, result_json=record)
 
@@ -797,7 +802,7 @@ class Runs:
         token = self.claim_token()
         if self.store.claim_run(run.id, [from_status], "submitting", owner=token, lease=self.lease):
             log.info("run %s: taking over its submission", run.id)
-            self.wf.submit(
+            self.ctx.submit(
                 f"submitting {run.id}", lambda: self._submit(run.id, token), run.channel,
                 run.thread_ts, long=True,
                 on_busy=lambda: self.store.release_claim(run.id, token, from_status="submitting"),
@@ -850,7 +855,7 @@ class Runs:
             return
         message = render.progress(run, state)
         try:
-            self.wf.client.chat_update(
+            self.ctx.client.chat_update(
                 channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
             )
         except Exception as exc:  # Slack refused, or could not be reached
@@ -899,7 +904,7 @@ class Runs:
         done = self.store.get_run(run.id)
         if state is not None:
             self._edit_progress(done, state)
-        if self.wf.post(run.channel, run.thread_ts, render.run_result(done)) is None:
+        if self.ctx.post(run.channel, run.thread_ts, render.run_result(done)) is None:
             # Slack refused or could not be reached: the poller posts it once Slack answers.
             self.store.update_run(
                 run.id, result_json={**(done.result_json or {}), "unposted": True}
@@ -911,7 +916,7 @@ class Runs:
     def _upload_loss_curve(self, run: Run, metrics) -> None:
         from bot.charts import loss_curve
 
-        png = self.wf.draw(
+        png = self.ctx.draw(
             loss_curve,
             [m[0] for m in metrics],
             [m[1] for m in metrics],
@@ -920,7 +925,7 @@ class Runs:
         if png is None:
             return
         try:
-            self.wf.client.files_upload_v2(
+            self.ctx.client.files_upload_v2(
                 channel=run.channel,
                 thread_ts=run.thread_ts,
                 content=png,
@@ -933,7 +938,7 @@ class Runs:
     def _upload_worker_log(self, run: Run, log_tail: str) -> None:
         """A failed local run's last log lines, as a file in its thread (never in a message)."""
         try:
-            self.wf.client.files_upload_v2(
+            self.ctx.client.files_upload_v2(
                 channel=run.channel,
                 thread_ts=run.thread_ts,
                 content=log_tail.encode("utf-8", "replace"),
@@ -979,7 +984,7 @@ class Runs:
                     external_id=None,
                 ):  # fmt: skip
                     try:
-                        self.wf.submit(
+                        self.ctx.submit(
                             f"starting {run.id}",
                             lambda run_id=run.id, token=token: self._launch_claimed(run_id, token),
                             run.channel,
@@ -1050,14 +1055,14 @@ class Runs:
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
-            ts = self.wf.post(run.channel, run.thread_ts, message)
+            ts = self.ctx.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
 
     def _training_files(self, run: Run) -> dict[str, str]:
         data = self.evals.prepare(run)
-        files = {"train": str(self.wf.blobs.path(data["train_sha256"]))}
+        files = {"train": str(self.ctx.blobs.path(data["train_sha256"]))}
         if data.get("eval_sha256"):
-            files["eval"] = str(self.wf.blobs.path(data["eval_sha256"]))
+            files["eval"] = str(self.ctx.blobs.path(data["eval_sha256"]))
         return files
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
@@ -1065,12 +1070,12 @@ class Runs:
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
-            ts = self.wf.post(run.channel, run.thread_ts, message)
+            ts = self.ctx.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
 
     def _update(self, run: Run, ts: str, message: render.Message) -> None:
         try:
-            self.wf.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
+            self.ctx.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
         except Exception as exc:  # Slack refused, or could not be reached
             log.error("cannot update %s's message: %s", run.id, slack_error(exc))
 
@@ -1124,7 +1129,7 @@ class Runs:
         done = self.store.get_run(run.id)
         if done.progress_ts:
             self._update(done, done.progress_ts, render.local_progress(done, state))
-        self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
+        self.ctx.post(run.channel, run.thread_ts, render.local_result(done, state))
         self._refresh_homes(done)
         self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
 
@@ -1141,7 +1146,7 @@ class Runs:
             if log_tail:
                 self._upload_worker_log(done, log_tail)
 
-        self.wf.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
+        self.ctx.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
 
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
         from trainers import local
@@ -1163,7 +1168,7 @@ class Runs:
             plan_hash=run.plan_hash,
             detail={"checkpoint": checkpoints[-1].name},
         )
-        self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
+        self.ctx.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
         return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
 
     # --- cancel, resume -------------------------------------------------------
@@ -1177,7 +1182,7 @@ class Runs:
             if self.store.transition_run(run.id, [run.status], "cancelled"):
                 self.gate.settle("run", run.id, 0.0, note="cancelled before it started")
                 self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-                self.wf.submit(
+                self.ctx.submit(
                     f"updating {run.id}", lambda: self._after_cancel(run.id), channel,
                     run.thread_ts,
                 )  # fmt: skip
