@@ -16,6 +16,7 @@ from bot.commands import Command
 from bot.context import Context
 from bot.datasets import Datasets
 from bot.errors import UserError
+from bot.results import RunResult
 from bot.runs import WAITING, Runs
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class Admin:
         shas = {dataset.sha256}
         for run in self.store.runs(channel=dataset.channel, limit=None):
             if run.dataset_id == dataset.id:
-                data = (run.result_json or {}).get("data") or {}
+                data = RunResult.of(run).data or {}
                 shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
         report = dataset.report_json or {}
         shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))

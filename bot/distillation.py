@@ -30,6 +30,8 @@ from bot.commands import Command
 from bot.context import Context
 from bot.datasets import Datasets
 from bot.errors import SpendRefused, UserError, describe
+from bot.plans import DistillEstimate, DistillPlan
+from bot.results import RunResult
 
 if TYPE_CHECKING:
     from bot.runs import Runs  # which builds this and imports this module
@@ -102,7 +104,7 @@ class Distiller:
             return
         dataset = self.store.get_dataset(args["dataset_id"])
         plan = self.plan(dataset, args["teacher"], args.get("system"))
-        self.runs._put_to_approvers(plan, args["channel"], args["user"], run_id=run_id)
+        self.runs._put_to_approvers(plan.to_json(), args["channel"], args["user"], run_id=run_id)
 
     def _teacher(self, name: str | None) -> str:
         """The teacher's full name, once it is known to have an inference price."""
@@ -122,7 +124,7 @@ class Distiller:
             ) from None
         return teacher.name
 
-    def plan(self, dataset: Dataset, teacher_name: str, system: str | None) -> dict:
+    def plan(self, dataset: Dataset, teacher_name: str, system: str | None) -> DistillPlan:
         """Read and price the prompts (as long as the file is big: on a job, never in an ack)."""
         from trainers.distill import estimate, load_prompts
 
@@ -142,25 +144,21 @@ class Distiller:
             raise UserError(
                 f"{teacher.name} has no inference price, so the cost is unknown: {exc}"
             ) from None
-        return {
-            "kind": "distill",
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "distill",
-            "model": teacher.name,
-            "system": system,
-            "prompts": len(prompts.items),
-            "max_tokens": max_tokens,
-            "skipped_lines": [n for n, _ in prompts.problems],
-            "secret_hold": bool(secrets),
-            "estimate": {
-                "billed_tokens": cost.input_tokens + cost.output_tokens,
-                "input_tokens": cost.input_tokens,
-                "output_tokens": cost.output_tokens,
-                "cost_usd": round(cost.cost_usd, 4),
-                "price_per_1m": 0.0,
-            },
-        }
+        return DistillPlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            model=teacher.name,
+            system=system,
+            prompts=len(prompts.items),
+            max_tokens=max_tokens,
+            skipped_lines=tuple(n for n, _ in prompts.problems),
+            secret_hold=bool(secrets),
+            estimate=DistillEstimate(
+                input_tokens=cost.input_tokens,
+                output_tokens=cost.output_tokens,
+                cost_usd=round(cost.cost_usd, 4),
+            ),
+        )
 
     def start(self, run: Run) -> None:
         """Approved: claim the run and distil on a job thread."""
@@ -208,12 +206,10 @@ class Distiller:
         from trainers.distill import distill, load_prompts
 
         run = self.store.get_run(run_id)
-        plan = run.plan_json
+        plan = DistillPlan.from_json(run.plan_json)
         gate = self.runs.gate
         reservation = gate.ledger.open("run", run.id)
-        prompts = load_prompts(
-            self.ctx.blobs.path(plan["dataset_sha256"]), system=plan.get("system")
-        )
+        prompts = load_prompts(self.ctx.blobs.path(plan.dataset_sha256), system=plan.system)
         total = len(prompts.items)
         progress_ts = self.ctx.post(
             run.channel,
@@ -260,7 +256,7 @@ class Distiller:
             run.model,
             prompts.items,
             concurrency=self.settings.eval_concurrency,
-            max_tokens=int(plan.get("max_tokens") or self.settings.distill_max_tokens),
+            max_tokens=plan.max_tokens,
             on_progress=report,
             max_usd=cap,
             prices=self.ctx.prices,
@@ -270,7 +266,7 @@ class Distiller:
         actual = _cost(run.model, result, self.ctx.prices)
         dataset_id = None
         if result.examples:
-            source = self.store.get_dataset(plan["dataset_id"])
+            source = self.store.get_dataset(plan.dataset_id)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "distilled.jsonl"
                 result.write(path)
@@ -320,7 +316,7 @@ class Distiller:
     ) -> str:
         """Record how the distillation ended and what it spent, once; say so if not a success.
         Returns the status the run has now."""
-        record = {**(run.result_json or {}), **(data or {})}
+        record = RunResult.of(run).with_(**(data or {})).to_json()
         if actual is None:  # an exception: what the ledger recorded is what was spent
             entry = self.runs.gate.ledger.open("run", run.id)
             actual = (entry.actual_usd or 0.0) if entry else 0.0
@@ -396,7 +392,7 @@ class Distiller:
         tokens_in = chat_tokens(
             {"messages": [{"role": "user", "content": prompt}]}, TokenCounter()
         )[0]
-        tuned = (run.result_json or {}).get("fine_tuned_model") or run.model
+        tuned = RunResult.of(run).fine_tuned_model or run.model
         try:
             return sum(
                 inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.ctx.prices)
@@ -421,7 +417,7 @@ class Distiller:
             from bot.local_models import LocalModels
             from trainers.chat_worker import ChatError
 
-            adapter = (run.result_json or {}).get("adapter_dir")
+            adapter = RunResult.of(run).adapter_dir
             if not adapter:
                 raise UserError(f"{run.id} has no adapter to chat with.")
             base_model = LocalModels(self.settings, self.store).trained_base(run)
@@ -436,7 +432,7 @@ class Distiller:
             spent = 0.0
             try:
                 client = self.runs.evals._openai()
-                tuned_model = (run.result_json or {}).get("fine_tuned_model")
+                tuned_model = RunResult.of(run).fine_tuned_model
                 base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
                 spent += generation_cost(run.model, [base], self.ctx.prices) or 0.0
                 tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[

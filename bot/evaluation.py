@@ -34,6 +34,8 @@ from bot.claims import Held, lapsed
 from bot.context import Context
 from bot.datasets import Datasets
 from bot.errors import SpendRefused, UserError, describe, slack_error
+from bot.plans import EvalEstimate, EvalPlan
+from bot.results import RunResult
 
 if TYPE_CHECKING:
     from bot.runs import Runs  # which builds this and imports this module
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunebot")
 
 SPLIT_SEED = 0
-MIN_HELD_OUT, MAX_HELD_OUT, MIN_TRAIN = 5, 200, 10
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,6 @@ class EvalCost:
         return self.generation_usd + self.extras_usd
 
 
-def held_out_count(valid_examples: int, fraction: float) -> int:
-    """How many examples the split holds out (the same rule as trainers.evaluate.split_file)."""
-    if valid_examples < MIN_HELD_OUT + MIN_TRAIN:
-        return 0
-    wanted = max(round(valid_examples * fraction), MIN_HELD_OUT)
-    return min(wanted, MAX_HELD_OUT, valid_examples - MIN_TRAIN)
-
-
 class Evaluations:
     def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
         self.ctx = ctx
@@ -91,7 +84,7 @@ class Evaluations:
         """Split (or pair) the run's data once; recorded in the run's result_json["data"]."""
         from trainers.evaluate import overlap, split_file
 
-        existing = (run.result_json or {}).get("data")
+        existing = RunResult.of(run).data
         if existing:
             return existing
         plan = run.plan_json
@@ -128,8 +121,8 @@ class Evaluations:
                             self._splits[key] = {
                                 k: data[k] for k in ("train_sha256", "eval_sha256", "split")
                             }
-        record = {**(run.result_json or {}), "data": data}
-        self.store.update_run(run.id, result_json=record)
+        record = RunResult.of(run).with_(data=data)
+        self.store.update_run(run.id, result_json=record.to_json())
         if data.get("overlap"):
             lines = ", ".join(str(n) for n in data["overlap"][:10])
             self.ctx.post(
@@ -147,7 +140,7 @@ class Evaluations:
 
     def after_success(self, run: Run) -> None:
         """A run succeeded: evaluate it on its held-out data, through the gate."""
-        data = (run.result_json or {}).get("data") or {}
+        data = RunResult.of(run).data or {}
         if not data.get("eval_sha256"):
             note = data.get("note") or "no held-out data"
             self.ctx.post(
@@ -186,7 +179,7 @@ class Evaluations:
         else:
             source = run.plan_json.get("eval_dataset_id") or run.dataset_id
             self.datasets.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
-            eval_sha = ((run.result_json or {}).get("data") or {}).get("eval_sha256")
+            eval_sha = (RunResult.of(run).data or {}).get("eval_sha256")
             if not eval_sha:
                 raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
         message = self._ask(run, eval_sha, eval_dataset_id, user=user)
@@ -251,7 +244,7 @@ class Evaluations:
                     f"(TUNEBOT_EVAL_APPROVAL_ABOVE_USD): `/finetune eval {run.id}` asks for one."
                 )
             return self.runs._put_to_approvers(
-                self._plan(run, eval_sha, eval_dataset_id, cost), run.channel, user
+                self._plan(run, eval_sha, eval_dataset_id, cost).to_json(), run.channel, user
             )
         reservation, cost, left_out = self._reserve(run, cost, user)
         if left_out:
@@ -300,31 +293,28 @@ class Evaluations:
         open_evals = self.store.runs(
             status=["pending_approval", "approved", "running"], provider="eval", limit=None
         )
-        return any((r.plan_json or {}).get("target_run") == run_id for r in open_evals)
+        return any(EvalPlan.from_json(r.plan_json).target_run == run_id for r in open_evals)
 
-    def _plan(self, run: Run, eval_sha: str, eval_dataset_id: str | None, cost: EvalCost) -> dict:
-        return {
-            "kind": "eval",
-            "dataset_id": run.dataset_id,
-            "dataset_sha256": run.plan_json.get("dataset_sha256"),
-            "provider": "eval",
-            "model": run.model,
-            "target_run": run.id,
-            "eval_sha256": eval_sha,
-            "eval_dataset_id": eval_dataset_id,
-            "examples": cost.examples,
-            "teacher": cost.teacher,
-            "judge": cost.judge_usd > 0,
-            "secret_hold": False,
-            "estimate": {
-                "cost_usd": round(cost.total_usd, 4),
-                "generation_usd": round(cost.generation_usd, 4),
-                "teacher_usd": round(cost.teacher_usd, 4),
-                "judge_usd": round(cost.judge_usd, 4),
-                "billed_tokens": 0,
-                "price_per_1m": 0.0,
-            },
-        }
+    def _plan(
+        self, run: Run, eval_sha: str, eval_dataset_id: str | None, cost: EvalCost
+    ) -> EvalPlan:
+        return EvalPlan(
+            dataset_id=run.dataset_id,
+            dataset_sha256=run.plan_json.get("dataset_sha256"),
+            model=run.model,
+            target_run=run.id,
+            eval_sha256=eval_sha,
+            eval_dataset_id=eval_dataset_id,
+            examples=cost.examples,
+            teacher=cost.teacher,
+            judge=cost.judge_usd > 0,
+            estimate=EvalEstimate(
+                cost_usd=round(cost.total_usd, 4),
+                generation_usd=round(cost.generation_usd, 4),
+                teacher_usd=round(cost.teacher_usd, 4),
+                judge_usd=round(cost.judge_usd, 4),
+            ),
+        )
 
     def estimate(self, run: Run, examples) -> EvalCost:
         """The most this evaluation may cost: every answer at ANSWER_MAX_TOKENS.
@@ -351,7 +341,7 @@ class Evaluations:
 
         generation = 0.0
         if run.provider == "openai":
-            tuned = (run.result_json or {}).get("fine_tuned_model")
+            tuned = RunResult.of(run).fine_tuned_model
             if not tuned:
                 raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
             generation = price(run.model) + price(tuned)
@@ -399,7 +389,7 @@ class Evaluations:
 
     def _approved(self, run_id: str, token: str) -> None:
         run = self.store.get_run(run_id)
-        plan = run.plan_json
+        plan = EvalPlan.from_json(run.plan_json)
         gate = self.runs.gate
         entry = gate.ledger.open("run", run.id)
         spent = [0.0]
@@ -411,14 +401,14 @@ class Evaluations:
 
         status, error = "succeeded", None
         with Held(self.store, run_id, token, self.runs.lease, "running"):
-            estimate = plan["estimate"]
+            estimate = plan.estimate
             cost = EvalCost(
-                plan["examples"], 0.0, estimate["generation_usd"], plan.get("teacher"),
-                estimate["teacher_usd"], estimate["judge_usd"],
+                plan.examples, 0.0, estimate.generation_usd, plan.teacher,
+                estimate.teacher_usd, estimate.judge_usd,
             )  # fmt: skip
             try:
                 self.evaluate(
-                    plan["target_run"], plan["eval_sha256"], plan.get("eval_dataset_id"),
+                    plan.target_run, plan.eval_sha256, plan.eval_dataset_id,
                     cost=cost, on_spend=on_spend,
                     stop=lambda: self.store.get_run(run_id).status == "cancelled",
                 )  # fmt: skip
@@ -477,7 +467,7 @@ class Evaluations:
         from trainers.evaluate import examples_from_file, score
 
         run = self.store.get_run(run_id)
-        data = (run.result_json or {}).get("data") or {}
+        data = RunResult.of(run).data or {}
         eval_sha = eval_sha or data.get("eval_sha256")
         examples = examples_from_file(self.ctx.blobs.path(eval_sha))
         if not examples:
@@ -559,8 +549,7 @@ class Evaluations:
         from trainers.evaluate import generate_local, generate_openai, generation_cost
 
         if run.provider == "local":
-            result = run.result_json or {}
-            adapter = result.get("adapter_dir")
+            adapter = RunResult.of(run).adapter_dir
             if not adapter:
                 raise UserError(f"{run.id} has no adapter to evaluate.")
             from bot.local_models import LocalModels
@@ -570,7 +559,7 @@ class Evaluations:
             base, tuned = generate_local(base_model, adapter, examples)
             return base, tuned, 0.0
         client = self._openai()
-        tuned_model = (run.result_json or {}).get("fine_tuned_model")
+        tuned_model = RunResult.of(run).fine_tuned_model
         if not tuned_model:
             raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
         concurrency = self.settings.eval_concurrency
@@ -587,7 +576,7 @@ class Evaluations:
         if run.provider not in ("openai", "local"):
             return None
         for distill in self.store.runs(status="succeeded", provider="distill", limit=None):
-            if (distill.result_json or {}).get("dataset_id") == run.dataset_id:
+            if RunResult.of(distill).dataset_id == run.dataset_id:
                 return distill.model
         return None
 
@@ -618,7 +607,7 @@ class Evaluations:
                 "usd": price_per_1k_calls(teacher_model, teacher, prices),
             }
         if run.provider == "openai":
-            tuned_model = (run.result_json or {}).get("fine_tuned_model")
+            tuned_model = RunResult.of(run).fine_tuned_model
             out["base"] = {"model": run.model, "usd": price_per_1k_calls(run.model, base, prices)}
             out["tuned"] = {
                 "model": tuned_model,

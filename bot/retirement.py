@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bot import render
+from bot.results import RunResult
 from trainers import retirement
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class RetirementWatch:
         today = self.clock().date()
         posted = 0
         for run in self.store.runs(status="succeeded", limit=None):
-            model = (run.result_json or {}).get("fine_tuned_model")
+            model = RunResult.of(run).fine_tuned_model
             ends = retirement.serving_ends(model) if model else None
             days_left = (ends - today).days if ends else -1
             if retirement.notice_due(days_left, set()) is None:

@@ -40,6 +40,7 @@ from bot.datasets import Datasets
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.plans import Planner, TrainingPlan
 from bot.priority import ACKS
+from bot.results import RunResult
 from bot.spend import SpendGate
 from storage import Dataset, Run
 from trainers.runner import Handle, Runner, RunnerError, RunState
@@ -637,13 +638,12 @@ class Runs:
                     run_id, f"tunebot could not submit it ({describe(exc, self.settings.home)})"
                 )
                 return
-            record = dict(self.store.get_run(run_id).result_json or {})
+            record = RunResult.of(self.store.get_run(run_id)).with_(submit_attempts=0)
             if job.files:
-                record["training_file"] = job.files[0]
-            record.pop("submit_attempts", None)
+                record = record.with_(training_file=job.files[0])
             if not self.store.release_claim(
                 run_id, token, from_status="submitting", to_status="running",
-                external_id=job.id, result_json=record,
+                external_id=job.id, result_json=record.to_json(),
             ):  # fmt: skip
                 now = self.store.get_run(run_id)
                 if now.status == "cancelled" and now.external_id in (None, job.id):
@@ -689,23 +689,23 @@ class Runs:
 
     def _record_upload(self, run: Run, file_id: str) -> None:
         """A file the provider holds for the run: recorded, so that it can be deleted."""
-        if (self.store.get_run(run.id).result_json or {}).get("training_file") == file_id:
+        if RunResult.of(self.store.get_run(run.id)).training_file == file_id:
             return
         self.store.add_provider_file(
             run.provider, file_id, run_id=run.id, dataset_id=run.dataset_id
         )
-        record = {**(self.store.get_run(run.id).result_json or {}), "training_file": file_id}
-        self.store.update_run(run.id, result_json=record)
+        record = RunResult.of(self.store.get_run(run.id)).with_(training_file=file_id)
+        self.store.update_run(run.id, result_json=record.to_json())
 
     def _retry_later(self, run: Run, token: str, why: str) -> None:
-        record = dict(self.store.get_run(run.id).result_json or {})
-        attempts = int(record.get("submit_attempts", 0)) + 1
-        record["submit_attempts"] = attempts
+        record = RunResult.of(self.store.get_run(run.id))
+        attempts = record.submit_attempts + 1
+        record = record.with_(submit_attempts=attempts)
         delay = min(RETRY_BASE_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
         delay = max(delay, self.settings.poll_seconds)
         self.store.release_claim(
             run.id, token, from_status="submitting",
-            retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record,
+            retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record.to_json(),
         )  # fmt: skip
         log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
 
@@ -781,7 +781,7 @@ class Runs:
         """
         self.gate.ledger.settle_ended_runs()  # a crash between a run's end and its settlement
         for ended in self.store.runs(status=list(FINISHED), limit=20):
-            if (ended.result_json or {}).get("unposted"):
+            if RunResult.of(ended).unposted:
                 self._post_result_again(ended)
         for run in self.store.runs(status=list(ACTIVE), limit=None):
             try:
@@ -794,8 +794,8 @@ class Runs:
     def _post_result_again(self, run: Run) -> None:
         """A result Slack did not take when the run ended: posted once it answers."""
         if self.ctx.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
-            record = {k: v for k, v in (run.result_json or {}).items() if k != "unposted"}
-            self.store.update_run(run.id, result_json=record)
+            record = RunResult.of(run).with_(unposted=False)
+            self.store.update_run(run.id, result_json=record.to_json())
 
     def _take_over(self, run: Run, from_status: str) -> None:
         """Claim a submission nobody holds (a crash, a back-off over) and finish it on a job thread."""
@@ -825,10 +825,10 @@ class Runs:
             if lapsed(run, self.clock()):
                 self._take_over(run, run.status)
             return
-        state_data = dict(run.result_json or {})
+        state_data = RunResult.of(run)
         try:
             state = self.runner(run.provider).poll(
-                self.handle(run), cursor=state_data.get("last_event_id")
+                self.handle(run), cursor=state_data.last_event_id
             )
         except RunnerError as exc:
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
@@ -840,15 +840,15 @@ class Runs:
                 {"id": event.id, "message": event.message, "at": event.created_at},
             )
         if state.cursor:
-            state_data["last_event_id"] = state.cursor
+            state_data = state_data.with_(last_event_id=state.cursor)
         if state.terminal:
             self._finish(run, run.status, state.status, state=state, data=state_data)
             return
         now = time.time()
-        if now - state_data.get("progress_edited_at", 0) >= self.settings.progress_seconds:
-            state_data["progress_edited_at"] = now
+        if now - state_data.progress_edited_at >= self.settings.progress_seconds:
+            state_data = state_data.with_(progress_edited_at=now)
             self._edit_progress(run, state)
-        self.store.update_run(run.id, result_json=state_data)
+        self.store.update_run(run.id, result_json=state_data.to_json())
 
     def _edit_progress(self, run: Run, state) -> None:
         if not run.progress_ts:
@@ -869,12 +869,12 @@ class Runs:
         *,
         state: RunState | None = None,
         error: str | None = None,
-        data: dict | None = None,
+        data: RunResult | None = None,
     ) -> None:
-        data = dict(data or run.result_json or {})
+        data = data if data is not None else RunResult.of(run)
         actual = None
         if state is not None:
-            data.update(
+            data = data.with_(
                 fine_tuned_model=state.output.get("fine_tuned_model"),
                 trained_tokens=state.trained_tokens,
             )
@@ -889,7 +889,12 @@ class Runs:
             if state.error:
                 error = state.error
         if not self.store.transition_run(
-            run.id, [from_status], status, actual_usd=actual, result_json=data, error=error
+            run.id,
+            [from_status],
+            status,
+            actual_usd=actual,
+            result_json=data.to_json(),
+            error=error,
         ):
             return  # another tick finished it: report once
         self.gate.settle("run", run.id, actual or 0.0, note=status)
@@ -907,7 +912,7 @@ class Runs:
         if self.ctx.post(run.channel, run.thread_ts, render.run_result(done)) is None:
             # Slack refused or could not be reached: the poller posts it once Slack answers.
             self.store.update_run(
-                run.id, result_json={**(done.result_json or {}), "unposted": True}
+                run.id, result_json=RunResult.of(done).with_(unposted=True).to_json()
             )
         self._refresh_homes(done)
         metrics = state.metrics if state is not None else ()
@@ -1095,19 +1100,15 @@ class Runs:
             self._finish_local(run, state)
             self.dispatch_local()  # a slot is free
             return
-        data = dict(run.result_json or {})
+        data = RunResult.of(run)
         now = time.time()
-        if (
-            now - data.get("progress_edited_at", 0) >= self.settings.progress_seconds
-            and run.progress_ts
-        ):
-            data["progress_edited_at"] = now
+        if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
+            data = data.with_(progress_edited_at=now)
             self._update(run, run.progress_ts, render.local_progress(run, state))
-            self.store.update_run(run.id, result_json=data)
+            self.store.update_run(run.id, result_json=data.to_json())
 
     def _finish_local(self, run: Run, state: RunState) -> None:
-        data = dict(run.result_json or {})
-        data.update(
+        data = RunResult.of(run).with_(
             adapter_dir=state.output.get("adapter_dir"),
             merged_dir=state.output.get("merged_dir"),
             metrics=state.output.get("metrics"),
@@ -1115,7 +1116,12 @@ class Runs:
         )
         error = state.error
         if not self.store.transition_run(
-            run.id, ["running"], state.status, actual_usd=0.0, result_json=data, error=error
+            run.id,
+            ["running"],
+            state.status,
+            actual_usd=0.0,
+            result_json=data.to_json(),
+            error=error,
         ):
             return
         self.store.audit(

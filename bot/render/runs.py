@@ -14,6 +14,7 @@ from bot.render.text import (
     section,
     short_paths,
 )
+from bot.results import RunResult
 
 STATE_WORDS = {
     "pending_approval": "⏳ Waiting for approval",
@@ -201,14 +202,14 @@ def dt_text(value) -> str:
 
 def run_result(run) -> Message:
     """Posted once when a run ends; mentions the requester."""
-    data = run.result_json or {}
+    data = RunResult.of(run)
     head = f"<@{run.requested_by}> {run.id} {STATE_WORDS.get(run.status, run.status).lower()}"
     lines = [head]
     if run.status == "succeeded":
-        lines.append(f"Model: `{escape(data.get('fine_tuned_model'))}`")
-        if data.get("trained_tokens"):
+        lines.append(f"Model: `{escape(data.fine_tuned_model)}`")
+        if data.trained_tokens:
             lines.append(
-                f"Trained tokens: {data['trained_tokens']:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
+                f"Trained tokens: {data.trained_tokens:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
             )
         lines.append(
             f"Cost: {money(run.actual_usd or 0)} (estimated {money(run.estimate_usd or 0)})"
