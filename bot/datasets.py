@@ -38,6 +38,8 @@ log = logging.getLogger("tunebot")
 
 @dataclass(frozen=True)
 class FileDrop:
+    """A file shared in a channel, as one Slack event told it (message or file_shared)."""
+
     file_id: str
     channel: str
     user: str | None
@@ -46,7 +48,8 @@ class FileDrop:
 
 
 def validate_file(path: str, context_tokens: int, max_file_bytes: int, encoding: str) -> Report:
-    """Runs in the validation worker process."""
+    """The validation report of the file at `path` (trainers.data.validate); runs in
+    the worker process (`Context.in_worker`)."""
     from trainers.data import validate
 
     return validate(
