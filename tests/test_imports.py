@@ -166,4 +166,4 @@ def test_the_context_knows_no_use_case_and_no_use_case_knows_the_workflow():
         if name in entry or name.startswith("bot.listeners"):
             continue
         assert "bot.workflow" not in imported, f"{name} imports bot.workflow"
-    assert USE_CASES <= set(graph), "a use-case module this test names is gone"
+    assert set(graph) >= USE_CASES, "a use-case module this test names is gone"

@@ -13,8 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-from bot.scheduler import start_scheduler
 from bot.context import INTERACTIVE_THREADS
+from bot.scheduler import start_scheduler
 from storage import Store
 from tests.bot.test_distill import prompts_file
 from tests.bot.test_runs import click, request, texts, upload
