@@ -90,8 +90,9 @@ class Runs:
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
         )
         self.planner = Planner(
-            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
-        )
+            self.settings, self.store, workflow.prices, workflow.find_dataset, clock,
+            providers=workflow.providers,
+        )  # fmt: skip
         from bot.evaluation import Evaluations
 
         self.evals = Evaluations(self)
