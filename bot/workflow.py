@@ -121,6 +121,7 @@ class Workflow:
         self.runs = Runs(self, tuner=tuner)
         self.admin = Admin(self.runs)  # release, forget, budget, audit
         self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
+        self.runs.on_success.append(self.runs.migrations.after_success)  # old vs new model
         # What each kind of acked work runs (see start_work); its args come from pending_work.
         self._work: dict[str, Callable[[dict], Any]] = {
             "ingest": self._ingest_work,
@@ -1048,6 +1049,7 @@ class Workflow:
             "distill": runs.request,
             "chat": runs.distiller.chat,
             "cancel": runs.cancel,
+            "migrate": runs.migrations.request,
             "eval": lambda cmd, channel, user: runs.evals.request(
                 cmd.target, channel, cmd.options.get("eval"), user
             ),

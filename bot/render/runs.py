@@ -79,10 +79,20 @@ def _plan_lines(run) -> list[str]:
         )
     else:
         cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
-    return [
+    lines = [
         f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
         cost,
     ]
+    if plan.get("migrated_from"):  # bot/migrate.py
+        lines.append(
+            f"Migrates {escape(plan['migrated_from'])}: the same dataset and held-out set; "
+            "when it succeeds, both models answer the held-out set and this thread gets the "
+            "comparison"
+        )
+        if plan.get("carried"):
+            lines.append("Carried over: " + "; ".join(escape(c) for c in plan["carried"]))
+        lines += [f"• Differs: {escape(d)}" for d in plan.get("differences", ())]
+    return lines
 
 
 def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -> Message:
