@@ -422,4 +422,4 @@ def comparison(new: Run, old: Run, old_model: str, new_model: str, record: dict)
         f"{new.id} `{new_model}` {price(per_1k['new'], new)}.",
         *(f"Note: {n}." for n in record["notes"]),
     ]
-    return render.note("\n".join(lines))
+    return render.note(render.short_paths("\n".join(lines)))  # a folder model by its name

@@ -91,7 +91,7 @@ def _plan_lines(run) -> list[str]:
         )
         if plan.get("carried"):
             lines.append("Carried over: " + "; ".join(escape(c) for c in plan["carried"]))
-        lines += [f"• Differs: {escape(d)}" for d in plan.get("differences", ())]
+        lines += [f"• Differs: {escape(short_paths(d))}" for d in plan.get("differences", ())]
     return lines
 
 
