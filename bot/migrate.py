@@ -177,6 +177,8 @@ class Migrations:
                 f"No provider `{render.escape(provider)}` here: `provider=` takes "
                 f"{', '.join(known)} (`/finetune providers` lists them)."
             )
+        if source.provider != "local" or kind != "local":  # the comparison asks hosted models
+            self.runs.gate.require(user, requester=source.requested_by, what=f"migrate {source.id}")
         dataset = self.wf.find_dataset(channel, source.dataset_id)  # forgotten: says by whom
         report = self.wf.stored_report(dataset)
         plan = source.plan_json or {}

@@ -171,6 +171,10 @@ def test_migrate_refuses_unfinished_runs_other_channels_unknown_providers_forgot
 
     succeeded = succeeded_run_after(bot, "r1")
     assert succeeded.status == "succeeded"
+    _, body = bot.command("migrate r1 provider=local", user_id="UX")  # a member, not UR
+    assert body["text"] == (
+        "⚠️ Only <@UR> or an approver can migrate r1: it is paid for from the team's budget."
+    )
     _, body = bot.command("migrate r1 provider=azure", user_id="UR")
     assert body["text"] == (
         "⚠️ No provider `azure` here: `provider=` takes local, openai, together "
@@ -305,4 +309,70 @@ def test_an_openai_run_migrated_to_local_trains_on_the_same_split_and_is_compare
     assert len(later) == 2 and later[1].endswith(
         "Note: r1's model stopped serving on 2027-01-14, so its answers are the ones stored "
         "by its own evaluation."
+    )
+
+
+def test_a_migration_to_a_paid_model_waits_for_approval_then_is_compared(paid_bot):
+    bot = paid_bot(judge_model="")
+    upload(bot)
+    request(bot, "train provider=openai model=gpt-4o-mini batch=8")
+    old = succeeded_run_after(bot, "r1")
+    assert old.status == "succeeded"
+    planner = bot.workflow.runs.planner
+    planner.clock = Clock(dt.date(2027, 1, 6))  # after the cutoff: refused, nothing recorded
+    _, body = bot.command("migrate r1 provider=openai model=gpt-4.1-mini", user_id="UR")
+    assert html.unescape(body["text"]).startswith(
+        "⚠️ OpenAI creates no new fine-tuning jobs since 2027-01-06;"
+    )
+    assert bot.store.find_run("r2") is None
+
+    planner.clock = Clock(dt.date(2026, 12, 1))
+    _, body = bot.command("migrate r1 provider=openai model=gpt-4.1-mini", user_id="UR")
+    assert body["text"].startswith("Migrating r1 to openai: r2 needs approval")
+    bot.wait_idle()
+    new = bot.store.get_run("r2")
+    assert new.status == "pending_approval" and new.plan_json["migrated_from"] == "r1"
+    card = next(m for m in bot.slack.messages(channel="C1") if m["ts"] == new.card_ts)["text"]
+    epochs = old.plan_json["epochs"]
+    assert (
+        f"Carried over: epochs {epochs} (its auto choice) → epochs={epochs}; batch 8 → batch=8"
+        in card
+    )
+    model = PriceTable().resolve("gpt-4.1-mini")
+    assert f"• Differs: base model gpt-4o-mini-2024-07-18 (openai) → {model.name} (openai)" in card
+    assert new.result_json["data"] == old.result_json["data"]
+
+    click(bot, "UA", "approve_run", "r2")
+    bot.wait_idle()
+    creates = bot.openai.calls_to("POST", "/fine_tuning/jobs", exact=True)
+    assert len(creates) == 2
+    hyper = json.loads(creates[1].body)["method"]["supervised"]["hyperparameters"]
+    assert hyper["n_epochs"] == epochs and hyper["batch_size"] == 8
+    new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=60)
+    assert new.status == "succeeded", new.error
+    bot.wait_idle()
+    record = bot.store.get_run("r2").result_json["migration"]
+    examples = examples_from_file(bot.workflow.blobs.path(new.result_json["data"]["eval_sha256"]))
+    old_tuned, new_tuned = old.result_json["fine_tuned_model"], new.result_json["fine_tuned_model"]
+    old_answers = [f"[{old_tuned}] {e.prompt[-1]['content']}" for e in examples]
+    new_answers = [f"[{new_tuned}] {e.prompt[-1]['content']}" for e in examples]
+    assert [r["old"] for r in record["rows"]] == old_answers
+    assert [r["new"] for r in record["rows"]] == new_answers
+    result = score(examples, old_answers, new_answers, embedder=_embedder())
+    s = result.summary()
+    encoding = tiktoken_encoding("o200k_base")
+    n = len(examples)
+    tokens_in = round(sum(len(encoding.encode(e.prompt_text)) for e in examples) / n * 1000)
+    tokens_out = round(sum(len(encoding.encode(e.reference)) for e in examples) / n * 1000)
+
+    def usd(price):
+        return (tokens_in * price.ft_input_per_1m + tokens_out * price.ft_output_per_1m) / 1e6
+
+    (posted,) = [t for t in texts(bot) if t.startswith("r2 vs r1")]
+    assert posted == (
+        f"r2 vs r1 on the same {n} held-out examples: r2 keeps {s.tuned / s.base:.0%} of r1's "
+        f"quality ({result.primary} {s.tuned:.3f} vs {s.base:.3f}); per example it wins "
+        f"{result.wins}, ties {result.ties}, loses {result.losses}.\n"
+        f"1,000 calls like these: r1 `{old_tuned}` "
+        f"${usd(PriceTable().resolve('gpt-4o-mini')):,.2f}; r2 `{new_tuned}` ${usd(model):,.2f}."
     )
