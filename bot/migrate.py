@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunebot")
 
-TRAINING = ("openai", "local", "together")  # run providers that train a model (not eval, distill)
+NOT_TRAINING = ("eval", "distill")  # run kinds that train no model
 
 # Target kind -> {a stored plan's field: the /finetune train option it becomes there,
 # or None when the target has no equivalent (WHY says why)}. A field a source plan
@@ -160,7 +160,7 @@ class Migrations:
 
     def request(self, cmd: Command, channel: str, user: str) -> render.Message:
         source = self.runs.find_run(cmd.target, channel)
-        if source.provider not in TRAINING:
+        if source.provider in NOT_TRAINING:
             raise UserError(f"{source.id} is not a training run: only a trained model migrates.")
         if source.status != "succeeded":
             raise UserError(

@@ -156,7 +156,7 @@ def test_openai_hyperparameters_map_to_local_and_together_and_list_what_cannot()
 def test_migrate_refuses_unfinished_runs_other_channels_unknown_providers_forgotten_data(
     paid_bot,
 ):
-    bot = paid_bot(judge_model="")
+    bot = paid_bot(judge_model="", channels=("C1", "C2"))
     upload(bot)
     request(bot, "train provider=openai")  # r1, waiting for approval
     _, body = bot.command("migrate r1 provider=local", user_id="UR")
@@ -166,6 +166,8 @@ def test_migrate_refuses_unfinished_runs_other_channels_unknown_providers_forgot
     )
     _, body = bot.command("migrate r1 provider=local", user_id="UR", channel_id="C2")
     assert "No run `r1` in this channel" in body["text"]
+    _, body = bot.command("migrate r1 provider=local", user_id="UR", channel_id="C3")
+    assert "tunebot does not serve this channel" in body["text"]
     _, body = bot.command("migrate", user_id="UR")
     assert "Name the run, e.g. `r3`" in body["text"]
 
