@@ -289,7 +289,9 @@ class Migrations:
             "notes": notes,
             "rows": [{"index": r.index, "old": r.base, "new": r.tuned} for r in result.rows],
         }
-        self.store.update_run(new.id, result_json={**(new.result_json or {}), "migration": record})
+        with self.store.transaction():  # what else the run recorded meanwhile stays
+            recorded = self.store.get_run(new.id).result_json or {}
+            self.store.update_run(new.id, result_json={**recorded, "migration": record})
         self.store.audit(
             "tunebot", "migration_compared", run_id=new.id, plan_hash=new.plan_hash,
             detail={k: v for k, v in record.items() if k != "rows"},

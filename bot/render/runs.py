@@ -335,8 +335,8 @@ def retirement_notice(run, model: str, ends, days: int) -> Message:
     text = (
         f"⚠️ {run.id}'s model `{escape(model)}` stops serving on {ends:%Y-%m-%d} ({when}), "
         f"with every fine-tune of its base model ({SOURCE}); calls to it fail from then on. "
-        f"Train {run.dataset_id} again where it keeps serving, e.g. "
-        f"`/finetune train {run.dataset_id} provider=local`, and evaluate the two while this "
-        "one still answers."
+        f"`/finetune migrate {run.id} provider=local` trains it again where it keeps serving, "
+        "from the same data and held-out set, and compares the two while this one still "
+        "answers."
     )
     return Message(text, [section(text)], in_channel=True)
