@@ -17,7 +17,7 @@ from bot.retirement import alternatives, cutoff_refusal, local_available
 from tests.bot.test_runs import click, request, texts, upload
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from tests.trainers.test_providers import GOOD
-from trainers.evaluate import examples_from_file, score
+from trainers.evaluate import examples_from_file, score, split_file
 from trainers.pricing import PriceTable
 from trainers.providers import load
 from trainers.tokens import tiktoken_encoding
@@ -314,12 +314,28 @@ def test_an_openai_run_migrated_to_local_trains_on_the_same_split_and_is_compare
     )
 
 
-def test_a_migration_to_a_paid_model_waits_for_approval_then_is_compared(paid_bot):
+def test_a_migration_to_a_paid_model_waits_for_approval_then_is_compared(paid_bot, tmp_path):
     bot = paid_bot(judge_model="")
     upload(bot)
     request(bot, "train provider=openai model=gpt-4o-mini batch=8")
     old = succeeded_run_after(bot, "r1")
     assert old.status == "succeeded"
+    # r1's recorded split is another than today's rule would make (as for a run split
+    # before a change of seed): the migration must take r1's, not make its own.
+    blobs = bot.workflow.blobs
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    info = split_file(
+        blobs.path(old.plan_json["dataset_sha256"]), train, held,
+        fraction=old.plan_json["split"], seed=7,
+    )  # fmt: skip
+    recorded = {
+        "train_sha256": blobs.put_file(train),
+        "eval_sha256": blobs.put_file(held),
+        "split": info.to_dict(),
+    }
+    assert recorded["eval_sha256"] != old.result_json["data"]["eval_sha256"]
+    data = {**old.result_json["data"], **recorded}
+    bot.store.update_run("r1", result_json={**old.result_json, "data": data})
     planner = bot.workflow.runs.planner
     planner.clock = Clock(dt.date(2027, 1, 6))  # after the cutoff: refused, nothing recorded
     _, body = bot.command("migrate r1 provider=openai model=gpt-4.1-mini", user_id="UR")
@@ -342,12 +358,14 @@ def test_a_migration_to_a_paid_model_waits_for_approval_then_is_compared(paid_bo
     )
     model = PriceTable().resolve("gpt-4.1-mini")
     assert f"• Differs: base model gpt-4o-mini-2024-07-18 (openai) → {model.name} (openai)" in card
-    assert new.result_json["data"] == old.result_json["data"]
+    assert new.result_json["data"] == data  # r1's split, held-out set and training file
 
     click(bot, "UA", "approve_run", "r2")
     bot.wait_idle()
     creates = bot.openai.calls_to("POST", "/fine_tuning/jobs", exact=True)
     assert len(creates) == 2
+    training_file = json.loads(creates[1].body)["training_file"]
+    assert bot.openai.contents[training_file] == train.read_bytes()
     hyper = json.loads(creates[1].body)["method"]["supervised"]["hyperparameters"]
     assert hyper["n_epochs"] == epochs and hyper["batch_size"] == 8
     new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=60)
