@@ -88,6 +88,11 @@ class Evaluations:
         if existing:
             return existing
         plan = run.plan_json
+        inherited = self._migrated_data(run)
+        if inherited is not None:  # a migration is judged on its source's held-out set
+            record = RunResult.of(run).with_(data=inherited)
+            self.store.update_run(run.id, result_json=record.to_json())
+            return inherited
         source = self.ctx.blobs.path(plan["dataset_sha256"])
         data: dict[str, Any] = {"train_sha256": plan["dataset_sha256"], "eval_sha256": None}
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +140,21 @@ class Evaluations:
                 ),
             )
         return data
+
+    def _migrated_data(self, run: Run) -> dict | None:
+        """The data (training file, held-out file, split) of the run `run` migrates
+        (bot/migrate.py), when it is the same dataset and its files are still here."""
+        source_id = (run.plan_json or {}).get("migrated_from")
+        source = self.store.find_run(source_id) if source_id else None
+        if source is None or source.plan_json.get("dataset_sha256") != run.plan_json.get(
+            "dataset_sha256"
+        ):
+            return None
+        data = RunResult.of(source).data or {}
+        files = [data[k] for k in ("train_sha256", "eval_sha256") if data.get(k)]
+        if not data.get("train_sha256") or not all(self.ctx.blobs.exists(f) for f in files):
+            return None
+        return dict(data)
 
     # --- asking for one ----------------------------------------------------------------
 

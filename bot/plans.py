@@ -24,13 +24,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from bot import egress, render
+from bot import egress, render, retirement
 from bot.errors import UserError
 from trainers import pricing
 
 if TYPE_CHECKING:
     from bot.config import Settings
     from storage import Dataset, Store
+    from trainers.providers import Provider
 
 VERSION = 1
 SPLIT_DEFAULT = 0.1  # the held-out share when neither eval= nor split= is given
@@ -305,7 +306,8 @@ class Planner:
     """Turns `/finetune train` options into a frozen plan, or a usage error naming the option.
 
     `find_dataset(channel, ref)` finds a dataset as the workflow does (for eval=);
-    `prices` is the workflow's pricing.PriceTable.
+    `prices` is the workflow's pricing.PriceTable; `providers` the providers file's
+    (named in the refusal of OpenAI runs after its cutoff).
     """
 
     def __init__(
@@ -315,12 +317,15 @@ class Planner:
         prices: pricing.PriceTable,
         find_dataset: Callable[[str, str | None], Dataset],
         clock: Callable[[], dt.datetime],
+        *,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.prices = prices
         self.find_dataset = find_dataset
         self.clock = clock
+        self.providers = providers or {}  # the providers file's (trainers.providers)
 
     def plan(self, provider: str, dataset: Dataset, report, opts: dict[str, str], channel: str):
         if provider == "local":
@@ -335,8 +340,11 @@ class Planner:
             raise UserError(str(exc)) from None
         if not model.trainable:
             raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
-        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
-            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        refusal = retirement.cutoff_refusal(
+            self.clock().date(), self.providers, local=retirement.local_available()
+        )
+        if refusal:
+            raise UserError(refusal)
         lr_mult = positive(opts, "lr_mult", float, most=10.0)
         batch = positive(opts, "batch", int, most=256)  # OpenAI's range
         suffix = opts.get("suffix")

@@ -112,6 +112,12 @@ class RunResult:
         default=None,
         metadata={"help": "Distillations: why it stopped early (cancelled, budget), or None."},
     )
+    migration: Mapping[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Migrations: the comparison with the run this one migrates (bot/migrate.py)."
+        },
+    )
     extra: Mapping[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Keys this version does not know, kept and written back as they were."},
@@ -140,7 +146,7 @@ class RunResult:
             raise _bad("unposted", "must be true or false", self.unposted)
         if self.failed is not None and not isinstance(self.failed, list | tuple):
             raise _bad("failed", "must be a list or null", self.failed)
-        for name in ("data", "metrics", "extra"):
+        for name in ("data", "metrics", "migration", "extra"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise _bad(name, "must be an object or null", value)

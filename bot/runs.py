@@ -97,13 +97,19 @@ class Runs:
         self.gate = SpendGate(
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
         )
-        self.planner = Planner(self.settings, self.store, ctx.prices, datasets.find_dataset, clock)
+        self.planner = Planner(
+            self.settings, self.store, ctx.prices, datasets.find_dataset, clock,
+            providers=ctx.providers,
+        )  # fmt: skip
         from bot.evaluation import Evaluations
 
         self.evals = Evaluations(ctx, datasets, self)
         from bot.distillation import Distiller
 
         self.distiller = Distiller(ctx, datasets, self)
+        from bot.migrate import Migrations
+
+        self.migrations = Migrations(ctx, datasets, self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -257,6 +263,14 @@ class Runs:
         if provider not in ("openai", "local"):
             raise UserError(f"provider must be openai or local, not `{provider}`.")
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
+        return self.request_plan(plan, dataset, channel, user)
+
+    def request_plan(self, plan: dict, dataset: Dataset, channel: str, user: str) -> render.Message:
+        """Ask for a run of a frozen `plan` (its `to_json()`, extra keys allowed) on
+        `dataset`: the policy checked read-only, the request recorded under its run id,
+        then the job records the run and posts its card. Returns the ack's answer.
+        `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here."""
+        provider = plan["provider"]
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);

@@ -54,6 +54,7 @@ class Workflow:
         self.admin = Admin(ctx, self.datasets, self.runs)  # release, forget, budget, audit
         self.decisions = Decisions(ctx, self.runs)  # Approve / Reject clicks
         self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
+        self.runs.on_success.append(self.runs.migrations.after_success)  # old vs new model
         # What each kind of acked work runs (Context.start_work); args from pending_work.
         ctx.on_work("ingest", self.datasets.ingest_work)
         ctx.on_work("decide", self.decisions.decide_work)
@@ -111,6 +112,7 @@ class Workflow:
             "distill": runs.request,
             "chat": runs.distiller.chat,
             "cancel": runs.cancel,
+            "migrate": runs.migrations.request,
             "eval": lambda cmd, channel, user: runs.evals.request(
                 cmd.target, channel, cmd.options.get("eval"), user
             ),
