@@ -50,7 +50,8 @@ log = logging.getLogger("tunebot")
 ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
-PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}  # as people write them
+PROVIDER_NAMES = render.PROVIDER_NAMES  # as people write them
+OWN = ("local", "distill", "eval")  # providers that are tunebot's own work, not a hosted API
 APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
@@ -75,6 +76,8 @@ class Runs:
         self.clock = clock
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
+        self._hosted: dict[str, Runner] = {}  # runners of hosted providers, built once each
+        self._hosted_lock = threading.Lock()
         self._local_lock = threading.Lock()
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
@@ -90,14 +93,19 @@ class Runs:
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
         )
         self.planner = Planner(
-            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
-        )
+            self.settings, self.store, workflow.prices, workflow.find_dataset, clock,
+            providers=getattr(workflow, "providers", None),
+            data_path=workflow.blobs.path,
+        )  # fmt: skip
         from bot.evaluation import Evaluations
 
         self.evals = Evaluations(self)
         from bot.distillation import Distiller
 
         self.distiller = Distiller(self)
+        from bot.downloads import Downloads
+
+        self.downloads = Downloads(self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -114,7 +122,12 @@ class Runs:
 
     def runner(self, provider: str) -> Runner:
         """The Runner (trainers.runner) that trains for `provider`; the bot drives each
-        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`."""
+        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`.
+
+        `provider` is ``local``, ``openai``, ``together`` (TOGETHER_API_KEY,
+        TUNEBOT_TOGETHER_BASE_URL) or a providers-file name (trainers/providers.py:
+        the runner of its kind, at its base URL, with the key from its variable).
+        UserError when the provider is unknown or its key is not set."""
         if provider == "local":
             from trainers.local import LocalRunner
 
@@ -127,12 +140,61 @@ class Runs:
             from trainers.openai_runner import OpenAIRunner
 
             return OpenAIRunner(self.tuner)
-        raise UserError(f"runs on {provider} are not offered by this bot yet")
+        with self._hosted_lock:
+            built = self._hosted.get(provider)
+            if built is None:
+                built = self._hosted[provider] = self._hosted_runner(provider)
+            return built
+
+    def _hosted_runner(self, provider: str) -> Runner:
+        kind, api_key, base_url = self.credentials(provider)
+        if kind == "together":
+            from trainers.together_ft import TogetherRunner
+
+            return TogetherRunner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
+        from trainers.openai_ft import OpenAIFineTuner
+        from trainers.openai_runner import OpenAIRunner
+
+        return OpenAIRunner(
+            OpenAIFineTuner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
+        )
+
+    def credentials(self, provider: str) -> tuple[str, str, str | None]:
+        """(kind, API key, base URL or None for the provider's own) of a hosted provider
+        other than ``openai``; UserError naming the variable when its key is not set."""
+        if provider == "together":
+            if not self.settings.together_api_key:
+                raise UserError("TOGETHER_API_KEY is not set, so tunebot cannot reach Together AI.")
+            return (
+                "together",
+                self.settings.together_api_key,
+                self.settings.together_base_url or None,
+            )
+        configured = self.wf.providers.get(provider)
+        if configured is None:
+            raise UserError(f"runs on {provider} are not offered by this bot")
+        key = configured.api_key()
+        if not key:
+            raise UserError(
+                f"{configured.api_key_env} is not set, so tunebot cannot reach {provider}."
+            )
+        return configured.kind, key, configured.base_url
+
+    def kind(self, provider: str) -> str:
+        """The runner a provider's runs go through: ``local``, ``openai`` (OpenAI's API, at
+        OpenAI or another host) or ``together``; a provider tunebot does its own work
+        for (distill, eval) is itself."""
+        if provider in ("together", "openai", *OWN):
+            return provider
+        configured = getattr(self.wf, "providers", {}).get(provider)
+        if configured is not None and configured.kind == "together":
+            return "together"
+        return "openai"
 
     def handle(self, run: Run) -> Handle:
         """The handle of a run's job, from what the run recorded."""
         where = str(self.run_dir(run.id)) if run.provider == "local" else None
-        return Handle(run.provider, run.external_id or "", where=where)
+        return Handle(self.kind(run.provider), run.external_id or "", where=where)
 
     @property
     def tuner(self) -> OpenAIFineTuner:
@@ -248,9 +310,9 @@ class Runs:
             )
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
-        if provider not in ("openai", "local"):
-            raise UserError(f"provider must be openai or local, not `{provider}`.")
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
+        if provider not in ("openai", *OWN):
+            self.credentials(provider)  # refused now when its key is not set, not at approval
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
@@ -702,7 +764,10 @@ class Runs:
             run.id, token, from_status="submitting",
             retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record,
         )  # fmt: skip
-        log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
+        log.info(
+            "run %s: %s unavailable (%s); retrying in %.0f s",
+            run.id, PROVIDER_NAMES.get(run.provider, run.provider), why, delay,
+        )  # fmt: skip
 
     def _fail_submission(self, run_id: str, error: str) -> None:
         if not self.store.transition_run(
@@ -722,7 +787,7 @@ class Runs:
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
         run = self.store.get_run(run_id)
         try:
-            self.runner(run.provider).cancel(Handle(run.provider, job_id))
+            self.runner(run.provider).cancel(Handle(self.kind(run.provider), job_id))
         except RunnerError as exc:
             log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
         self.store.update_run(run_id, external_id=job_id)
@@ -834,6 +899,8 @@ class Runs:
                 f"{run.provider}_event",
                 {"id": event.id, "message": event.message, "at": event.created_at},
             )
+        if state.events and state.events[-1].message:
+            state_data["last_event"] = state.events[-1].message[:500]
         if state.cursor:
             state_data["last_event_id"] = state.cursor
         if state.terminal:
@@ -842,13 +909,13 @@ class Runs:
         now = time.time()
         if now - state_data.get("progress_edited_at", 0) >= self.settings.progress_seconds:
             state_data["progress_edited_at"] = now
-            self._edit_progress(run, state)
+            self._edit_progress(run, state, state_data.get("last_event"))
         self.store.update_run(run.id, result_json=state_data)
 
-    def _edit_progress(self, run: Run, state) -> None:
+    def _edit_progress(self, run: Run, state, last_event: str | None = None) -> None:
         if not run.progress_ts:
             return
-        message = render.progress(run, state)
+        message = render.progress(run, state, last_event)
         try:
             self.wf.client.chat_update(
                 channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
@@ -1173,7 +1240,7 @@ class Runs:
         run = self.find_run(cmd.target, channel)
         if user != run.requested_by and not self.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
-        if run.status in WAITING and not (run.provider == "openai" and run.external_id):
+        if run.status in WAITING and not (run.provider not in OWN and run.external_id):
             if self.store.transition_run(run.id, [run.status], "cancelled"):
                 self.gate.settle("run", run.id, 0.0, note="cancelled before it started")
                 self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
@@ -1225,11 +1292,21 @@ class Runs:
         """A run cancelled before it started: its card says so and its uploads go; a job
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
-        if run.provider == "openai" and not run.external_id and self.settings.openai_api_key:
+        if run.provider not in OWN and not run.external_id and self._reachable(run.provider):
             self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
+
+    def _reachable(self, provider: str) -> bool:
+        """A hosted provider's key is set (so its jobs can be looked up)."""
+        if provider == "openai":
+            return bool(self.settings.openai_api_key)
+        try:
+            self.credentials(provider)
+        except UserError:
+            return False
+        return True
 
     def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:

@@ -1048,6 +1048,7 @@ class Workflow:
             "distill": runs.request,
             "chat": runs.distiller.chat,
             "cancel": runs.cancel,
+            "download": runs.downloads.request,
             "eval": lambda cmd, channel, user: runs.evals.request(
                 cmd.target, channel, cmd.options.get("eval"), user
             ),

@@ -1,0 +1,285 @@
+"""provider=together through Slack: signed HTTP into the real Bolt app, Together's real SDK
+pointed at the local Together fake, SQLite on disk. Counts on the fake are exact."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.bot.test_paid_guarantees import EPOCH, polling, set_settings, status, wait_for
+from tests.bot.test_runs import click, request, texts, upload
+from tests.conftest import APPROVERS, chat_jsonl
+from tests.fakes.together_api import FakeTogether
+
+MODEL = "Qwen/Qwen3-8B"
+FILES = "/v1/files"
+JOBS = "/v1/fine-tunes"
+TRAIN = f"train provider=together model={MODEL}"
+
+
+@pytest.fixture
+def together_fake():
+    with FakeTogether(api_key="tg-test") as fake:
+        yield fake
+
+
+@pytest.fixture
+def together_bot(make_bot, together_fake):
+    """A bot whose provider=together is the local fake; approvers UA and UB; no OpenAI."""
+
+    def start(**overrides):
+        bot = make_bot(
+            **{
+                "together_api_key": "tg-test",
+                "together_base_url": together_fake.base_url,
+                "approvers": APPROVERS,
+                "progress_seconds": 0.0,
+                "judge_model": "",
+                **overrides,
+            }
+        )
+        bot.together = together_fake
+        return bot
+
+    return start
+
+
+def uploads(fake) -> list:
+    return fake.calls_to("POST", FILES, exact=True)
+
+
+def creates(fake) -> list:
+    return fake.calls_to("POST", JOBS, exact=True)
+
+
+def posted(bot, needle: str) -> list[str]:
+    """Every chat.postMessage text containing `needle` (each post, not the last edit)."""
+    return [
+        c.params.get("text", "")
+        for c in bot.slack.calls_to("chat.postMessage")
+        if needle in c.params.get("text", "")
+    ]
+
+
+def edits(bot, needle: str) -> list[str]:
+    return [
+        c.params.get("text", "")
+        for c in bot.slack.calls_to("chat.update")
+        if needle in c.params.get("text", "")
+    ]
+
+
+def succeed(bot) -> dict:
+    """Approve r1, follow it with the real scheduler until it has succeeded; its job."""
+    with polling(bot):
+        assert click(bot, "UA", "approve_run") == 200
+        wait_for(lambda: status(bot) == "succeeded", what="r1 to succeed")
+    (job,) = bot.together.jobs()
+    return job
+
+
+# --- a run, end to end ------------------------------------------------------------
+
+
+def test_a_together_run_end_to_end(together_bot):
+    bot = together_bot()
+    upload(bot)
+    body = request(bot, TRAIN + " lora_r=16 lora_alpha=32 lora_dropout=0.05 suffix=support")
+    assert body["text"].startswith("r1 needs approval"), body
+    assert bot.together.calls == []  # nothing leaves before the approval
+    run = bot.store.get_run("r1")
+    plan = run.plan_json
+    assert (plan["provider"], plan["kind"], plan["lora"], plan["r"]) == (
+        "together",
+        "together",
+        True,
+        16,
+    )
+    assert plan["estimate"]["price_per_1m"] == 0.48  # the up-to-16B LoRA rate of the table
+    assert plan["prices_source"] == "https://www.together.ai/pricing"
+    (card,) = posted(bot, "r1* requested by")
+    assert "LoRA" in card and "prices from https://www.together.ai/pricing, read 2025" in card
+
+    job = succeed(bot)
+    assert len(uploads(bot.together)) == 1 and len(creates(bot.together)) == 1
+    sent = json.loads(creates(bot.together)[0].body)
+    assert (sent["model"], sent["n_epochs"], sent["suffix"]) == (MODEL, 3, "support")
+    assert sent["training_type"]["lora_r"] == 16 and sent["training_type"]["lora_alpha"] == 32
+    run = bot.store.get_run("r1")
+    assert run.external_id == job["id"]
+    assert run.result_json["fine_tuned_model"] == job["model_output_name"]
+    assert run.actual_usd == pytest.approx(job["total_price"] / 1e9)
+    # The progress message was edited with Together's own words from its events.
+    assert edits(bot, "r1 running") and any("“" in t for t in edits(bot, "r1 running"))
+    (done,) = posted(bot, "r1 🎉 succeeded")
+    assert f"Model: `{job['model_output_name']}`" in done
+    assert "/finetune eval r1" in done and "/finetune download r1" in done
+    assert "/tmp" not in done and "Traceback" not in "".join(texts(bot))
+
+
+def test_together_data_rules_refuse_a_file_together_would_refuse(together_bot):
+    bot = together_bot()
+    rows = [json.loads(line) for line in chat_jsonl(20).decode().splitlines()]
+    rows[2]["messages"].insert(1, {"role": "user", "content": "Hello?"})  # two user turns
+    upload(bot, "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+    _, body = bot.command(TRAIN, user_id="UR")
+    assert body["text"] == (
+        "⚠️ d1 cannot be trained on provider=together: Together would refuse line 3: message 3 is "
+        "a second user message in a row; user and assistant alternate (together_alternation)."
+    )
+    bot.wait_idle()
+    assert bot.store.find_run("r1") is None and bot.together.calls == []
+
+
+def test_bad_together_options_are_one_sentence_naming_the_option(together_bot):
+    bot = together_bot()
+    upload(bot)
+    for text, said in (
+        ("train provider=together", "provider=together needs model="),
+        (TRAIN + " lora=false lora_r=8", "`lora_r=` is for LoRA; lora=false trains every weight."),
+        (TRAIN + " lora_dropout=1", "lora_dropout= takes a number from 0 up to"),
+        (TRAIN + " learning_rate=-1", "learning_rate= must be a number above 0"),
+        (TRAIN + " lr_mult=2", "`lr_mult=` is not a provider=together option"),
+        ("train provider=together model=mystery-model", "cannot tell mystery-model's size"),
+        ("train provider=nowhere", "provider must be one of openai, local, together"),
+    ):
+        _, body = bot.command(text, user_id="UR")
+        assert said in body["text"], (text, body["text"])
+        assert "\n" not in body["text"] and "Traceback" not in body["text"]
+    bot.wait_idle()
+    assert bot.store.find_run("r1") is None and bot.together.calls == []
+
+
+def test_without_a_together_key_the_request_is_refused(together_bot):
+    bot = together_bot(together_api_key="")
+    upload(bot)
+    _, body = bot.command(TRAIN, user_id="UR")
+    assert body["text"] == "⚠️ TOGETHER_API_KEY is not set, so tunebot cannot reach Together AI."
+    assert bot.store.find_run("r1") is None
+
+
+# --- exactly once -----------------------------------------------------------------
+
+
+def test_twenty_simultaneous_approvals_make_one_upload_and_one_job(together_bot):
+    bot = together_bot(approvers=tuple(f"UA{i}" for i in range(20)))
+    bot.together.upload_delay = 1.0  # every poll during the upload sees a run being submitted
+    upload(bot)
+    request(bot, TRAIN)
+    with polling(bot), ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda i: click(bot, f"UA{i}", "approve_run"), range(20)))
+        assert codes == [200] * 20
+        wait_for(lambda: status(bot) == "running", what="the job")
+        time.sleep(1.0)  # a few more ticks: none of them may submit again
+    assert len(uploads(bot.together)) == 1
+    assert len(creates(bot.together)) == 1 and len(bot.together.jobs()) == 1
+    counted = len(bot.store.approvals("r1"))
+    late = [e for e in bot.store.audit_log(run_id="r1") if e.action == "refused_approve"]
+    assert counted >= 1 and counted + len(late) == 20
+
+
+# --- money ------------------------------------------------------------------------
+
+
+def test_requests_beyond_the_budget_are_refused_and_nothing_reaches_together(together_bot):
+    bot = together_bot()
+    upload(bot)
+    request(bot, TRAIN)
+    estimate = bot.store.get_run("r1").estimate_usd
+    assert estimate > 0
+    set_settings(bot, monthly_budget_usd=round(1.5 * estimate, 6))
+    _, second = bot.command(TRAIN, user_id="UR")
+    bot.wait_idle()
+    assert second["text"].startswith("⚠️ This run cannot be requested:"), second
+    assert "budget" in second["text"]
+    assert bot.store.find_run("r2") is None
+    assert bot.together.calls == []  # neither the first (unapproved) nor the refused one
+    assert bot.workflow.runs.committed_usd() == pytest.approx(estimate)
+
+
+def test_a_failure_surfaces_togethers_message_and_settles_what_it_billed(together_bot):
+    bot = together_bot(monthly_budget_usd=50.0)
+    bot.together.fail_next_job = "Training data has examples longer than the model's context"
+    upload(bot)
+    request(bot, TRAIN)
+    with polling(bot):
+        click(bot, "UA", "approve_run")
+        wait_for(lambda: status(bot) == "failed", what="the failure")
+    run = bot.store.get_run("r1")
+    assert run.error == "Training data has examples longer than the model's context"
+    (told,) = posted(bot, "r1 ❌ failed")
+    assert "Together AI said: Training data has examples longer than the model's context" in told
+    assert len(creates(bot.together)) == 1
+    entry = bot.workflow.runs.gate.ledger.entries(EPOCH)[0]
+    assert entry.ref == "r1" and entry.status == "settled"
+
+
+def test_cancel_mid_run_cancels_the_job_once(together_bot):
+    bot = together_bot()
+    bot.together.running_polls = 1000  # it keeps running until cancelled
+    upload(bot)
+    request(bot, TRAIN)
+    with polling(bot):
+        click(bot, "UA", "approve_run")
+        wait_for(
+            lambda: bot.together.jobs() and bot.together.jobs()[0]["status"] == "running",
+            what="the job to run",
+        )
+        _, body = bot.command("cancel r1", user_id="UR")
+        assert body["text"] == "Cancelling r1; the thread says when Together AI has stopped it."
+        wait_for(lambda: status(bot) == "cancelled", what="the cancellation")
+    (job,) = bot.together.jobs()
+    assert len(bot.together.calls_to("POST", f"{JOBS}/{job['id']}/cancel", exact=True)) == 1
+    assert job["status"] == "cancelled"
+    assert len(posted(bot, "r1 ✋ cancelled")) == 1
+
+
+def test_only_the_requester_or_an_approver_cancels(together_bot):
+    bot = together_bot()
+    upload(bot)
+    request(bot, TRAIN)
+    _, body = bot.command("cancel r1", user_id="UX")
+    assert body["text"] == "⚠️ Only <@UR> or an approver can cancel r1."
+    assert status(bot) == "pending_approval"
+
+
+# --- after the run ----------------------------------------------------------------
+
+
+def test_download_puts_the_adapter_archive_in_tunebots_home(together_bot):
+    bot = together_bot()
+    upload(bot)
+    request(bot, TRAIN)
+    job = succeed(bot)
+    bot.wait_idle()
+
+    _, body = bot.command("download r1", user_id="UX")  # neither requester nor approver
+    assert body["text"] == "⚠️ Only <@UR> or an approver can download r1."
+    _, body = bot.command("download r1 everything", user_id="UR")
+    assert "`everything` is not something to download" in body["text"]
+    _, body = bot.command("download r1", channel_id="C2", user_id="UR")
+    assert "No run `r1` in this channel" in body["text"]
+    assert not bot.together.calls_to("GET", "/v1/finetune/download")
+
+    _, body = bot.command("download r1", user_id="UR")
+    assert body["text"] == "Fetching r1's adapter from Together; its thread says when."
+    bot.wait_idle()
+    folder = bot.settings.home / "runs" / "r1" / "together"
+    archives = list(folder.glob("*-adapter.tar.gz"))
+    assert len(archives) == 1 and archives[0].read_bytes() == bot.together.adapter_archive(
+        job["id"]
+    )
+    unpacked = folder / "adapter"
+    assert (unpacked / "adapter_config.json").is_file() or any(unpacked.rglob("*"))
+    run = bot.store.get_run("r1")
+    assert run.result_json["downloads"] == {"adapter": "runs/r1/together/adapter"}
+    (told,) = posted(bot, "r1's adapter is in tunebot's home")
+    assert "`runs/r1/together/adapter`" in told and str(bot.settings.home) not in told
+
+    _, body = bot.command("download r1", user_id="UA")  # already there: not fetched again
+    assert body["text"] == "r1's adapter is already in tunebot's home: `runs/r1/together/adapter`."
+    bot.wait_idle()
+    assert len(bot.together.calls_to("GET", "/v1/finetune/download")) == 1
