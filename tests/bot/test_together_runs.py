@@ -283,3 +283,92 @@ def test_download_puts_the_adapter_archive_in_tunebots_home(together_bot):
     assert body["text"] == "r1's adapter is already in tunebot's home: `runs/r1/together/adapter`."
     bot.wait_idle()
     assert len(bot.together.calls_to("GET", "/v1/finetune/download")) == 1
+
+
+# --- a kill during the upload -------------------------------------------------------
+
+
+def test_sigkill_during_the_together_upload_then_restart_makes_one_upload_and_one_job(tmp_path):
+    """`tunebot serve --http` is SIGKILLed while Together holds its training-file upload;
+    a new process on the same home takes the lapsed claim over, finishes the upload the
+    dead one left (by its name) and creates exactly one job."""
+    import os
+    import signal
+
+    from storage import Store
+    from tests.bot.test_restart import Bot, _env, _has_approve_button, _posted, _wait
+    from tests.fakes.openai_api import FakeOpenAI
+    from tests.fakes.signing import (
+        button_click_payload,
+        event_body,
+        file_share_message_event,
+        interaction_body,
+        slash_command_body,
+    )
+    from tests.fakes.slack_api import FakeSlack
+
+    with (
+        FakeSlack() as slack,
+        FakeOpenAI(api_key="sk-test") as openai,
+        FakeTogether(api_key="tg-test") as together,
+    ):
+        home = tmp_path / "home"
+        env = {
+            **_env(slack, openai, home),
+            "TOGETHER_API_KEY": together.api_key,
+            "TUNEBOT_TOGETHER_BASE_URL": together.base_url,
+            "TUNEBOT_JUDGE_MODEL": "",
+        }
+        bots: list[Bot] = []
+        try:
+            first = Bot(env, tmp_path / "bot-1.log")
+            bots.append(first)
+            first.wait_healthy()
+            file = slack.add_file(chat_jsonl(40), name="support.jsonl")
+            assert first.post(event_body(file_share_message_event(file), event_id="EvT1"))[0] == 200
+            _wait("the report", lambda: _posted(slack, "support.jsonl (d"), timeout=60)
+            status_code, ack = first.post(slash_command_body(TRAIN, user_id="UR"))
+            assert status_code == 200 and "r1 needs approval" in json.loads(ack)["text"], ack
+            _wait("the approval card of r1", lambda: _has_approve_button(slack), timeout=30)
+            together.upload_delay = 3.0
+            payload = button_click_payload("UA", "approve_run")
+            assert first.post(interaction_body(payload))[0] == 200
+            # Together has the bytes (stored before the delay); the bot never hears back.
+            _wait(
+                "the upload's bytes to reach Together",
+                lambda: together.calls_to("PUT", "/upload/"),
+                timeout=60,
+                interval=0.02,
+            )
+            assert not creates(together), "a job before the upload returned"
+            os.kill(first.pid, signal.SIGKILL)
+            assert first.proc.wait(timeout=30) == -signal.SIGKILL
+            together.upload_delay = 0.0
+
+            second = Bot(env, tmp_path / "bot-2.log")
+            bots.append(second)
+            second.wait_healthy()
+            jobs = _wait("the restarted bot to create a job", together.jobs, timeout=60)
+            together.run_to_end(jobs[0]["id"])
+            _wait("r1's success", lambda: _posted(slack, "r1 🎉 succeeded"), timeout=60)
+            time.sleep(1.0)  # a few more ticks: nothing may be created or posted twice
+            second.stop()
+
+            assert len(uploads(together)) == 1, [c.path for c in uploads(together)]
+            assert len(creates(together)) == 1 and len(together.jobs()) == 1
+            assert len(together.calls_to("POST", "/v1/files/", exact=False)) == 1  # preprocess
+            assert together.jobs()[0]["training_file"] == next(iter(together.files))
+            with Store.in_home(home) as store:
+                run = store.get_run("r1")
+                assert (run.status, run.external_id) == ("succeeded", jobs[0]["id"])
+            assert len(_posted(slack, "r1 🎉 succeeded")) == 1
+            for bot in bots:
+                assert "Traceback" not in bot.log(), bot.log()[-4000:]
+            assert "taking over its submission" in second.log()
+            print(
+                f"uploads: {len(uploads(together))}, jobs created: {len(creates(together))}, "
+                f"file look-ups: {len(together.calls_to('GET', FILES, exact=True))}"
+            )
+        finally:
+            for bot in bots:
+                bot.kill_group()
