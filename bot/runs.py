@@ -1292,13 +1292,13 @@ class Runs:
         """A run cancelled before it started: its card says so and its uploads go; a job
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
-        if run.provider not in OWN and not run.external_id and self._reachable(run.provider):
+        if run.provider not in OWN and not run.external_id and self.reachable(run.provider):
             self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
 
-    def _reachable(self, provider: str) -> bool:
+    def reachable(self, provider: str) -> bool:
         """A hosted provider's key is set (so its jobs can be looked up)."""
         if provider == "openai":
             return bool(self.settings.openai_api_key)

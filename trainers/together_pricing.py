@@ -11,8 +11,12 @@ formula, not the rates; the rates are on https://www.together.ai/pricing.
 the price file (``TUNEBOT_PRICES``) with the day it read them:
 
     {"together": {"read": "2026-11-30", "source": "https://www.together.ai/pricing",
-                  "sizes": [{"up_to_billions": 16, "lora_per_1m": 0.48, "full_per_1m": 0.54},
-                            ...]}}
+                  "sizes": [{"up_to_billions": 16, "lora_per_1m": 0.48, "full_per_1m": 0.54,
+                             "inference_per_1m": 0.2}, ...]}}
+
+``inference_per_1m`` (optional; the built-in table has none) prices the
+evaluation of a tuned model through Together's chat completions: without it
+that evaluation is refused, since it could not be checked against the budget.
 
 Together's own estimate (``POST /v1/fine-tunes/estimate-price``) needs the
 training file uploaded and validated first, which would send the data before
@@ -33,11 +37,13 @@ SOURCE = "https://www.together.ai/pricing"
 
 @dataclass(frozen=True)
 class SizeRate:
-    """SFT rates for models of at most `up_to_billions` parameters, USD per 1M tokens."""
+    """SFT rates for models of at most `up_to_billions` parameters, USD per 1M tokens;
+    `inference_per_1m` (in and out alike) prices evaluation calls, None when not known."""
 
     up_to_billions: float
     lora_per_1m: float
     full_per_1m: float
+    inference_per_1m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,13 @@ class TogetherRates:
             f"goes up to {largest:g}B); add a bracket to the price file's together.sizes"
         )
 
+    def inference(self, params_billions: float) -> float | None:
+        """USD per 1M tokens in or out for a model of this size, None when the table has none."""
+        for size in self.sizes:
+            if params_billions <= size.up_to_billions:
+                return size.inference_per_1m
+        return None
+
     @classmethod
     def from_json(cls, data: Any, where: str) -> TogetherRates:
         """The price file's ``together`` object; ValueError naming `where` and the field."""
@@ -76,19 +89,22 @@ class TogetherRates:
         rows = []
         for i, row in enumerate(sizes):
             at = f"{where}: together.sizes[{i}]"
-            if not isinstance(row, Mapping) or set(row) != {
-                "up_to_billions",
-                "lora_per_1m",
-                "full_per_1m",
+            needed = {"up_to_billions", "lora_per_1m", "full_per_1m"}
+            if not isinstance(row, Mapping) or not needed <= set(row) <= needed | {
+                "inference_per_1m"
             }:
-                raise ValueError(f"{at} needs exactly up_to_billions, lora_per_1m, full_per_1m")
+                raise ValueError(
+                    f"{at} needs up_to_billions, lora_per_1m, full_per_1m (and may have "
+                    "inference_per_1m)"
+                )
             values = [row["up_to_billions"], row["lora_per_1m"], row["full_per_1m"]]
+            values += [row["inference_per_1m"]] if "inference_per_1m" in row else []
             if not all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
                 for v in values
             ) or not (values[0] > 0 and values[1] >= 0 and values[2] >= 0):
                 raise ValueError(f"{at}: sizes above 0 and prices of 0 or more, in numbers")
-            rows.append(SizeRate(*(float(v) for v in values)))
+            rows.append(SizeRate(*(float(v) for v in values)))  # type: ignore[arg-type]
         rows.sort(key=lambda r: r.up_to_billions)
         return cls(tuple(rows), read.strip(), source.strip())
 

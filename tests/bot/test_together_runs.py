@@ -118,6 +118,46 @@ def test_a_together_run_end_to_end(together_bot):
     assert f"Model: `{job['model_output_name']}`" in done
     assert "/finetune eval r1" in done and "/finetune download r1" in done
     assert "/tmp" not in done and "Traceback" not in "".join(texts(bot))
+    # The built-in table has no inference price: the evaluation says so, and calls nothing.
+    bot.wait_idle()
+    (note,) = posted(bot, "r1: not evaluated")
+    assert "has no inference price on Together AI" in note and "inference_per_1m" in note
+    assert not bot.together.calls_to("POST", "/v1/chat/completions")
+
+
+def test_the_evaluation_goes_through_togethers_chat_completions(together_bot, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps(
+            {
+                "together": {
+                    "read": "2026-11-30",
+                    "source": "a test's own table",
+                    "sizes": [
+                        {
+                            "up_to_billions": 16,
+                            "lora_per_1m": 1.0,
+                            "full_per_1m": 2.0,
+                            "inference_per_1m": 0.5,
+                        }
+                    ],
+                }
+            }
+        )
+    )
+    bot = together_bot(prices_file=prices)
+    upload(bot)
+    request(bot, TRAIN)
+    assert "(prices from a test's own table, read 2026-11-30)" in posted(bot, "r1* requested")[0]
+    assert bot.store.get_run("r1").plan_json["estimate"]["price_per_1m"] == 1.0
+    job = succeed(bot)
+    wait_for(lambda: posted(bot, "r1 evaluation:"), what="the evaluation summary")
+    bot.wait_idle()
+    chats = bot.together.calls_to("POST", "/v1/chat/completions", exact=True)
+    held_out = bot.store.get_run("r1").result_json["data"]["split"]["eval"]
+    asked = sorted(json.loads(c.body)["model"] for c in chats)
+    assert asked == sorted([MODEL] * held_out + [job["model_output_name"]] * held_out)
+    assert all(c.status == 200 for c in chats)
 
 
 def test_together_data_rules_refuse_a_file_together_would_refuse(together_bot):
