@@ -165,7 +165,7 @@ class Evaluations:
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
     ) -> render.Message:
         run = self.runs.find_run(run_ref, channel)
-        if run.status != "succeeded" or not (run.provider == "local" or self._hosted(run)):
+        if run.status != "succeeded" or not (run.provider == "local" or self.hosted(run)):
             raise UserError(
                 f"{run.id} is {run.status}: only a succeeded training run can be evaluated."
             )
@@ -207,7 +207,7 @@ class Evaluations:
         gate = self.runs.gate
         source = eval_dataset_id or run.plan_json.get("eval_dataset_id") or run.dataset_id
         held = egress.held(self.store, [self.store.find_dataset(source)])
-        if held and self._hosted(run):
+        if held and self.hosted(run):
             raise UserError(
                 f"{run.id}'s evaluation would send {held[0].id}'s examples to "
                 f"{render.provider_name(run.provider)}, but " + egress.held_words(held) + "."
@@ -337,7 +337,7 @@ class Evaluations:
             if not model:
                 return 0.0
             try:
-                return inference_cost(model, tokens_in, tokens_out, self._prices(run, model))
+                return inference_cost(model, tokens_in, tokens_out, self.prices_for(run, model))
             except ValueError:
                 raise UserError(
                     f"{model} has no inference price in the price table, so tunebot cannot "
@@ -345,7 +345,7 @@ class Evaluations:
                 ) from None
 
         generation = 0.0
-        if self._hosted(run):
+        if self.hosted(run):
             tuned = (run.result_json or {}).get("fine_tuned_model")
             if not tuned:
                 raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
@@ -564,14 +564,14 @@ class Evaluations:
             base_model = LocalModels(self.settings, self.store).trained_base(run)
             base, tuned = generate_local(base_model, adapter, examples)
             return base, tuned, 0.0
-        client = self._client_for(run)
+        client = self.client_for(run)
         tuned_model = (run.result_json or {}).get("fine_tuned_model")
         if not tuned_model:
             raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
         concurrency = self.settings.eval_concurrency
         base = generate_openai(client, run.model, examples, concurrency=concurrency)
         tuned = generate_openai(client, tuned_model, examples, concurrency=concurrency)
-        prices = self._prices(run, run.model)
+        prices = self.prices_for(run, run.model)
         cost = (generation_cost(run.model, base, prices) or 0.0) + (
             generation_cost(tuned_model, tuned, prices) or 0.0
         )
@@ -579,7 +579,7 @@ class Evaluations:
 
     def teacher_of(self, run: Run) -> str | None:
         """The teacher model whose distillation wrote ``run``'s training data, if one did."""
-        if not (run.provider == "local" or self._hosted(run)):
+        if not (run.provider == "local" or self.hosted(run)):
             return None
         for distill in self.store.runs(status="succeeded", provider="distill", limit=None):
             if (distill.result_json or {}).get("dataset_id") == run.dataset_id:
@@ -612,9 +612,9 @@ class Evaluations:
                 "model": teacher_model,
                 "usd": price_per_1k_calls(teacher_model, teacher, prices),
             }
-        if self._hosted(run):
+        if self.hosted(run):
             tuned_model = (run.result_json or {}).get("fine_tuned_model")
-            prices = self._prices(run, run.model)
+            prices = self.prices_for(run, run.model)
             out["base"] = {"model": run.model, "usd": price_per_1k_calls(run.model, base, prices)}
             out["tuned"] = {
                 "model": tuned_model,
@@ -629,11 +629,11 @@ class Evaluations:
             }
         return out
 
-    def _hosted(self, run: Run) -> bool:
+    def hosted(self, run: Run) -> bool:
         """A run whose tuned model answers through a hosted chat-completions API."""
         return self.runs.kind(run.provider) in ("openai", "together")
 
-    def _client_for(self, run: Run):
+    def client_for(self, run: Run):
         """The OpenAI client that reaches a run's models: OpenAI's for provider=openai;
         for another host its OpenAI-compatible chat completions (Together's at
         ``<base URL>/v1``, a providers-file host at its base URL), with its key."""
@@ -649,12 +649,12 @@ class Evaluations:
         base_url = base_url or "https://api.openai.com/v1"  # kind openai with no URL: OpenAI
         return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=3)
 
-    def _prices(self, run: Run, model: str):
+    def prices_for(self, run: Run, model: str):
         """The price table `model`'s calls are priced from: the workflow's for OpenAI's
         models (the judge and the teacher included); for a run on another host, its base
         and tuned models at the host's inference price (the providers file's model, or
         the price file's Together rate for the model's size). UserError when it has none."""
-        if run.provider == "openai" or not self._hosted(run):
+        if run.provider == "openai" or not self.hosted(run):
             return self.wf.prices
         tuned = (run.result_json or {}).get("fine_tuned_model")
         if model not in (run.model, tuned):

@@ -159,6 +159,16 @@ def test_the_evaluation_goes_through_togethers_chat_completions(together_bot, tm
     assert asked == sorted([MODEL] * held_out + [job["model_output_name"]] * held_out)
     assert all(c.status == 200 for c in chats)
 
+    # /finetune chat asks the same two models, on Together too.
+    _, body = bot.command('chat r1 "Do you take Apple Pay?"', user_id="UR")
+    assert body["text"].startswith("Asking the base and the tuned model of r1"), body
+    bot.wait_idle()
+    chats = bot.together.calls_to("POST", "/v1/chat/completions", exact=True)
+    assert len(chats) == 2 * held_out + 2
+    answers = "\n".join(texts(bot))
+    assert f"[{MODEL}] Do you take Apple Pay?" in answers
+    assert f"[{job['model_output_name']}] Do you take Apple Pay?" in answers
+
 
 def test_together_data_rules_refuse_a_file_together_would_refuse(together_bot):
     bot = together_bot()
