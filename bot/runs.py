@@ -56,6 +56,10 @@ APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most th
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
 RETRY_MAX_SECONDS = 600.0
+# How far Together's own estimate (asked after the upload, before the job) may exceed the
+# approved one before the run is stopped: tunebot counts tokens with tiktoken, Together
+# with the model's tokenizer, so the two differ a little for the same file.
+QUOTE_TOLERANCE = 0.10
 
 
 def _now() -> dt.datetime:
@@ -742,7 +746,49 @@ class Runs:
                 self._record_upload(run, value)
             held.check()  # cancelled, or taken over: stop before the next side effect
 
-        return self.runner(run.provider).submit(spec, self.key(run.id), step=step)
+        runner = self.runner(run.provider)
+        if self.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
+            self._check_quote(run, runner, spec, held)  # a job made already is adopted as is
+        return runner.submit(spec, self.key(run.id), step=step)
+
+    def _check_quote(self, run: Run, runner: Any, spec: Any, held: Held) -> None:
+        """Together's own price for the uploaded file (its estimate endpoint), checked
+        against what was approved before the job is created: more than QUOTE_TOLERANCE
+        above it, or more than Together will let the account spend, stops the run here
+        (UserError; the upload is deleted, nothing is billed). When Together cannot
+        estimate, the approved table estimate stands."""
+        quote = runner.quote(spec, self.key(run.id))  # uploads once; `submit` reuses it
+        for file_id in quote.files:
+            self._record_upload(run, file_id)
+        held.check()
+        record = dict(self.store.get_run(run.id).result_json or {})
+        record["together_quote"] = {
+            "available": quote.available,
+            "usd": quote.total_usd,
+            "tokens": quote.train_tokens,
+            "reason": quote.reason,
+        }
+        self.store.update_run(run.id, result_json=record)
+        if not quote.available or quote.total_usd is None:
+            log.info("run %s: Together gave no estimate (%s)", run.id, quote.reason)
+            return
+        approved = run.estimate_usd or 0.0
+        log.info(
+            "run %s: Together estimates $%.4f (approved $%.4f)", run.id, quote.total_usd, approved
+        )
+        if quote.allowed is False:
+            limit = f" (its limit: ${quote.limit_usd:,.2f})" if quote.limit_usd is not None else ""
+            raise UserError(
+                f"Together estimates ${quote.total_usd:,.2f} and says the account cannot spend "
+                f"that{limit}; nothing was trained"
+            )
+        if quote.total_usd > approved * (1 + QUOTE_TOLERANCE) + 0.005:
+            raise UserError(
+                f"Together estimates ${quote.total_usd:,.2f} for this job, more than the "
+                f"${approved:,.2f} approved (from {run.plan_json.get('prices_source')}); nothing "
+                "was trained: ask again with fewer epochs or a smaller model, or update the "
+                "price table"
+            )
 
     def _record_upload(self, run: Run, file_id: str) -> None:
         """A file the provider holds for the run: recorded, so that it can be deleted."""

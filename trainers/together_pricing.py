@@ -20,8 +20,10 @@ that evaluation is refused, since it could not be checked against the budget.
 
 Together's own estimate (``POST /v1/fine-tunes/estimate-price``) needs the
 training file uploaded and validated first, which would send the data before
-anyone approved the run, so the plan is priced from this table and the job's
-own ``total_price`` (what Together bills) settles the spend at the end.
+anyone approved the run, so the plan is priced from this table; the bot asks
+Together's estimate after the approval, before the job (bot/runs.py,
+``QUOTE_TOLERANCE``), and the job's own ``total_price`` (what Together bills)
+settles the spend at the end.
 """
 
 from __future__ import annotations

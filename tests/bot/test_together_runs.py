@@ -12,7 +12,7 @@ import pytest
 from tests.bot.test_paid_guarantees import EPOCH, polling, set_settings, status, wait_for
 from tests.bot.test_runs import click, request, texts, upload
 from tests.conftest import APPROVERS, chat_jsonl
-from tests.fakes.together_api import FakeTogether
+from tests.fakes.together_api import FAKE_RATES, FakeTogether
 
 MODEL = "Qwen/Qwen3-8B"
 FILES = "/v1/files"
@@ -248,6 +248,31 @@ def test_requests_beyond_the_budget_are_refused_and_nothing_reaches_together(tog
     assert bot.store.find_run("r2") is None
     assert bot.together.calls == []  # neither the first (unapproved) nor the refused one
     assert bot.workflow.runs.committed_usd() == pytest.approx(estimate)
+
+
+def test_togethers_own_estimate_above_the_approved_one_stops_the_run_before_the_job(
+    together_bot, monkeypatch
+):
+    """The table says $0.48 per 1M tokens; Together's estimate endpoint (the fake's rate
+    raised to $500) says far more: the run fails before any job, its upload is deleted,
+    and nothing is spent."""
+    monkeypatch.setitem(FAKE_RATES, MODEL, (500.0, 500.0))
+    bot = together_bot(monthly_budget_usd=50.0)
+    upload(bot)
+    request(bot, TRAIN)
+    with polling(bot):
+        click(bot, "UA", "approve_run")
+        wait_for(lambda: status(bot) == "failed", what="the refusal")
+    run = bot.store.get_run("r1")
+    quote = run.result_json["together_quote"]
+    assert quote["available"] and quote["usd"] > run.estimate_usd * 1.1
+    assert run.error.startswith(f"Together estimates ${quote['usd']:,.2f} for this job, more than")
+    (told,) = posted(bot, "r1 ❌ failed")
+    assert "nothing was trained" in told
+    assert len(uploads(bot.together)) == 1 and bot.together.files == {}
+    assert len(bot.together.calls_to("POST", "/v1/fine-tunes/estimate-price")) == 1
+    assert creates(bot.together) == [] and bot.together.jobs() == []
+    assert bot.workflow.runs.committed_usd() == 0.0
 
 
 def test_a_failure_surfaces_togethers_message_and_settles_what_it_billed(together_bot):
