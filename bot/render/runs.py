@@ -114,7 +114,8 @@ def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -
             )
         else:
             lines.append(
-                "⚠️ The data may hold secrets: an approver must override that before it goes to OpenAI"
+                "⚠️ The data may hold secrets: an approver must override that before it goes to "
+                f"{provider_name(run.provider)}"
             )
     if tally.rejected_by:
         lines.append(
@@ -158,7 +159,7 @@ def _decision_buttons(run, *, offer_override: bool) -> dict:
                     title=plain("Send possible secrets?"),
                     text=MarkdownTextObject(
                         text="The data may contain credentials. They will be uploaded to "
-                        "OpenAI. This is audited."
+                        f"{provider_name(run.provider)}. This is audited."
                     ),
                     confirm=plain("Send anyway"),
                     deny=plain("Cancel"),
