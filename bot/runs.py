@@ -314,9 +314,9 @@ class Runs:
             )
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
-        plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
-        if provider not in ("openai", *OWN):
+        if provider not in ("openai", *OWN) and provider in self.planner.names():
             self.credentials(provider)  # refused now when its key is not set, not at approval
+        plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
