@@ -441,8 +441,7 @@ class Planner:
 
     `find_dataset(channel, ref)` finds a dataset as the workflow does (for eval=);
     `prices` is the workflow's pricing.PriceTable; `providers` the providers file's
-    (trainers.providers.Provider by name); `data_path(sha256)` where a dataset's
-    bytes are (Together's own data rules are checked on them).
+    (trainers.providers.Provider by name).
     """
 
     def __init__(
@@ -454,7 +453,6 @@ class Planner:
         clock: Callable[[], dt.datetime],
         *,
         providers: Mapping[str, Provider] | None = None,
-        data_path: Callable[[str], Path] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -462,7 +460,6 @@ class Planner:
         self.find_dataset = find_dataset
         self.clock = clock
         self.providers = dict(providers or {})
-        self.data_path = data_path
 
     def names(self) -> tuple[str, ...]:
         """Every provider name `plan` takes: the built-in ones, then the providers file's."""
@@ -635,7 +632,6 @@ class Planner:
         suffix = opts.get("suffix")
         if suffix is not None and not SUFFIX.fullmatch(suffix):
             raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
-        self._check_together_data(dataset, name)
         eval_id, split = self.eval_choice(opts, channel, dataset)
         counts = training_share(report.token_counts, split)
         if configured is not None:
@@ -747,19 +743,6 @@ class Planner:
             or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
         )
 
-    def _check_together_data(self, dataset: Dataset, name: str) -> None:
-        """Refuse a file Together would refuse (trainers/together_data.py), in one sentence."""
-        if self.data_path is None:
-            return
-        findings = together_findings(self.data_path(dataset.sha256))
-        if findings:
-            first = findings[0]
-            more = f" ({len(findings) - 1:,} more finding(s) like it)" if len(findings) > 1 else ""
-            raise UserError(
-                f"{dataset.id} cannot be trained on provider={name}: Together would refuse "
-                f"line {first.line}: {render.escape(first.message)} ({first.code}){more}."
-            )
-
     def eval_choice(
         self, opts: dict[str, str], channel: str, dataset: Dataset
     ) -> tuple[str | None, float | None]:
@@ -777,6 +760,20 @@ class Planner:
         if split is not None and not 0 < split < 0.5:
             raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
         return None, split if split is not None else SPLIT_DEFAULT
+
+
+def together_refusal(path: Path, dataset_id: str, provider: str) -> str | None:
+    """Why Together would refuse the file at `path` (trainers/together_data.py), in one
+    sentence naming the first line and rule, or None when it would take it."""
+    findings = together_findings(path)
+    if not findings:
+        return None
+    first = findings[0]
+    more = f" ({len(findings) - 1:,} more finding(s) like it)" if len(findings) > 1 else ""
+    return (
+        f"{dataset_id} cannot be trained on provider={provider}: Together would refuse "
+        f"line {first.line}: {render.escape(first.message)} ({first.code}){more}."
+    )
 
 
 def together_findings(path: Path, limit: int = 100) -> list:

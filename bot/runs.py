@@ -99,7 +99,6 @@ class Runs:
         self.planner = Planner(
             self.settings, self.store, workflow.prices, workflow.find_dataset, clock,
             providers=getattr(workflow, "providers", None),
-            data_path=workflow.blobs.path,
         )  # fmt: skip
         from bot.evaluation import Evaluations
 
@@ -335,12 +334,37 @@ class Runs:
             return render.note(
                 f"{run_id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
             )
+        if plan.get("kind") == "together":
+            return render.note(
+                f"{run_id} needs approval: {dataset.id} is checked against Together's data "
+                f"rules first, then the card follows in its thread."
+            )
         return render.note(f"{run_id} needs approval: the card is in {dataset.id}'s thread.")
 
     def request_work(self, args: dict) -> None:
         """The job behind `request` (resumed after a restart): the run recorded with its
-        reservation if the budget still allows it, then its card."""
+        reservation if the budget still allows it, then its card. A Together plan's file
+        is checked against Together's data rules first (a whole-file read, too slow for
+        the ack): a file Together would refuse gets one sentence in its thread, no run."""
         run = self.store.find_run(args["run_id"])
+        plan = args["plan"]
+        if run is None and plan.get("kind") == "together":
+            from bot.plans import together_refusal
+
+            why = together_refusal(
+                self.wf.blobs.path(plan["dataset_sha256"]), plan["dataset_id"], plan["provider"]
+            )
+            if why is not None:
+                self.store.audit(
+                    args["user"], "refused", dataset_id=plan["dataset_id"],
+                    plan_hash=approvals.plan_hash(plan), detail={"reasons": [why]},
+                )  # fmt: skip
+                dataset = self.store.get_dataset(plan["dataset_id"])
+                self.wf.post(
+                    args["channel"], dataset.thread_ts,
+                    render.note(f"<@{args['user']}> ⚠️ {args['run_id']} cannot be requested: {why}"),
+                )  # fmt: skip
+                return
         if run is None:
             self._put_to_approvers(
                 args["plan"], args["channel"], args["user"], run_id=args["run_id"]

@@ -177,11 +177,19 @@ def test_together_data_rules_refuse_a_file_together_would_refuse(together_bot):
     upload(bot, "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
     _, body = bot.command(TRAIN, user_id="UR")
     assert body["text"] == (
-        "⚠️ d1 cannot be trained on provider=together: Together would refuse line 3: message 3 is "
-        "a second user message in a row; user and assistant alternate (together_alternation)."
+        "r1 needs approval: d1 is checked against Together's data rules first, then the card "
+        "follows in its thread."
     )
     bot.wait_idle()
+    (told,) = posted(bot, "r1 cannot be requested")
+    assert told == (
+        "<@UR> ⚠️ r1 cannot be requested: d1 cannot be trained on provider=together: Together "
+        "would refuse line 3: message 3 is a second user message in a row; user and assistant "
+        "alternate (together_alternation)."
+    )
     assert bot.store.find_run("r1") is None and bot.together.calls == []
+    assert not posted(bot, "requested by")  # no card
+    assert bot.workflow.runs.committed_usd() == 0.0
 
 
 def test_bad_together_options_are_one_sentence_naming_the_option(together_bot):
