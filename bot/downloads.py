@@ -103,13 +103,22 @@ class Downloads:
             if into.exists():
                 shutil.rmtree(into)
             unpack(archive, into)
-        except (RunnerError, UserError) as exc:
-            why = exc.summary if isinstance(exc, UserError) else exc.message
+        except (RunnerError, UserError, OSError) as exc:  # OSError: a full disk, say
+            why = (
+                exc.summary
+                if isinstance(exc, UserError)
+                else exc.message
+                if isinstance(exc, RunnerError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             log.error("run %s: %s download failed: %s", run_id, kind, why)
             self.wf.post(
                 run.channel,
                 run.thread_ts,
-                render.note(f"{run_id}: the {kind} could not be downloaded: {render.escape(why)}"),
+                render.note(
+                    f"{run_id}: the {kind} could not be downloaded: "
+                    + render.escape(render.short_paths(why.replace(str(home), "TUNEBOT_HOME")))
+                ),
             )
             return
         finally:

@@ -455,3 +455,22 @@ def test_sigkill_during_the_together_upload_then_restart_makes_one_upload_and_on
         finally:
             for bot in bots:
                 bot.kill_group()
+
+
+def test_a_download_together_refuses_is_one_sentence_and_can_be_asked_again(together_bot):
+    bot = together_bot()
+    upload(bot)
+    request(bot, TRAIN)
+    succeed(bot)
+    bot.wait_idle()
+    bot.together.inject("GET", "/v1/finetune/download", 404, body={"error": {"message": "gone"}})
+    _, body = bot.command("download r1 merged", user_id="UR")
+    assert body["text"] == "Fetching r1's merged from Together; its thread says when."
+    bot.wait_idle()
+    (told,) = posted(bot, "r1: the merged could not be downloaded")
+    assert "gone" in told and str(bot.settings.home) not in told and "Traceback" not in told
+    assert "downloads" not in bot.store.get_run("r1").result_json
+    _, body = bot.command("download r1 merged", user_id="UR")  # asked again: fetched now
+    bot.wait_idle()
+    assert posted(bot, "r1's merged is in tunebot's home: `runs/r1/together/merged`")
+    assert len(bot.together.calls_to("GET", "/v1/finetune/download")) == 2
