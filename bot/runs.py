@@ -106,7 +106,7 @@ class Runs:
         from bot.distillation import Distiller
 
         self.distiller = Distiller(self)
-        from bot.downloads import Downloads
+        from bot.weights import Downloads
 
         self.downloads = Downloads(self)
 
