@@ -70,7 +70,7 @@ class Admin:
         for run in self.store.runs(status=list(WAITING), limit=None):
             if dataset.id not in (run.dataset_id, run.eval_dataset_id):
                 continue
-            if run.external_id and run.provider == "openai":
+            if run.external_id and run.provider not in ("local", "distill", "eval"):
                 continue  # already training: cancel it by name if it should stop
             if self.store.transition_run(
                 run.id, [run.status], "cancelled", error=f"its dataset {dataset.id} was forgotten"
@@ -99,9 +99,7 @@ class Admin:
         for sha in shas:
             if not self.store.sha_in_use(sha, besides=dataset.id) and self.ctx.blobs.delete(sha):
                 removed_blobs += 1
-        removed_remote = (
-            self.runs.delete_run_files(dataset_id=dataset.id) if self.settings.openai_api_key else 0
-        )
+        removed_remote = self.runs.delete_run_files(dataset_id=dataset.id)  # each provider's
         self.store.audit(
             user,
             "forgot",
@@ -113,7 +111,9 @@ class Admin:
             },
         )
         for run in cancelled:
-            if run.provider == "openai" and self.settings.openai_api_key:
+            if run.provider not in ("local", "distill", "eval") and self.runs.reachable(
+                run.provider
+            ):
                 self.runs.cancel_job_by_key(run.id)  # a lost reply may have made one
             self.runs.refresh_card(run.id)
             self.ctx.post(

@@ -56,9 +56,11 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "train",
-            "train [dataset] provider=openai|local model=… epochs=N|auto batch=… eval=<dataset>|split=0.1 "
+            "train [dataset] provider=openai|local|together|<providers-file name> model=… "
+            "epochs=N|auto batch=… eval=<dataset>|split=0.1 "
             "(openai: lr_mult=… suffix=…; local: lr=… r=… alpha=… targets=all-linear|q,k,v,o "
-            "max_length=… qlora=true|false merge=true|false)",
+            "max_length=… qlora=true|false merge=true|false; together: batch_size=… "
+            "learning_rate=… lora=true|false lora_r=… lora_alpha=… lora_dropout=… suffix=…)",
             "ask for a training run (paid runs need approval)",
             options=(
                 "provider",
@@ -76,6 +78,12 @@ SPECS: dict[str, Spec] = {
                 "max_length",
                 "qlora",
                 "merge",
+                "batch_size",
+                "learning_rate",
+                "lora",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
             ),
             max_args=1,
         ),
@@ -116,6 +124,12 @@ SPECS: dict[str, Spec] = {
             "resume <run>",
             "continue a stopped local run from its last checkpoint",
             max_args=1,
+        ),
+        Spec(
+            "download",
+            "download <run> [merged]",
+            "fetch a Together run's LoRA adapter (or the merged model) into tunebot's home",
+            max_args=2,
         ),
         Spec(
             "eval",

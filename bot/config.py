@@ -50,6 +50,15 @@ class Settings:
     openai_base_url: str = field(
         default="", metadata=_meta("OPENAI_BASE_URL", "OpenAI API base URL (default: OpenAI's)")
     )
+    together_api_key: str = field(
+        default="", metadata=_meta("TOGETHER_API_KEY", "Together AI API key (provider=together)")
+    )
+    together_base_url: str = field(
+        default="",
+        metadata=_meta(
+            "TUNEBOT_TOGETHER_BASE_URL", "Together AI API base URL (default: Together's)"
+        ),
+    )
     home: Path = field(
         default=Path("~/.tunebot").expanduser(),
         metadata=_meta("TUNEBOT_HOME", "Folder for the database, datasets and artifacts"),

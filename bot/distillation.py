@@ -349,12 +349,14 @@ class Distiller:
             raise UserError(
                 f'Give a prompt: `/finetune chat {run.id} "How do I reset my password?"`'
             )
-        if run.status != "succeeded" or run.provider not in ("openai", "local"):
+        if run.status != "succeeded" or not (
+            run.provider == "local" or self.runs.evals.hosted(run)
+        ):
             raise UserError(
                 f"{run.id} is not a finished training run, so there is no tuned model to ask."
             )
         ref = None
-        if run.provider == "openai":
+        if run.provider != "local":  # a hosted model (OpenAI, Together, a providers-file host)
             egress.check_prompt(prompt)
             gate = self.runs.gate
             gate.require(user, requester=run.requested_by, what=f"ask {run.id}'s models")
@@ -395,7 +397,9 @@ class Distiller:
         tuned = RunResult.of(run).fine_tuned_model or run.model
         try:
             return sum(
-                inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.ctx.prices)
+                inference_cost(
+                    model, tokens_in, CHAT_MAX_TOKENS, self.runs.evals.prices_for(run, model)
+                )
                 for model in (run.model, tuned)
             )
         except ValueError:
@@ -431,14 +435,15 @@ class Distiller:
         else:
             spent = 0.0
             try:
-                client = self.runs.evals._openai()
+                client = self.runs.evals.client_for(run)  # the run's host
+                prices = self.runs.evals.prices_for(run, run.model)
                 tuned_model = RunResult.of(run).fine_tuned_model
                 base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
-                spent += generation_cost(run.model, [base], self.ctx.prices) or 0.0
+                spent += generation_cost(run.model, [base], prices) or 0.0
                 tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[
                     0
                 ]
-                spent += generation_cost(tuned_model, [tuned], self.ctx.prices) or 0.0
+                spent += generation_cost(tuned_model, [tuned], prices) or 0.0
             finally:
                 if ref:
                     self.runs.gate.settle("chat", ref, spent)

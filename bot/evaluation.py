@@ -182,7 +182,7 @@ class Evaluations:
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
     ) -> render.Message:
         run = self.runs.find_run(run_ref, channel)
-        if run.status != "succeeded" or run.provider not in ("openai", "local"):
+        if run.status != "succeeded" or not (run.provider == "local" or self.hosted(run)):
             raise UserError(
                 f"{run.id} is {run.status}: only a succeeded training run can be evaluated."
             )
@@ -224,11 +224,10 @@ class Evaluations:
         gate = self.runs.gate
         source = eval_dataset_id or run.plan_json.get("eval_dataset_id") or run.dataset_id
         held = egress.held(self.store, [self.store.find_dataset(source)])
-        if held and run.provider == "openai":
+        if held and self.hosted(run):
             raise UserError(
-                f"{run.id}'s evaluation would send {held[0].id}'s examples to OpenAI, but "
-                + egress.held_words(held)
-                + "."
+                f"{run.id}'s evaluation would send {held[0].id}'s examples to "
+                f"{render.provider_name(run.provider)}, but " + egress.held_words(held) + "."
             )
         if held and cost.extras_usd:
             cost = EvalCost(
@@ -352,7 +351,7 @@ class Evaluations:
             if not model:
                 return 0.0
             try:
-                return inference_cost(model, tokens_in, tokens_out, self.ctx.prices)
+                return inference_cost(model, tokens_in, tokens_out, self.prices_for(run, model))
             except ValueError:
                 raise UserError(
                     f"{model} has no inference price in the price table, so tunebot cannot "
@@ -360,7 +359,7 @@ class Evaluations:
                 ) from None
 
         generation = 0.0
-        if run.provider == "openai":
+        if self.hosted(run):
             tuned = RunResult.of(run).fine_tuned_model
             if not tuned:
                 raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
@@ -578,14 +577,14 @@ class Evaluations:
             base_model = LocalModels(self.settings, self.store).trained_base(run)
             base, tuned = generate_local(base_model, adapter, examples)
             return base, tuned, 0.0
-        client = self._openai()
+        client = self.client_for(run)
         tuned_model = RunResult.of(run).fine_tuned_model
         if not tuned_model:
             raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
         concurrency = self.settings.eval_concurrency
         base = generate_openai(client, run.model, examples, concurrency=concurrency)
         tuned = generate_openai(client, tuned_model, examples, concurrency=concurrency)
-        prices = self.ctx.prices
+        prices = self.prices_for(run, run.model)
         cost = (generation_cost(run.model, base, prices) or 0.0) + (
             generation_cost(tuned_model, tuned, prices) or 0.0
         )
@@ -593,7 +592,7 @@ class Evaluations:
 
     def teacher_of(self, run: Run) -> str | None:
         """The teacher model whose distillation wrote ``run``'s training data, if one did."""
-        if run.provider not in ("openai", "local"):
+        if not (run.provider == "local" or self.hosted(run)):
             return None
         for distill in self.store.runs(status="succeeded", provider="distill", limit=None):
             if RunResult.of(distill).dataset_id == run.dataset_id:
@@ -626,8 +625,9 @@ class Evaluations:
                 "model": teacher_model,
                 "usd": price_per_1k_calls(teacher_model, teacher, prices),
             }
-        if run.provider == "openai":
+        if self.hosted(run):
             tuned_model = RunResult.of(run).fine_tuned_model
+            prices = self.prices_for(run, run.model)
             out["base"] = {"model": run.model, "usd": price_per_1k_calls(run.model, base, prices)}
             out["tuned"] = {
                 "model": tuned_model,
@@ -641,6 +641,75 @@ class Evaluations:
                 "self_hosted": True,
             }
         return out
+
+    def hosted(self, run: Run) -> bool:
+        """A run whose tuned model answers through a hosted chat-completions API."""
+        return self.runs.kind(run.provider) in ("openai", "together")
+
+    def client_for(self, run: Run):
+        """The OpenAI client that reaches a run's models: OpenAI's for provider=openai;
+        for another host its OpenAI-compatible chat completions (Together's at
+        ``<base URL>/v1``, a providers-file host at its base URL), with its key."""
+        if run.provider == "openai":
+            return self._openai()
+        import openai
+
+        kind, api_key, base_url = self.runs.credentials(run.provider)
+        if kind == "together":
+            from trainers.together_ft import DEFAULT_BASE_URL
+
+            base_url = (base_url or DEFAULT_BASE_URL).rstrip("/") + "/v1"
+        base_url = base_url or "https://api.openai.com/v1"  # kind openai with no URL: OpenAI
+        return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=3)
+
+    def prices_for(self, run: Run, model: str):
+        """The price table `model`'s calls are priced from: the workflow's for OpenAI's
+        models (the judge and the teacher included); for a run on another host, its base
+        and tuned models at the host's inference price (the providers file's model, or
+        the price file's Together rate for the model's size). UserError when it has none."""
+        if run.provider == "openai" or not self.hosted(run):
+            return self.ctx.prices
+        tuned = RunResult.of(run).fine_tuned_model
+        if model not in (run.model, tuned):
+            return self.ctx.prices
+        from trainers import pricing, together_pricing
+
+        configured = self.ctx.providers.get(run.provider)
+        rates = None
+        if configured is not None and (listed := configured.model(run.model)) is not None:
+            rates = (listed.input_per_1m, listed.output_per_1m)
+        elif configured is None:  # provider=together: the price file's table by size
+            size = together_pricing.params_billions(run.model)
+            rate = self.ctx.prices.together.inference(size) if size else None
+            rates = (rate, rate)
+        if rates is None or None in rates:
+            raise UserError(
+                f"{run.model} has no inference price on {render.provider_name(run.provider)} "
+                "in tunebot's price table, so an evaluation of it cannot be checked against "
+                "the budget; add one ("
+                + (
+                    "input_per_1m and output_per_1m in the providers file"
+                    if configured is not None
+                    else "inference_per_1m in TUNEBOT_PRICES' together.sizes"
+                )
+                + ")."
+            )
+        names = [n for n in (run.model, tuned) if n]
+        return pricing.PriceTable(
+            tuple(
+                pricing.ModelPrice(
+                    name,
+                    0.0,
+                    1,
+                    aliases=(name.lower(),),
+                    input_per_1m=rates[0],
+                    output_per_1m=rates[1],
+                    ft_input_per_1m=rates[0],
+                    ft_output_per_1m=rates[1],
+                )
+                for name in names
+            )
+        )
 
     def _openai(self):
         import openai

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from bot import egress, render, retirement
 from bot.errors import UserError
-from trainers import pricing
+from trainers import pricing, together_pricing
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from bot.config import Settings
     from storage import Dataset, Store
     from trainers.providers import Provider
@@ -122,14 +124,17 @@ class TrainingPlan:
     """The fields every training plan has, whatever its provider.
 
     Use `TrainingPlan.from_json(d)` to read a stored plan: it answers the
-    subclass for the plan's provider (`OpenAIPlan`, `LocalPlan`).
+    subclass for the plan's provider (`OpenAIPlan`, `LocalPlan`, `TogetherPlan`; a
+    providers-file provider's by the stored ``kind``: `CompatiblePlan`, `TogetherPlan`).
     """
 
     PROVIDER: ClassVar[str | None] = None
 
     dataset_id: str = field(metadata={"help": "The training dataset's id (d3)."})
     dataset_sha256: str = field(metadata={"help": "The sha256 of its bytes: what is trained."})
-    provider: str = field(metadata={"help": "Who trains: openai or local."})
+    provider: str = field(
+        metadata={"help": "Who trains: openai, local, together or a providers-file name."}
+    )
     model: str = field(metadata={"help": "The base model: a provider's name, hub id or path."})
     epochs: int = field(metadata={"help": "Passes over the training data (1..25)."})
     epochs_auto: bool = field(
@@ -202,8 +207,8 @@ class TrainingPlan:
         if version != VERSION:
             raise ValueError(f"TrainingPlan.version {version!r} is not one tunebot reads")
         kind = cls
-        if cls is TrainingPlan:
-            kind = PLANS.get(d.get("provider"), TrainingPlan)  # type: ignore[arg-type]
+        if cls is TrainingPlan:  # a providers-file name: its plan says which kind it is
+            kind = PLANS.get(d.get("provider")) or KINDS.get(d.get("kind"), TrainingPlan)  # type: ignore[arg-type]
         names = {f.name for f in fields(kind)}
         args = {k: v for k, v in d.items() if k in names}
         args["estimate"] = Estimate.from_json(d.get("estimate"))
@@ -299,7 +304,136 @@ class LocalPlan(TrainingPlan):
         return {"epochs": self.epochs, **self._specific(), "qlora": bool(self.qlora)}
 
 
-PLANS: dict[str, type[TrainingPlan]] = {"openai": OpenAIPlan, "local": LocalPlan}
+def _check_hosted(owner: object) -> None:
+    """The fields a plan for a named hosted provider carries: its kind, where its prices
+    came from and when they were read."""
+    if owner.kind not in KINDS:  # type: ignore[attr-defined]
+        raise _bad(owner, "kind", f"must be one of {', '.join(KINDS)}", owner.kind)  # type: ignore[attr-defined]
+    _check_text(owner, "prices_read", optional=True)
+    _check_text(owner, "prices_source", optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompatiblePlan(OpenAIPlan):
+    """A run on a providers-file host of OpenAI's fine-tuning API (kind ``openai`` or
+    ``openai-compatible``): OpenAI's runner at the provider's URL, priced from the file."""
+
+    PROVIDER: ClassVar[str | None] = None
+
+    provider: str = field(metadata={"help": "The provider's name in the providers file."})
+    kind: str = field(
+        default="openai-compatible", metadata={"help": "openai or openai-compatible."}
+    )
+    prices_read: str | None = field(
+        default=None, metadata={"help": "When the providers file's prices were read (ISO date)."}
+    )
+    prices_source: str | None = field(
+        default=None, metadata={"help": "Where the providers file's prices come from."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_hosted(self)
+        if self.kind == "together":
+            raise _bad(self, "kind", "must be openai or openai-compatible", self.kind)
+
+    def _specific(self) -> dict[str, Any]:
+        return {
+            **super()._specific(),
+            "kind": self.kind,
+            "prices_read": self.prices_read,
+            "prices_source": self.prices_source,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TogetherPlan(TrainingPlan):
+    """A run on Together AI's fine-tuning API (trainers/together_ft.py): LoRA unless
+    `lora` is False. None for a hyper-parameter means Together's default."""
+
+    PROVIDER: ClassVar[str | None] = None  # "together", or a providers-file name of that kind
+
+    provider: str = field(default="together", metadata={"help": "Who trains: together."})
+    kind: str = field(default="together", metadata={"help": "The provider's kind: together."})
+    lora: bool = field(default=True, metadata={"help": "LoRA (True) or full fine-tuning."})
+    lr: float | None = field(default=None, metadata={"help": "learning_rate (0 < lr <= 1)."})
+    batch: int | None = field(default=None, metadata={"help": "batch_size (1..4096)."})
+    r: int | None = field(default=None, metadata={"help": "LoRA rank, lora_r (1..1024)."})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha, lora_alpha."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "LoRA dropout, lora_dropout (0 <= x < 1)."}
+    )
+    suffix: str | None = field(
+        default=None, metadata={"help": "Up to 40 of A-Z a-z 0-9 - _ in the output model's name."}
+    )
+    prices_read: str | None = field(
+        default=None, metadata={"help": "When the price table was read (a date or a period)."}
+    )
+    prices_source: str | None = field(
+        default=None, metadata={"help": "Where the price table comes from (a URL or a file)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_hosted(self)
+        if self.kind != "together":
+            raise _bad(self, "kind", "must be together", self.kind)
+        _check_bool(self, "lora")
+        _check_positive(self, "lr", float, optional=True)
+        _check_positive(self, "batch", int, optional=True)
+        _check_positive(self, "r", int, optional=True)
+        _check_positive(self, "alpha", float, optional=True)
+        if self.dropout is not None and not (_number(self.dropout) and 0 <= self.dropout < 1):
+            raise _bad(self, "dropout", "must be a number in [0, 1)", self.dropout)
+        if not self.lora:
+            for name in ("r", "alpha", "dropout"):
+                if getattr(self, name) is not None:
+                    raise _bad(
+                        self, name, "applies to LoRA only (lora is False)", getattr(self, name)
+                    )
+        if self.suffix is not None and not (
+            isinstance(self.suffix, str) and SUFFIX.fullmatch(self.suffix)
+        ):
+            raise _bad(self, "suffix", "must be up to 40 of A-Z a-z 0-9 - _", self.suffix)
+
+    def _specific(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "lora": self.lora,
+            "lr": self.lr,
+            "batch": self.batch,
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "suffix": self.suffix,
+            "prices_read": self.prices_read,
+            "prices_source": self.prices_source,
+        }
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """TrainingSpec.hyperparameters by trainers.together_ft's names (None: Together's default)."""
+        return {
+            "epochs": self.epochs,
+            "lora": self.lora,
+            "lr": self.lr,
+            "batch": self.batch,
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+        }
+
+
+PLANS: dict[str, type[TrainingPlan]] = {
+    "openai": OpenAIPlan,
+    "local": LocalPlan,
+    "together": TogetherPlan,
+}
+# A providers-file provider's plan, by the provider's kind (trainers/providers.py).
+KINDS: dict[str, type[TrainingPlan]] = {
+    "openai": CompatiblePlan,
+    "openai-compatible": CompatiblePlan,
+    "together": TogetherPlan,
+}
 
 
 class Planner:
@@ -307,7 +441,7 @@ class Planner:
 
     `find_dataset(channel, ref)` finds a dataset as the workflow does (for eval=);
     `prices` is the workflow's pricing.PriceTable; `providers` the providers file's
-    (named in the refusal of OpenAI runs after its cutoff).
+    (trainers.providers.Provider by name; named in the refusal of OpenAI runs after its cutoff).
     """
 
     def __init__(
@@ -325,12 +459,30 @@ class Planner:
         self.prices = prices
         self.find_dataset = find_dataset
         self.clock = clock
-        self.providers = providers or {}  # the providers file's (trainers.providers)
+        self.providers = dict(providers or {})
+
+    def names(self) -> tuple[str, ...]:
+        """Every provider name `plan` takes: the built-in ones, then the providers file's."""
+        return ("openai", "local", "together", *sorted(set(self.providers) - set(PLANS)))
 
     def plan(self, provider: str, dataset: Dataset, report, opts: dict[str, str], channel: str):
+        """The frozen plan for `provider` (a built-in name or a providers-file name);
+        UserError naming the option or the provider when it cannot be planned."""
         if provider == "local":
             return self.local(dataset, report, opts, channel)
-        return self.openai(dataset, report, opts, channel)
+        if provider == "openai":
+            return self.openai(dataset, report, opts, channel)
+        if provider == "together":
+            return self.together(dataset, report, opts, channel)
+        configured = self.providers.get(provider)
+        if configured is None:
+            raise UserError(
+                f"provider must be one of {', '.join(self.names())}, not "
+                f"`{render.escape(provider)}` (`/finetune providers` lists them)."
+            )
+        if configured.kind == "together":
+            return self.together(dataset, report, opts, channel, configured)
+        return self.compatible(configured, dataset, report, opts, channel)
 
     def openai(self, dataset: Dataset, report, opts: dict[str, str], channel: str) -> OpenAIPlan:
         try:
@@ -431,6 +583,169 @@ class Planner:
             ),
         )
 
+    def together(
+        self,
+        dataset: Dataset,
+        report,
+        opts: dict[str, str],
+        channel: str,
+        configured: Provider | None = None,
+    ) -> TogetherPlan:
+        """A Together AI plan. Priced from the price table per model size
+        (trainers/together_pricing.py), or from the providers file's model list for
+        a provider of kind together there (a model it does not list is refused)."""
+        name = configured.name if configured else "together"
+        unknown = sorted(set(opts) & {"lr_mult", "targets", "max_length", "qlora", "merge"})
+        if unknown:
+            raise UserError(
+                f"`{unknown[0]}=` is not a provider={name} option; it takes epochs=, "
+                "batch_size=, learning_rate=, lora=, lora_r=, lora_alpha=, lora_dropout=, suffix=."
+            )
+        model = (opts.get("model") or "").strip()
+        if not model:
+            raise UserError(
+                f"provider={name} needs model=<Together model>, e.g. "
+                "model=meta-llama/Meta-Llama-3.1-8B-Instruct-Reference."
+            )
+        try:
+            epochs = pricing.parse_epochs(opts.get("epochs")) or pricing.DEFAULT_EPOCHS
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        lora = flag(opts, "lora")
+        lora = True if lora is None else lora
+        lr = _one_of(opts, "learning_rate", "lr", float, most=1.0)
+        batch = _one_of(opts, "batch_size", "batch", int, most=4096)
+        r = _one_of(opts, "lora_r", "r", int, most=1024)
+        alpha = _one_of(opts, "lora_alpha", "alpha", float, most=8192)
+        dropout = None
+        if "lora_dropout" in opts:
+            try:
+                dropout = float(opts["lora_dropout"])
+            except ValueError:
+                dropout = math.nan
+            if not (math.isfinite(dropout) and 0 <= dropout < 1):
+                raise UserError(
+                    "lora_dropout= takes a number from 0 up to (not including) 1, not "
+                    f"`{render.escape(opts['lora_dropout'])}`."
+                )
+        if not lora:
+            given = [k for k in ("lora_r", "r", "lora_alpha", "alpha", "lora_dropout") if k in opts]
+            if given:
+                raise UserError(f"`{given[0]}=` is for LoRA; lora=false trains every weight.")
+        suffix = opts.get("suffix")
+        if suffix is not None and not SUFFIX.fullmatch(suffix):
+            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
+        eval_id, split = self.eval_choice(opts, channel, dataset)
+        counts = training_share(report.token_counts, split)
+        if configured is not None:
+            listed = configured.model(model)
+            if listed is None:
+                raise UserError(_unlisted(configured, model))
+            model, rate = listed.name, listed.training_per_1m
+            size = params_billions(model)
+            read = configured.prices_read.isoformat() if configured.prices_read else None
+            source = configured.prices_source or f"the providers file ({name})"
+        else:
+            rates = self.prices.together
+            size = together_pricing.params_billions(model)
+            if size is None:
+                raise UserError(
+                    f"tunebot cannot tell {render.escape(model)}'s size from its name, so "
+                    "Together's per-size price cannot be looked up; name the model as Together "
+                    "lists it (…-8B-…)."
+                )
+            try:
+                rate = rates.rate(size, lora=lora)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            read, source = rates.read, rates.source
+        billed = epochs * sum(counts)
+        return TogetherPlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            provider=name,
+            model=model,
+            epochs=epochs,
+            lora=lora,
+            lr=lr,
+            batch=batch,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            suffix=suffix,
+            prices_read=read,
+            prices_source=source,
+            eval_dataset_id=eval_id,
+            split=split,
+            secret_hold=self._secret_hold(dataset, eval_id),
+            estimate=Estimate(
+                billed_tokens=billed,
+                cost_usd=round(billed / 1e6 * rate, 4),
+                price_per_1m=rate,
+                params_billions=size,
+            ),
+        )
+
+    def compatible(
+        self, configured: Provider, dataset: Dataset, report, opts: dict[str, str], channel: str
+    ) -> CompatiblePlan:
+        """A plan for a providers-file host of OpenAI's fine-tuning API, priced from the
+        file; a model the file does not list is refused."""
+        name = configured.name
+        unknown = sorted(
+            set(opts) & {"lr", "r", "alpha", "targets", "max_length", "qlora", "merge"}
+        )
+        if unknown:
+            raise UserError(
+                f"`{unknown[0]}=` is not a provider={name} option; it takes model=, epochs=, "
+                "batch=, lr_mult=, suffix=."
+            )
+        model = configured.model(opts.get("model") or "")
+        if model is None:
+            raise UserError(_unlisted(configured, opts.get("model") or ""))
+        if configured.kind == "openai" and self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
+            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        try:
+            epochs = pricing.parse_epochs(opts.get("epochs"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        lr_mult = positive(opts, "lr_mult", float, most=10.0)
+        batch = positive(opts, "batch", int, most=256)
+        suffix = opts.get("suffix")
+        if suffix is not None and not SUFFIX.fullmatch(suffix):
+            raise UserError("suffix= takes up to 40 ASCII letters, digits, - and _.")
+        eval_id, split = self.eval_choice(opts, channel, dataset)
+        counts = training_share(report.token_counts, split)
+        estimate = pricing.estimate(counts, model, epochs, today=self.clock().date())
+        return CompatiblePlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            provider=name,
+            kind=configured.kind,
+            model=model.name,
+            epochs=estimate.epochs,
+            epochs_auto=epochs is None,
+            lr_mult=lr_mult,
+            batch=batch,
+            suffix=suffix,
+            prices_read=configured.prices_read.isoformat() if configured.prices_read else None,
+            prices_source=configured.prices_source or f"the providers file ({name})",
+            eval_dataset_id=eval_id,
+            split=split,
+            secret_hold=self._secret_hold(dataset, eval_id),
+            estimate=Estimate(
+                billed_tokens=estimate.billed_tokens,
+                cost_usd=round(estimate.cost_usd, 4),
+                price_per_1m=model.training_per_1m,
+            ),
+        )
+
+    def _secret_hold(self, dataset: Dataset, eval_id: str | None) -> bool:
+        return bool(
+            egress.secret_findings(dataset)
+            or (eval_id and egress.secret_findings(self.store.get_dataset(eval_id)))
+        )
+
     def eval_choice(
         self, opts: dict[str, str], channel: str, dataset: Dataset
     ) -> tuple[str | None, float | None]:
@@ -448,6 +763,57 @@ class Planner:
         if split is not None and not 0 < split < 0.5:
             raise UserError("split= takes a fraction between 0 and 0.5, e.g. split=0.1.")
         return None, split if split is not None else SPLIT_DEFAULT
+
+
+def together_refusal(path: Path, dataset_id: str, provider: str) -> str | None:
+    """Why Together would refuse the file at `path` (trainers/together_data.py), in one
+    sentence naming the first line and rule, or None when it would take it."""
+    findings = together_findings(path)
+    if not findings:
+        return None
+    first = findings[0]
+    more = f" ({len(findings) - 1:,} more finding(s) like it)" if len(findings) > 1 else ""
+    return (
+        f"{dataset_id} cannot be trained on provider={provider}: Together would refuse "
+        f"line {first.line}: {render.escape(first.message)} ({first.code}){more}."
+    )
+
+
+def together_findings(path: Path, limit: int = 100) -> list:
+    """Together's data findings (trainers/together_data.py) for a chat JSONL file, at most
+    `limit`; lines that are not JSON are the validator's business and skipped here."""
+    import json
+
+    from trainers.together_data import check_example
+
+    findings: list = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                continue
+            findings.extend(check_example(row, line=number))
+            if len(findings) >= limit:
+                break
+    return findings[:limit]
+
+
+def _unlisted(configured: Provider, model: str) -> str:
+    listed = ", ".join(m.name for m in configured.models) or "none"
+    return (
+        f"provider={configured.name} does not list model `{render.escape(model) or '(none)'}` "
+        f"in the providers file; it lists: {listed}."
+    )
+
+
+def _one_of(opts: dict[str, str], key: str, short: str, kind: type, *, most: float) -> Any:
+    """A value given as `key=` or its short name `short=` (not both)."""
+    if key in opts and short in opts:
+        raise UserError(f"Give {key}= or {short}=, not both.")
+    return positive(opts, key if key in opts else short, kind, most=most)
 
 
 def positive(opts: dict[str, str], key: str, kind: type, *, most: float | None = None) -> Any:

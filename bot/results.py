@@ -60,6 +60,10 @@ class RunResult:
     last_event_id: str | None = field(
         default=None, metadata={"help": "The provider's last event already recorded (a cursor)."}
     )
+    last_event: str | None = field(
+        default=None,
+        metadata={"help": "Hosted runs: the provider's newest event, shown on the progress line."},
+    )
     progress_edited_at: float = field(
         default=0.0,
         metadata={"help": "When the progress message was last edited, Unix seconds (0: never)."},
@@ -118,13 +122,27 @@ class RunResult:
             "help": "Migrations: the comparison with the run this one migrates (bot/migrate.py)."
         },
     )
+    together_quote: Mapping[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Together runs: Together's own estimate after the upload (available, "
+            "usd, tokens, reason), checked against the approved one."
+        },
+    )
+    downloads: Mapping[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "Together runs: each kind fetched (adapter, merged, model) -> its folder "
+            "under tunebot's home (bot/weights.py)."
+        },
+    )
     extra: Mapping[str, Any] = field(
         default_factory=dict,
         metadata={"help": "Keys this version does not know, kept and written back as they were."},
     )
 
     def __post_init__(self) -> None:
-        for name in ("fine_tuned_model", "training_file", "last_event_id", "adapter_dir",
+        for name in ("fine_tuned_model", "training_file", "last_event_id", "last_event", "adapter_dir",
                      "merged_dir", "log_tail", "dataset_id", "stopped"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -146,7 +164,7 @@ class RunResult:
             raise _bad("unposted", "must be true or false", self.unposted)
         if self.failed is not None and not isinstance(self.failed, list | tuple):
             raise _bad("failed", "must be a list or null", self.failed)
-        for name in ("data", "metrics", "migration", "extra"):
+        for name in ("data", "metrics", "migration", "together_quote", "downloads", "extra"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise _bad(name, "must be an object or null", value)

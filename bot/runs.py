@@ -53,11 +53,16 @@ log = logging.getLogger("tunebot")
 ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
-PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}  # as people write them
+PROVIDER_NAMES = render.PROVIDER_NAMES  # as people write them
+OWN = ("local", "distill", "eval")  # providers that are tunebot's own work, not a hosted API
 APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
 RETRY_MAX_SECONDS = 600.0
+# How far Together's own estimate (asked after the upload, before the job) may exceed the
+# approved one before the run is stopped: tunebot counts tokens with tiktoken, Together
+# with the model's tokenizer, so the two differ a little for the same file.
+QUOTE_TOLERANCE = 0.10
 
 
 def _now() -> dt.datetime:
@@ -80,6 +85,8 @@ class Runs:
         self.clock = clock
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
+        self._hosted: dict[str, Runner] = {}  # runners of hosted providers, built once each
+        self._hosted_lock = threading.Lock()
         self._local_lock = threading.Lock()
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
@@ -110,6 +117,9 @@ class Runs:
         from bot.migrate import Migrations
 
         self.migrations = Migrations(ctx, datasets, self)
+        from bot.weights import Downloads
+
+        self.downloads = Downloads(ctx, self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -126,7 +136,12 @@ class Runs:
 
     def runner(self, provider: str) -> Runner:
         """The Runner (trainers.runner) that trains for `provider`; the bot drives each
-        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`."""
+        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`.
+
+        `provider` is ``local``, ``openai``, ``together`` (TOGETHER_API_KEY,
+        TUNEBOT_TOGETHER_BASE_URL) or a providers-file name (trainers/providers.py:
+        the runner of its kind, at its base URL, with the key from its variable).
+        UserError when the provider is unknown or its key is not set."""
         if provider == "local":
             from trainers.local import LocalRunner
 
@@ -139,12 +154,61 @@ class Runs:
             from trainers.openai_runner import OpenAIRunner
 
             return OpenAIRunner(self.tuner)
-        raise UserError(f"runs on {provider} are not offered by this bot yet")
+        with self._hosted_lock:
+            built = self._hosted.get(provider)
+            if built is None:
+                built = self._hosted[provider] = self._hosted_runner(provider)
+            return built
+
+    def _hosted_runner(self, provider: str) -> Runner:
+        kind, api_key, base_url = self.credentials(provider)
+        if kind == "together":
+            from trainers.together_ft import TogetherRunner
+
+            return TogetherRunner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
+        from trainers.openai_ft import OpenAIFineTuner
+        from trainers.openai_runner import OpenAIRunner
+
+        return OpenAIRunner(
+            OpenAIFineTuner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
+        )
+
+    def credentials(self, provider: str) -> tuple[str, str, str | None]:
+        """(kind, API key, base URL or None for the provider's own) of a hosted provider
+        other than ``openai``; UserError naming the variable when its key is not set."""
+        if provider == "together":
+            if not self.settings.together_api_key:
+                raise UserError("TOGETHER_API_KEY is not set, so tunebot cannot reach Together AI.")
+            return (
+                "together",
+                self.settings.together_api_key,
+                self.settings.together_base_url or None,
+            )
+        configured = self.ctx.providers.get(provider)
+        if configured is None:
+            raise UserError(f"runs on {provider} are not offered by this bot")
+        key = configured.api_key()
+        if not key:
+            raise UserError(
+                f"{configured.api_key_env} is not set, so tunebot cannot reach {provider}."
+            )
+        return configured.kind, key, configured.base_url
+
+    def kind(self, provider: str) -> str:
+        """The runner a provider's runs go through: ``local``, ``openai`` (OpenAI's API, at
+        OpenAI or another host) or ``together``; a provider tunebot does its own work
+        for (distill, eval) is itself."""
+        if provider in ("together", "openai", *OWN):
+            return provider
+        configured = self.ctx.providers.get(provider)
+        if configured is not None and configured.kind == "together":
+            return "together"
+        return "openai"
 
     def handle(self, run: Run) -> Handle:
         """The handle of a run's job, from what the run recorded."""
         where = str(self.run_dir(run.id)) if run.provider == "local" else None
-        return Handle(run.provider, run.external_id or "", where=where)
+        return Handle(self.kind(run.provider), run.external_id or "", where=where)
 
     @property
     def tuner(self) -> OpenAIFineTuner:
@@ -260,8 +324,8 @@ class Runs:
             )
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
-        if provider not in ("openai", "local"):
-            raise UserError(f"provider must be openai or local, not `{provider}`.")
+        if provider not in ("openai", *OWN) and provider in self.planner.names():
+            self.credentials(provider)  # refused now when its key is not set, not at approval
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         return self.request_plan(plan, dataset, channel, user)
 
@@ -289,12 +353,37 @@ class Runs:
             return render.note(
                 f"{run_id} accepted: it goes to the local GPU queue (see {dataset.id}'s thread)."
             )
+        if plan.get("kind") == "together":
+            return render.note(
+                f"{run_id} needs approval: {dataset.id} is checked against Together's data "
+                f"rules first, then the card follows in its thread."
+            )
         return render.note(f"{run_id} needs approval: the card is in {dataset.id}'s thread.")
 
     def request_work(self, args: dict) -> None:
         """The job behind `request` (resumed after a restart): the run recorded with its
-        reservation if the budget still allows it, then its card."""
+        reservation if the budget still allows it, then its card. A Together plan's file
+        is checked against Together's data rules first (a whole-file read, too slow for
+        the ack): a file Together would refuse gets one sentence in its thread, no run."""
         run = self.store.find_run(args["run_id"])
+        plan = args["plan"]
+        if run is None and plan.get("kind") == "together":
+            from bot.plans import together_refusal
+
+            why = together_refusal(
+                self.ctx.blobs.path(plan["dataset_sha256"]), plan["dataset_id"], plan["provider"]
+            )
+            if why is not None:
+                self.store.audit(
+                    args["user"], "refused", dataset_id=plan["dataset_id"],
+                    plan_hash=approvals.plan_hash(plan), detail={"reasons": [why]},
+                )  # fmt: skip
+                dataset = self.store.get_dataset(plan["dataset_id"])
+                self.ctx.post(
+                    args["channel"], dataset.thread_ts,
+                    render.note(f"<@{args['user']}> ⚠️ {args['run_id']} cannot be requested: {why}"),
+                )  # fmt: skip
+                return
         if run is None:
             self._put_to_approvers(
                 args["plan"], args["channel"], args["user"], run_id=args["run_id"]
@@ -699,7 +788,49 @@ class Runs:
                 self._record_upload(run, value)
             held.check()  # cancelled, or taken over: stop before the next side effect
 
-        return self.runner(run.provider).submit(spec, self.key(run.id), step=step)
+        runner = self.runner(run.provider)
+        if self.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
+            self._check_quote(run, runner, spec, held)  # a job made already is adopted as is
+        return runner.submit(spec, self.key(run.id), step=step)
+
+    def _check_quote(self, run: Run, runner: Any, spec: Any, held: Held) -> None:
+        """Together's own price for the uploaded file (its estimate endpoint), checked
+        against what was approved before the job is created: more than QUOTE_TOLERANCE
+        above it, or more than Together will let the account spend, stops the run here
+        (UserError; the upload is deleted, nothing is billed). When Together cannot
+        estimate, the approved table estimate stands."""
+        quote = runner.quote(spec, self.key(run.id))  # uploads once; `submit` reuses it
+        for file_id in quote.files:
+            self._record_upload(run, file_id)
+        held.check()
+        quoted = {
+            "available": quote.available,
+            "usd": quote.total_usd,
+            "tokens": quote.train_tokens,
+            "reason": quote.reason,
+        }
+        record = RunResult.of(self.store.get_run(run.id)).with_(together_quote=quoted)
+        self.store.update_run(run.id, result_json=record.to_json())
+        if not quote.available or quote.total_usd is None:
+            log.info("run %s: Together gave no estimate (%s)", run.id, quote.reason)
+            return
+        approved = run.estimate_usd or 0.0
+        log.info(
+            "run %s: Together estimates $%.4f (approved $%.4f)", run.id, quote.total_usd, approved
+        )
+        if quote.allowed is False:
+            limit = f" (its limit: ${quote.limit_usd:,.2f})" if quote.limit_usd is not None else ""
+            raise UserError(
+                f"Together estimates ${quote.total_usd:,.2f} and says the account cannot spend "
+                f"that{limit}; nothing was trained"
+            )
+        if quote.total_usd > approved * (1 + QUOTE_TOLERANCE) + 0.005:
+            raise UserError(
+                f"Together estimates ${quote.total_usd:,.2f} for this job, more than the "
+                f"${approved:,.2f} approved (from {run.plan_json.get('prices_source')}); nothing "
+                "was trained: ask again with fewer epochs or a smaller model, or update the "
+                "price table"
+            )
 
     def _record_upload(self, run: Run, file_id: str) -> None:
         """A file the provider holds for the run: recorded, so that it can be deleted."""
@@ -721,7 +852,10 @@ class Runs:
             run.id, token, from_status="submitting",
             retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record.to_json(),
         )  # fmt: skip
-        log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
+        log.info(
+            "run %s: %s unavailable (%s); retrying in %.0f s",
+            run.id, PROVIDER_NAMES.get(run.provider, run.provider), why, delay,
+        )  # fmt: skip
 
     def _fail_submission(self, run_id: str, error: str) -> None:
         if not self.store.transition_run(
@@ -741,7 +875,7 @@ class Runs:
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
         run = self.store.get_run(run_id)
         try:
-            self.runner(run.provider).cancel(Handle(run.provider, job_id))
+            self.runner(run.provider).cancel(Handle(self.kind(run.provider), job_id))
         except RunnerError as exc:
             log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
         self.store.update_run(run_id, external_id=job_id)
@@ -853,6 +987,8 @@ class Runs:
                 f"{run.provider}_event",
                 {"id": event.id, "message": event.message, "at": event.created_at},
             )
+        if state.events and state.events[-1].message:
+            state_data = state_data.with_(last_event=state.events[-1].message[:500])
         if state.cursor:
             state_data = state_data.with_(last_event_id=state.cursor)
         if state.terminal:
@@ -861,13 +997,13 @@ class Runs:
         now = time.time()
         if now - state_data.progress_edited_at >= self.settings.progress_seconds:
             state_data = state_data.with_(progress_edited_at=now)
-            self._edit_progress(run, state)
+            self._edit_progress(run, state, state_data.last_event)
         self.store.update_run(run.id, result_json=state_data.to_json())
 
-    def _edit_progress(self, run: Run, state) -> None:
+    def _edit_progress(self, run: Run, state, last_event: str | None = None) -> None:
         if not run.progress_ts:
             return
-        message = render.progress(run, state)
+        message = render.progress(run, state, last_event)
         try:
             self.ctx.client.chat_update(
                 channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
@@ -1198,7 +1334,7 @@ class Runs:
         run = self.find_run(cmd.target, channel)
         if user != run.requested_by and not self.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can cancel {run.id}.")
-        if run.status in WAITING and not (run.provider == "openai" and run.external_id):
+        if run.status in WAITING and not (run.provider not in OWN and run.external_id):
             if self.store.transition_run(run.id, [run.status], "cancelled"):
                 self.gate.settle("run", run.id, 0.0, note="cancelled before it started")
                 self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
@@ -1250,11 +1386,21 @@ class Runs:
         """A run cancelled before it started: its card says so and its uploads go; a job
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
-        if run.provider == "openai" and not run.external_id and self.settings.openai_api_key:
+        if run.provider not in OWN and not run.external_id and self.reachable(run.provider):
             self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
+
+    def reachable(self, provider: str) -> bool:
+        """A hosted provider's key is set (so its jobs can be looked up)."""
+        if provider == "openai":
+            return bool(self.settings.openai_api_key)
+        try:
+            self.credentials(provider)
+        except UserError:
+            return False
+        return True
 
     def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:

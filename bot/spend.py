@@ -17,7 +17,7 @@ Who may do what (requester: the person who asked for the run):
     action                          who
     request a paid run / distill    any member of a served channel; starts only after approval
     approve / reject                TUNEBOT_APPROVERS, never the requester
-    cancel, resume                  the requester or an approver
+    cancel, resume, download        the requester or an approver
     eval, chat on a hosted model    the run's requester or an approver; an estimate above
                                     TUNEBOT_EVAL_APPROVAL_ABOVE_USD needs an approval like a run
     eval, chat with no paid call    any member of a served channel

@@ -113,6 +113,7 @@ class Workflow:
             "chat": runs.distiller.chat,
             "cancel": runs.cancel,
             "migrate": runs.migrations.request,
+            "download": runs.downloads.request,
             "eval": lambda cmd, channel, user: runs.evals.request(
                 cmd.target, channel, cmd.options.get("eval"), user
             ),

@@ -21,10 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainers.errors import TrainerError
+from trainers.together_pricing import DEFAULT_RATES, TogetherRates
 
 # OpenAI stops accepting new self-serve fine-tuning jobs on this day.
 OPENAI_FINE_TUNING_CUTOFF = dt.date(2027, 1, 6)
@@ -131,6 +132,8 @@ class RetiredModel(TrainerError, ValueError):
 @dataclass(frozen=True)
 class PriceTable:
     models: tuple[ModelPrice, ...] = DEFAULT_PRICES
+    # Together AI's rates per model size (trainers/together_pricing.py), with their date.
+    together: TogetherRates = field(default=DEFAULT_RATES)
 
     def resolve(self, name: str) -> ModelPrice:
         """The model for a dated snapshot or a short name (`gpt-4o-mini`)."""
@@ -151,13 +154,19 @@ class PriceTable:
         Format: {"models": {"<name>": {"training_per_1m": 3.0, "context": 65536,
         "aliases": ["short"], "encoding": "o200k_base", "retired": null,
         "input_per_1m": 0.15, "output_per_1m": 0.6, "ft_input_per_1m": 0.3,
-        "ft_output_per_1m": 1.2}}}.
+        "ft_output_per_1m": 1.2}}}, and optionally {"together": {"read", "source",
+        "sizes"}} (see trainers/together_pricing.py). "models" may be left out when
+        "together" is given.
         """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read price file {path}: {exc}") from exc
         entries = data.get("models") if isinstance(data, dict) else None
+        together = DEFAULT_RATES
+        if isinstance(data, dict) and "together" in data:
+            together = TogetherRates.from_json(data["together"], f"price file {path}")
+            entries = {} if entries is None else entries
         if not isinstance(entries, dict):
             raise ValueError(f"price file {path} needs an object {{'models': {{name: {{...}}}}}}")
         models = {m.name: m for m in DEFAULT_PRICES}
@@ -166,7 +175,7 @@ class PriceTable:
                 raise ValueError(f"price file {path}: {name!r} must map to an object")
             base = models.get(name) or ModelPrice(name, 0.0, 65_536)
             models[name] = _override(base, fields, f"price file {path}: {name}")
-        return cls(tuple(models.values()))
+        return cls(tuple(models.values()), together)
 
 
 _INFERENCE_FIELDS = ("input_per_1m", "output_per_1m", "ft_input_per_1m", "ft_output_per_1m")

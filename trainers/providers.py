@@ -37,7 +37,9 @@ from trainers.errors import TrainerError
 from trainers.pricing import ModelPrice
 
 KINDS = ("openai", "openai-compatible", "together")
-RESERVED = ("local", "distill", "eval")  # provider names tunebot uses itself
+# Provider names tunebot uses itself (openai and together are configured by
+# OPENAI_API_KEY / OPENAI_BASE_URL and TOGETHER_API_KEY / TUNEBOT_TOGETHER_BASE_URL).
+RESERVED = ("local", "distill", "eval", "openai", "together")
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _ENV = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 

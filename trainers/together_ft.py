@@ -435,19 +435,43 @@ class TogetherRunner:
         return files
 
     def _find_file(self, key: str, part: str, path: Path) -> str | None:
-        """A validated upload for ``key`` of this size (newest), or None."""
+        """A validated upload for ``key`` of this size (newest), or None.
+
+        An upload whose bytes all arrived but whose last step (``POST
+        /v1/files/<id>/preprocess``, Together's validation) never came — the
+        process that sent it died in between — is finished here instead of
+        sent again; one Together cannot finish (a checksum mismatch) is skipped.
+        """
         name, size = file_name(key, part), path.stat().st_size
         with _translated():
             listed = self._client.files.list().data or ()
-        fits = [
-            f
-            for f in listed
-            if f.filename == name
-            and f.bytes == size
-            and f.purpose == "fine-tune"
-            and f.processing_status in (None, "COMPLETED")
-        ]
-        return max(fits, key=lambda f: f.created_at).id if fits else None
+        mine = sorted(
+            (
+                f
+                for f in listed
+                if f.filename == name and f.bytes == size and f.purpose == "fine-tune"
+            ),
+            key=lambda f: f.created_at,
+            reverse=True,
+        )
+        done = [f for f in mine if f.processing_status in (None, "COMPLETED")]
+        if done:
+            return done[0].id
+        for stalled in (f for f in mine if f.processing_status == "PENDING"):
+            try:
+                return self._ready(stalled.id, self._preprocess(stalled.id))
+            except TogetherAPIError as err:
+                if err.retryable:
+                    raise
+        return None
+
+    def _preprocess(self, file_id: str) -> str | None:
+        """The upload's last step, as ``files.upload`` sends it; the status it answers."""
+        from together.types import FileResponse
+
+        with _translated():
+            answer = self._client.post(f"/v1/files/{file_id}/preprocess", cast_to=FileResponse)
+        return answer.processing_status
 
     def _upload(self, path: Path, name: str) -> str:
         """Upload ``path`` as ``name`` and wait until Together has validated it."""

@@ -46,6 +46,7 @@ from bot.render.reports import (
     with_caveat,
 )
 from bot.render.runs import (
+    PROVIDER_NAMES,
     approval_card,
     distilled,
     dt_text,
@@ -54,6 +55,7 @@ from bot.render.runs import (
     local_result,
     log_name,
     progress,
+    provider_name,
     queued,
     retirement_notice,
     run_result,
@@ -75,6 +77,7 @@ __all__ = [
     "CONVERT_FORMATS",
     "MAX_CODES_SHOWN",
     "MAX_LINES_SHOWN",
+    "PROVIDER_NAMES",
     "SECTION_LIMIT",
     "Message",
     "advice",
@@ -104,6 +107,7 @@ __all__ = [
     "money",
     "note",
     "progress",
+    "provider_name",
     "providers_list",
     "queued",
     "reject_modal",

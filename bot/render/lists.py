@@ -107,7 +107,7 @@ def _serving_end(run) -> str:
 
 
 def providers_list(providers: Mapping, environ: Mapping[str, str] | None = None) -> Message:
-    """Where runs can train: OpenAI and local always, then the providers file's, each
+    """Where runs can train: OpenAI, local and Together always, then the providers file's, each
     with its kind, models (training price per 1M tokens, context) and whether its key is
     set. `environ` defaults to the process environment; keys are never shown."""
     import os
@@ -117,6 +117,9 @@ def providers_list(providers: Mapping, environ: Mapping[str, str] | None = None)
     lines = [
         f"• openai — OpenAI fine-tuning ({key}); new jobs until 2027-01-06",
         "• local — LoRA / QLoRA on this machine's GPUs (`tunebot models`)",
+        "• together — Together AI fine-tuning, LoRA or full ("
+        + ("key set" if env.get("TOGETHER_API_KEY") else "TOGETHER_API_KEY not set")
+        + "); priced per model size (TUNEBOT_PRICES' together table)",
     ]
     for name, p in sorted(providers.items()):
         key = "key set" if env.get(p.api_key_env) else f"{p.api_key_env} not set"

@@ -40,6 +40,10 @@ def _plan_lines(run) -> list[str]:
     for key, label in labels:
         if plan.get(key) is not None:
             hyper.append(f"{label}{escape(plan[key])}")
+    if plan.get("dropout") is not None:
+        hyper.append(f"dropout {escape(plan['dropout'])}")
+    if plan.get("kind") == "together":
+        hyper.insert(0, "LoRA" if plan.get("lora", True) else "full fine-tuning")
     if plan.get("qlora"):
         hyper.append("QLoRA 4-bit")
     if plan.get("merge"):
@@ -80,6 +84,11 @@ def _plan_lines(run) -> list[str]:
         )
     else:
         cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
+        if plan.get("prices_source"):  # a hosted provider beside OpenAI: say whose prices
+            cost += (
+                f" at {money(est.get('price_per_1m', 0))} per 1M tokens (prices from "
+                f"{escape(plan['prices_source'])}, read {escape(plan.get('prices_read') or 'on an unknown day')})"
+            )
     lines = [
         f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
         cost,
@@ -116,7 +125,8 @@ def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -
             )
         else:
             lines.append(
-                "⚠️ The data may hold secrets: an approver must override that before it goes to OpenAI"
+                "⚠️ The data may hold secrets: an approver must override that before it goes to "
+                f"{provider_name(run.provider)}"
             )
     if tally.rejected_by:
         lines.append(
@@ -160,7 +170,7 @@ def _decision_buttons(run, *, offer_override: bool) -> dict:
                     title=plain("Send possible secrets?"),
                     text=MarkdownTextObject(
                         text="The data may contain credentials. They will be uploaded to "
-                        "OpenAI. This is audited."
+                        f"{provider_name(run.provider)}. This is audited."
                     ),
                     confirm=plain("Send anyway"),
                     deny=plain("Cancel"),
@@ -186,11 +196,22 @@ def _steps(run, state) -> list[str]:
     return parts
 
 
-def progress(run, state) -> Message:
-    """The one progress message per OpenAI run, edited in place."""
+# How people write the hosted providers tunebot knows by name.
+PROVIDER_NAMES = {"openai": "OpenAI", "together": "Together AI"}
+
+
+def provider_name(provider: str) -> str:
+    """ "OpenAI", "Together AI", or a providers-file name as it is written."""
+    return PROVIDER_NAMES.get(provider, provider)
+
+
+def progress(run, state, last_event: str | None = None) -> Message:
+    """The one progress message per hosted run, edited in place; `last_event` is the
+    newest line of the provider's job log (Together's events, OpenAI's)."""
     if state is None:
         text = (
-            f"{run.id}: submitted to OpenAI as {escape(run.external_id)}; waiting for it to start."
+            f"{run.id}: submitted to {provider_name(run.provider)} as "
+            f"{escape(run.external_id)}; waiting for it to start."
         )
         return Message(text, [section(text)])
     parts = _steps(run, state)
@@ -198,6 +219,8 @@ def progress(run, state) -> Message:
         parts.append(f"{state.trained_tokens:,} tokens")
     if state.estimated_finish:
         parts.append(f"ETA {dt_text(state.estimated_finish)}")
+    if last_event:
+        parts.append(f"“{escape(clip(last_event, 120))}”")
     text = " · ".join(parts)
     return Message(text, [section(text)])
 
@@ -227,8 +250,19 @@ def run_result(run) -> Message:
     if run.status != "succeeded" and run.actual_usd:
         lines.append(f"Spent: {money(run.actual_usd)} (approved {money(run.estimate_usd or 0)})")
     if run.error:
-        who = "OpenAI said" if run.provider == "openai" and run.external_id else "Why"
+        hosted = run.provider not in ("local", "distill", "eval") and run.external_id
+        who = f"{provider_name(run.provider)} said" if hosted else "Why"
         lines.append(f"{who}: {escape(failure_line(run.error))}")
+    if run.status == "succeeded" and (run.plan_json or {}).get("kind") == "together":
+        lines.append(
+            f"Next: `/finetune eval {run.id}` (base vs tuned through Together's chat "
+            f'completions), `/finetune chat {run.id} "<prompt>"`, and `/finetune download '
+            f"{run.id}` (the LoRA adapter; `merged` for the merged model) into tunebot's home "
+            "for local evaluation, chat and serving."
+            if (run.plan_json or {}).get("lora", True)
+            else f'Next: `/finetune eval {run.id}`, `/finetune chat {run.id} "<prompt>"`, and '
+            f"`/finetune download {run.id}` (the full model's weights) into tunebot's home."
+        )
     text = "\n".join(lines)
     return Message(text, [section(text)])
 

@@ -206,7 +206,9 @@ def test_providers_lists_the_file_and_whether_each_key_is_set(tmp_path):
     (acme,) = [line for line in lines if line.startswith("• acme")]
     assert "openai-compatible at http://127.0.0.1:9/v1 (key set)" in acme
     assert "acme-8b ($0.5/1M, 32,768 tokens)" in acme and "sk-x" not in out.stdout
-    (tog,) = [line for line in lines if line.startswith("• tog")]
+    (tog,) = [line for line in lines if line.startswith("• tog ")]
+    (together,) = [line for line in lines if line.startswith("• together ")]
+    assert "TOGETHER_API_KEY not set" in together
     assert "TOGETHER_API_KEY not set" in tog
 
     path.write_text('[providers.a]\nkind = "openai"\napi_key_env = "sk-live-1"')

@@ -132,3 +132,73 @@ def test_plans_are_frozen():
     plan = TrainingPlan.from_json(OPENAI_OLD)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.epochs = 5  # type: ignore[misc]
+
+
+# --- hosted providers beside OpenAI ------------------------------------------------
+
+
+def _together(**changes):
+    from bot.plans import TogetherPlan
+
+    fields = {
+        "dataset_id": "d1",
+        "dataset_sha256": "ab" * 32,
+        "model": "Qwen/Qwen3-8B",
+        "epochs": 3,
+        "r": 16,
+        "alpha": 32.0,
+        "dropout": 0.05,
+        "suffix": "support",
+        "prices_read": "2026-11-30",
+        "prices_source": "https://www.together.ai/pricing",
+        "split": 0.1,
+        "estimate": Estimate(billed_tokens=3_000, cost_usd=0.0014, price_per_1m=0.48),
+    }
+    return TogetherPlan(**{**fields, **changes})
+
+
+def test_a_together_plan_round_trips_and_gives_the_runners_names():
+    from bot.plans import TogetherPlan
+
+    plan = _together()
+    stored = plan.to_json()
+    assert (stored["provider"], stored["kind"], stored["lora"]) == ("together", "together", True)
+    assert TrainingPlan.from_json(stored) == plan
+    assert plan.hyperparameters() == {
+        "epochs": 3, "lora": True, "lr": None, "batch": None, "r": 16, "alpha": 32.0,
+        "dropout": 0.05,
+    }  # fmt: skip
+    # A providers-file provider of kind together reads back as a TogetherPlan too.
+    named = _together(provider="tog").to_json()
+    assert isinstance(TrainingPlan.from_json(named), TogetherPlan)
+
+
+def test_a_compatible_plan_is_read_back_by_its_kind():
+    from bot.plans import CompatiblePlan
+
+    plan = CompatiblePlan(
+        dataset_id="d1", dataset_sha256="ab" * 32, provider="acme", model="acme-8b",
+        epochs=3, prices_read="2026-11-30", prices_source="https://acme.example/pricing",
+    )  # fmt: skip
+    stored = plan.to_json()
+    assert stored["kind"] == "openai-compatible"
+    assert TrainingPlan.from_json(stored) == plan
+    with pytest.raises(ValueError, match=r"CompatiblePlan.kind must be openai or openai-compat"):
+        dataclasses.replace(plan, kind="together")
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"lora": False}, "TogetherPlan.r applies to LoRA only"),
+        ({"dropout": 1.0}, "TogetherPlan.dropout must be a number in [0, 1)"),
+        ({"batch": 0}, "TogetherPlan.batch must be"),
+        ({"lr": float("nan")}, "TogetherPlan.lr must be"),
+        ({"suffix": "no spaces allowed"}, "TogetherPlan.suffix must be"),
+        ({"kind": "openai"}, "TogetherPlan.kind must be together"),
+        ({"lora": "yes"}, "TogetherPlan.lora must be true or false"),
+    ],
+)
+def test_a_bad_together_field_is_named(changes, named):
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace(")", r"\)")):
+        _together(**changes)

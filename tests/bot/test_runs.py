@@ -432,7 +432,7 @@ def test_local_runs_can_require_approval_and_show_gpu_time(paid_bot):
         ("train batch=0", "batch= must be a whole number above 0"),
         ("train batch=2.5", "batch= must be a whole number above 0"),
         ("train provider=local lr=-1e-4", "lr= must be a number above 0"),
-        ("train provider=gpu", "provider must be openai or local"),
+        ("train provider=gpu", "provider must be one of openai, local, together, not `gpu`"),
         ("train provider=openai model=gpt-3.5-turbo", "retired"),
         ("train split=0.9", "split= takes a fraction between 0 and 0.5"),
     ],

@@ -30,7 +30,15 @@ GET    /v1/fine-tunes/<id>/events           fine_tuning.list_events -> ``{"data"
 GET    /v1/fine-tunes/<id>/metrics          fine_tuning.list_metrics -> ``{"metrics": [...]}``
 GET    /v1/finetune/download                fine_tuning.content(ft_id=, checkpoint=):
                                             302 to ``/blobs/<name>``, a tar.gz archive
+POST   /v1/chat/completions                 Together's OpenAI-compatible chat (the openai
+                                            SDK at ``<base_url>/v1``): a base model the
+                                            fake knows, or a completed job's
+                                            ``model_output_name``
 ==========================================  ==============================================
+
+Chat completions answer deterministically: ``"[<model>] <last user message>"``,
+usage counted by `count_tokens`' rule (one token per word, `MESSAGE_OVERHEAD`
+per message); an unknown model is a 404 like Together's.
 
 Errors use the envelope ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -514,6 +522,8 @@ class FakeTogether(LocalHTTPServer):
                 return _json_reply({"metrics": self._metrics(self._get_job(job_id), query)})
             case "GET", ["v1", "finetune", "download"]:
                 return self._download(query)
+            case "POST", ["v1", "chat", "completions"]:
+                return _json_reply(self._chat(params))
             case "GET", ["blobs", name]:
                 if name not in self._blobs:
                     raise ApiError(404, "No such object")
@@ -789,6 +799,41 @@ class FakeTogether(LocalHTTPServer):
         name = f"{obj['id']}-{kind}.tar.gz"
         self._blobs[name] = (_archive(obj, kind), "application/x-tar")
         return _Reply(302, b"", "text/plain", {"Location": f"{self._root()}/blobs/{name}"})
+
+    def _chat(self, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict) or not isinstance(params.get("messages"), list):
+            raise ApiError(400, "messages is required")
+        model = params.get("model")
+        outputs = {j.obj["model_output_name"] for j in self._jobs.values()}
+        if model not in FAKE_RATES and model not in outputs:
+            raise ApiError(404, f"Unable to access model {model}.", code="model_not_available")
+        users = [m for m in params["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        said = str(users[-1].get("content", "")) if users else ""
+        reply = f"[{model}] {said}"
+        prompt = sum(
+            MESSAGE_OVERHEAD + len(str(m.get("content", "")).split())
+            for m in params["messages"]
+            if isinstance(m, dict)
+        )
+        completion = len(reply.split())
+        return {
+            "id": self._new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
 
     # -- the job state machine (called with the lock held) ---------------------
 

@@ -81,3 +81,13 @@ def test_each_mistake_is_named_with_its_place(tmp_path, text, says):
 def test_a_missing_file_is_one_clear_error(tmp_path):
     with pytest.raises(ProvidersFileError, match="cannot read providers file"):
         load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("name", ["openai", "together", "local"])
+def test_the_built_in_names_are_not_taken_by_the_file(tmp_path, name):
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        f'[providers.{name}]\nkind = "openai-compatible"\nbase_url = "https://x.example/v1"\napi_key_env = "X_KEY"\n'
+    )
+    with pytest.raises(ProvidersFileError, match=f"providers.{name}: a provider name is"):
+        load(path)
