@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,7 @@ class Runs:
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
         self._local_lock = threading.Lock()
+        self._ray: Runner | None = None  # built once: it keeps its client to the cluster
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
@@ -115,6 +117,12 @@ class Runs:
     def runner(self, provider: str) -> Runner:
         """The Runner (trainers.runner) that trains for `provider`; the bot drives each
         the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`."""
+        if provider == "local" and self.on_ray:
+            if self._ray is None:
+                from bot import ray_runs
+
+                self._ray = ray_runs.make_runner(self.settings)
+            return self._ray
         if provider == "local":
             from trainers.local import LocalRunner
 
@@ -129,8 +137,17 @@ class Runs:
             return OpenAIRunner(self.tuner)
         raise UserError(f"runs on {provider} are not offered by this bot yet")
 
+    @property
+    def on_ray(self) -> bool:
+        """Local runs train as Ray jobs (TUNEBOT_LOCAL_RUNNER=ray; bot/ray_runs.py)."""
+        return self.settings.local_runner == "ray"
+
     def handle(self, run: Run) -> Handle:
         """The handle of a run's job, from what the run recorded."""
+        if run.provider == "local" and self.on_ray:
+            from bot import ray_runs
+
+            return ray_runs.handle(self.runner("local"), self.key(run.id), run.external_id or "")
         where = str(self.run_dir(run.id)) if run.provider == "local" else None
         return Handle(run.provider, run.external_id or "", where=where)
 
@@ -1032,19 +1049,24 @@ class Runs:
             model=model,
             train_file=Path(data["train"]),
             eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters={**plan.hyperparameters(), **self.local_overrides},
+            hyperparameters=self._local_hyperparameters(run),
             output_dir=run_dir,
         )
-        resume = bool(complete_checkpoints(run_dir))
-        worker = self.runner("local").submit(spec, self.key(run.id))
+        if self.on_ray:
+            from bot import ray_runs
+
+            attempt = int((run.result_json or {}).get("attempt") or 1)
+            worker, resume = ray_runs.submit(self.runner("local"), spec, self.key(run.id), attempt)
+            detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
+        else:
+            resume = bool(complete_checkpoints(run_dir))
+            worker = self.runner("local").submit(spec, self.key(run.id))
+            detail = {"pid": int(worker.id.removeprefix("pid:"))}
         self.store.update_run(run.id, external_id=worker.id)
         self.store.audit(
-            "tunebot",
-            "resumed" if resume else "started",
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"pid": int(worker.id.removeprefix("pid:"))},
-        )
+            "tunebot", "resumed" if resume else "started", run_id=run.id,
+            plan_hash=run.plan_hash, detail=detail,
+        )  # fmt: skip
         log.info("run %s: local worker %s%s", run.id, worker.id, " (resuming)" if resume else "")
         message = render.local_progress(self.store.get_run(run.id), None)
         if run.progress_ts:
@@ -1052,6 +1074,9 @@ class Runs:
         else:
             ts = self.wf.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
+
+    def _local_hyperparameters(self, run: Run) -> dict[str, Any]:
+        return {**TrainingPlan.from_json(run.plan_json).hyperparameters(), **self.local_overrides}
 
     def _training_files(self, run: Run) -> dict[str, str]:
         data = self.evals.prepare(run)
@@ -1061,7 +1086,13 @@ class Runs:
         return files
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
-        message = render.queued(run, position, total)
+        waiting = None
+        if self.on_ray:
+            from bot import ray_runs
+
+            gpus = self._local_hyperparameters(run).get("num_gpus") or 0
+            waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+        message = render.queued(run, position, total, waiting=waiting)
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
@@ -1085,7 +1116,11 @@ class Runs:
                 log.info("run %s: launch interrupted; queued again", run.id)
                 self.dispatch_local()
             return
-        state = self.runner("local").poll(self.handle(run))
+        try:
+            state = self.runner("local").poll(self.handle(run))
+        except RunnerError as exc:  # the cluster did not answer: the next tick asks again
+            log.info("run %s: poll failed (%s); next time", run.id, exc.message)
+            return
         if state.terminal:
             self._finish_local(run, state)
             self.dispatch_local()  # a slot is free
@@ -1097,10 +1132,25 @@ class Runs:
             and run.progress_ts
         ):
             data["progress_edited_at"] = now
-            self._update(run, run.progress_ts, render.local_progress(run, state))
+            waiting = None
+            if self.on_ray and state.status == "queued":  # Ray has not started the job yet
+                from bot import ray_runs
+
+                gpus = self._local_hyperparameters(run).get("num_gpus") or 0
+                waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+            self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
             self.store.update_run(run.id, result_json=data)
 
     def _finish_local(self, run: Run, state: RunState) -> None:
+        if self.on_ray and state.status == "succeeded":
+            from bot import ray_runs
+
+            try:  # the evaluation and /finetune chat load the adapter from this machine
+                home = ray_runs.copy_home(self.runner("local"), state, self.run_dir(run.id))
+            except RunnerError as exc:
+                log.error("run %s: adapter not copied home: %s", run.id, exc.message)
+                return  # the next tick tries again
+            state = replace(state, output={**state.output, **home})
         data = dict(run.result_json or {})
         data.update(
             adapter_dir=state.output.get("adapter_dir"),
@@ -1151,20 +1201,29 @@ class Runs:
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
         if user != run.requested_by and user not in self.policy().approvers:
             raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
-        checkpoints = local.complete_checkpoints(self.run_dir(run.id))
-        if not checkpoints:
+        data = dict(run.result_json or {})
+        if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
+            from bot import ray_runs
+
+            names = ray_runs.checkpoints(self.runner("local"), self.key(run.id))
+            data["attempt"] = int(data.get("attempt") or 1) + 1
+        else:
+            names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
+        if not names:
             raise UserError(f"{run.id} has no complete checkpoint to resume from.")
-        if not self.store.transition_run(run.id, ["failed", "cancelled"], "queued", error=None):
+        if not self.store.transition_run(
+            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data
+        ):
             raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
         self.store.audit(
             user,
             "resume_requested",
             run_id=run.id,
             plan_hash=run.plan_hash,
-            detail={"checkpoint": checkpoints[-1].name},
+            detail={"checkpoint": names[-1]},
         )
         self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
-        return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
+        return render.note(f"{run.id} resumes from {names[-1]}.", in_channel=True)
 
     # --- cancel, resume -------------------------------------------------------
 
@@ -1184,6 +1243,8 @@ class Runs:
                 where = "left the queue and " if run.status == "queued" else ""
                 return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
             run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
+        if run.provider == "local" and run.status == "running" and self.on_ray and run.external_id:
+            return self._cancel_ray_job(run, user)
         if run.provider == "local" and run.status == "running":
             from trainers import local
 
@@ -1220,6 +1281,32 @@ class Runs:
                 in_channel=True,
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
+
+    def _cancel_ray_job(self, run: Run, user: str) -> render.Message:
+        """Ray's stop_job: SIGTERM, the worker saves a checkpoint, then stops. A job Ray has
+        not started (waiting for GPUs) would only stop once it could start, so the run ends
+        here and now; the stop request waits at the cluster."""
+        runner = self.runner("local")
+        try:
+            pending = runner.poll(self.handle(run)).status == "queued"
+            runner.cancel(self.handle(run))
+        except RunnerError as exc:
+            raise UserError(f"The Ray cluster did not stop {run.id}: {exc.summary}") from None
+        self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
+        if pending and self.store.transition_run(run.id, ["running"], "cancelled", actual_usd=0.0):
+            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
+            done = self.store.get_run(run.id)
+            if done.progress_ts:
+                self._update(done, done.progress_ts, render.cancelled_before_start(done))
+            self._refresh_homes(done)
+            self.wf.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
+            return render.note(
+                f"{run.id} left the Ray cluster's queue and is cancelled.", in_channel=True
+            )
+        return render.note(
+            f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
+            in_channel=True,
+        )
 
     def _after_cancel(self, run_id: str) -> None:
         """A run cancelled before it started: its card says so and its uploads go; a job

@@ -47,6 +47,7 @@ from bot.render.reports import (
 )
 from bot.render.runs import (
     approval_card,
+    cancelled_before_start,
     distilled,
     dt_text,
     local_accepted,
@@ -82,6 +83,7 @@ __all__ = [
     "approval_card",
     "audit_log",
     "budget_report",
+    "cancelled_before_start",
     "conversion_offer",
     "conversion_summary",
     "cost_lines",

@@ -237,15 +237,21 @@ def local_accepted(run) -> Message:
     return Message(text, [section(text)])
 
 
-def queued(run, position: int, total: int) -> Message:
-    text = f"{run.id} queued for the local GPU: position {position} of {total}."
+def queued(run, position: int, total: int, *, waiting: str | None = None) -> Message:
+    """`waiting`: what the run waits for besides its turn ("waiting for 2 GPUs (…)")."""
+    text = f"{run.id} queued for the local GPU: position {position} of {total}"
+    text += f", {waiting}." if waiting else "."
     return Message(text, [section(text)])
 
 
-def local_progress(run, state) -> Message:
-    """The local run's progress message, edited in place."""
+def local_progress(run, state, *, waiting: str | None = None) -> Message:
+    """The local run's progress message, edited in place; `waiting`: what a job the Ray
+    cluster has not started yet waits for ("waiting for 2 GPUs (…)")."""
     if state is None:
         text = f"{run.id} starting: loading {escape(run.model)}…"
+        return Message(text, [section(text)])
+    if waiting and state.status == "queued":
+        text = f"{run.id} submitted to the Ray cluster, {waiting}."
         return Message(text, [section(text)])
     parts = _steps(run, state)
     if state.tokens_per_second:
@@ -253,6 +259,12 @@ def local_progress(run, state) -> Message:
     if state.eta_seconds and state.status == "running":
         parts.append(f"ETA {duration(state.eta_seconds / 3600)}")
     text = " · ".join(parts)
+    return Message(text, [section(text)])
+
+
+def cancelled_before_start(run) -> Message:
+    """A local run cancelled while the Ray cluster still held its job back (no GPUs free)."""
+    text = f"{run.id} cancelled before the Ray cluster started it."
     return Message(text, [section(text)])
 
 
