@@ -58,7 +58,7 @@ SPECS: dict[str, Spec] = {
             "train",
             "train [dataset] provider=openai|local model=… epochs=N|auto batch=… eval=<dataset>|split=0.1 "
             "(openai: lr_mult=… suffix=…; local: lr=… r=… alpha=… targets=all-linear|q,k,v,o "
-            "max_length=… qlora=true|false merge=true|false)",
+            "max_length=… qlora=true|false merge=true|false gpus=N nodes=M)",
             "ask for a training run (paid runs need approval)",
             options=(
                 "provider",
@@ -76,6 +76,8 @@ SPECS: dict[str, Spec] = {
                 "max_length",
                 "qlora",
                 "merge",
+                "gpus",
+                "nodes",
             ),
             max_args=1,
         ),

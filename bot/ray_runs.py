@@ -76,6 +76,12 @@ def copy_home(runner: RayRunner, state: RunState, home: Path) -> dict[str, Any]:
     return copied
 
 
+def gpus_needed(hyperparameters: dict[str, Any]) -> float:
+    """GPUs a run's Ray job asks for in all: ``num_gpus`` for each of ``num_workers``."""
+    per = hyperparameters.get("num_gpus") or 0
+    return per * (hyperparameters.get("num_workers") or 1)
+
+
 def waiting_for(runner: RayRunner, gpus: float) -> str | None:
     """ "waiting for 2 GPUs (the Ray cluster has 0 of 1 free)" when a run needs more GPUs
     than the cluster has free now; None when it has them, or does not say."""

@@ -1090,7 +1090,7 @@ class Runs:
         if self.on_ray:
             from bot import ray_runs
 
-            gpus = self._local_hyperparameters(run).get("num_gpus") or 0
+            gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
             waiting = ray_runs.waiting_for(self.runner("local"), gpus)
         message = render.queued(run, position, total, waiting=waiting)
         if run.progress_ts:
@@ -1133,10 +1133,10 @@ class Runs:
         ):
             data["progress_edited_at"] = now
             waiting = None
-            if self.on_ray and state.status == "queued":  # Ray has not started the job yet
+            if self.on_ray and state.step is None:  # Ray (or Ray Train) has not started it yet
                 from bot import ray_runs
 
-                gpus = self._local_hyperparameters(run).get("num_gpus") or 0
+                gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
                 waiting = ray_runs.waiting_for(self.runner("local"), gpus)
             self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
             self.store.update_run(run.id, result_json=data)

@@ -13,8 +13,8 @@ the process group, wraps the model in DDP and shards the batches with its
 distributed sampler (each of N workers trains on 1/N of each epoch's
 batches). Rank 0 alone writes progress.jsonl, checkpoints, the adapter and
 result.json, in the same run folder and layout as a one-process run.
-``--spread`` places the workers on different nodes (``STRICT_SPREAD``), one
-per node, for ``nodes=M`` runs.
+``--spread`` spreads the workers over the nodes (``SPREAD``: on as many
+nodes as can take them), for ``nodes=M`` runs.
 
 Exit status: 0 when every worker's run ended (succeeded or cancelled: the
 result says which), 1 when one failed (rank 0's result.json says why), 2 for
@@ -54,7 +54,7 @@ def scaling(workers: int, gpus_per_worker: float, spread: bool) -> Any:
         num_workers=workers,
         use_gpu=bool(gpus_per_worker),
         resources_per_worker=resources,
-        placement_strategy="STRICT_SPREAD" if spread else "PACK",
+        placement_strategy="SPREAD" if spread else "PACK",
     )
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.ray_train", description=__doc__)
     parser.add_argument("--workers", type=int, required=True, help="data-parallel workers (>= 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: train on CPU")
-    parser.add_argument("--spread", action="store_true", help="one worker per node")
+    parser.add_argument("--spread", action="store_true", help="spread workers over nodes")
     parser.add_argument("spec", help="the run's spec.json (trainers.lora.LoraSpec)")
     try:
         args = parser.parse_args(argv)

@@ -250,7 +250,7 @@ def local_progress(run, state, *, waiting: str | None = None) -> Message:
     if state is None:
         text = f"{run.id} starting: loading {escape(run.model)}…"
         return Message(text, [section(text)])
-    if waiting and state.status == "queued":
+    if waiting and state.step is None:
         text = f"{run.id} submitted to the Ray cluster, {waiting}."
         return Message(text, [section(text)])
     parts = _steps(run, state)

@@ -18,13 +18,12 @@ pytest.importorskip("torch", reason="local training needs the [local] extra")
 pytest.importorskip("trl", reason="local training needs the [local] extra")
 
 from bot import ray_runs
+from bot.plans import TrainingPlan
 from tests.bot.test_runs import request, texts, upload
 from tests.conftest import training_file
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from tests.trainers.test_ray_runner import ADDRESS, needs_cluster
 from trainers.ray_runner import submission_id
-
-pytestmark = needs_cluster
 
 FAST = {"lr": 1e-2, "grad_accum": 1, "max_length": 128, "num_cpus": 1}
 DONE = ("succeeded", "failed", "cancelled")
@@ -99,6 +98,7 @@ def finals(bot, run_id: str, word: str) -> list[str]:
     return [t for t in texts(bot) if t.startswith(f"<@UR> {run_id} {word}")]
 
 
+@needs_cluster
 def test_a_run_trains_as_a_ray_job_reports_once_and_is_evaluated(ray_bot):
     bot = ray_bot()
     runs = bot.workflow.runs
@@ -139,6 +139,7 @@ def test_a_run_trains_as_a_ray_job_reports_once_and_is_evaluated(ray_bot):
     assert audit["started"]["ray_job"] == sid
 
 
+@needs_cluster
 def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
     bot = ray_bot()
     runs = bot.workflow.runs
@@ -179,6 +180,7 @@ def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
     assert len(finals(bot, "r1", "🎉 succeeded")) == 1
 
 
+@needs_cluster
 def test_a_restarted_bot_reattaches_to_its_ray_job(ray_bot, make_bot):
     bot = ray_bot()
     upload(bot, training_file(40))
@@ -196,6 +198,7 @@ def test_a_restarted_bot_reattaches_to_its_ray_job(ray_bot, make_bot):
     assert len(finals(again, "r1", "🎉 succeeded")) == 1
 
 
+@needs_cluster
 def test_a_submission_lost_before_it_was_recorded_is_adopted_not_repeated(ray_bot):
     # The bot dies after Ray took the job but before it recorded the job's id: the
     # next bot's retry submits with the same id and adopts the job, whatever its state.
@@ -220,14 +223,17 @@ def test_a_submission_lost_before_it_was_recorded_is_adopted_not_repeated(ray_bo
     assert len(finals(bot, "r1", "🎉 succeeded")) == 1
 
 
+@needs_cluster
 def test_a_run_that_needs_gpus_says_how_many_the_cluster_lacks(ray_bot):
-    bot = ray_bot(local_slots=1)
-    bot.workflow.runs.local_overrides.update(num_gpus=2)  # the CI cluster has none
+    bot = ray_bot(local_slots=1)  # the CI cluster has no GPU
     upload(bot, training_file(40))
-    request(bot, "train provider=local epochs=1")
-    request(bot, "train provider=local epochs=1")
-    waiting = "waiting for 2 GPUs (the Ray cluster has 0 of 0 free)"
-    assert any(f"r2 queued for the local GPU: position 1 of 1, {waiting}." in t for t in texts(bot))
+    request(bot, "train provider=local epochs=1 gpus=1")
+    request(bot, "train provider=local epochs=1 gpus=2 nodes=2")
+    two = TrainingPlan.from_json(bot.store.get_run("r2").plan_json).hyperparameters()
+    assert (two["num_workers"], two["num_gpus"], two["spread"]) == (2, 1, True)
+    lacks = "waiting for 2 GPUs (the Ray cluster has 0 of 0 free)"
+    assert any(f"r2 queued for the local GPU: position 1 of 1, {lacks}." in t for t in texts(bot))
+    waiting = "waiting for 1 GPU (the Ray cluster has 0 of 0 free)"
     run = tick_until(bot, "r1", ("running",), timeout=60)
     deadline = time.monotonic() + 60
     while not any(waiting in e for e in progress_edits(bot, bot.store.get_run("r1"))):
@@ -243,5 +249,19 @@ def test_a_run_that_needs_gpus_says_how_many_the_cluster_lacks(ray_bot):
     assert run.status == "cancelled"
     bot.wait_idle()
     assert progress_edits(bot, run)[-1] == "r1 cancelled before the Ray cluster started it."
-    # Its slot went to r2, which waits for the GPUs in its turn.
-    run = tick_until(bot, "r2", ("running",), timeout=60)
+    # Its slot went to r2: two Ray Train workers, one GPU each, spread over the nodes.
+    tick_until(bot, "r2", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while not bot.store.get_run("r2").external_id:
+        assert time.monotonic() < deadline, "r2 was never submitted"
+        time.sleep(0.2)
+    (job,) = ray_jobs(bot.store.get_run("r2").external_id)
+    assert "trainers.ray_train --workers 2 --gpus-per-worker 1 --spread " in job.entrypoint
+
+
+def test_gpus_and_nodes_are_refused_without_a_ray_cluster(paid_bot, tiny):  # noqa: F811
+    bot = paid_bot(local_base_model=str(tiny.model), model_dirs=(str(tiny.root),))
+    upload(bot, training_file(40))
+    body = request(bot, "train provider=local gpus=2")
+    assert "`gpus=` and `nodes=` are for a Ray cluster (TUNEBOT_LOCAL_RUNNER=ray)" in body["text"]
+    assert bot.store.runs(limit=None) == []
