@@ -56,6 +56,7 @@ APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most th
 APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
 RETRY_MAX_SECONDS = 600.0
+RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is tried again after
 
 
 def _now() -> dt.datetime:
@@ -1019,6 +1020,23 @@ class Runs:
             run = self.store.get_run(run_id)
             try:
                 self._launch_local(run)
+            except RunnerError as exc:
+                if not (exc.retryable and self.on_ray):
+                    raise
+                # No Ray cluster answers (yet): the run keeps its place and is tried again.
+                log.info("run %s: Ray cluster unavailable (%s); queued again", run_id, exc.message)
+                retry = self.clock() + dt.timedelta(seconds=RAY_RETRY_SECONDS)
+                self.store.release_claim(
+                    run_id, token, from_status="running", to_status="queued", retry_at=retry
+                )
+                message = render.ray_unavailable(run, exc.summary, RAY_RETRY_SECONDS)
+                if run.progress_ts:
+                    self._update(run, run.progress_ts, message)
+                else:
+                    self.store.update_run(
+                        run_id, progress_ts=self.wf.post(run.channel, run.thread_ts, message)
+                    )
+                return
             except Exception as exc:
                 log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
                 self._finish(

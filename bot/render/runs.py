@@ -262,6 +262,15 @@ def local_progress(run, state, *, waiting: str | None = None) -> Message:
     return Message(text, [section(text)])
 
 
+def ray_unavailable(run, why: str, retry_seconds: float) -> Message:
+    """A local run the Ray cluster could not take: it keeps its place in the queue."""
+    text = (
+        f"{run.id} is waiting for the Ray cluster ({escape(clip(why, 200))}); "
+        f"it is tried again in {retry_seconds:.0f} s and keeps its place in the queue."
+    )
+    return Message(text, [section(text)])
+
+
 def cancelled_before_start(run) -> Message:
     """A local run cancelled while the Ray cluster still held its job back (no GPUs free)."""
     text = f"{run.id} cancelled before the Ray cluster started it."

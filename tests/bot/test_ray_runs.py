@@ -265,3 +265,24 @@ def test_gpus_and_nodes_are_refused_without_a_ray_cluster(paid_bot, tiny):  # no
     body = request(bot, "train provider=local gpus=2")
     assert "`gpus=` and `nodes=` are for a Ray cluster (TUNEBOT_LOCAL_RUNNER=ray)" in body["text"]
     assert bot.store.runs(limit=None) == []
+
+
+def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_path):  # noqa: F811
+    pytest.importorskip("ray", reason="the Ray runner needs the [ray] extra")
+    bot = paid_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9",  # nothing listens there
+        artifacts=(tmp_path / "artifacts").as_uri(),
+    )  # fmt: skip
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    for _ in range(3):  # polls within the back-off do not try again
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+    run = bot.store.get_run("r1")
+    assert run.status == "queued" and run.error is None and run.external_id is None
+    waits = [t for t in texts(bot) if t.startswith("r1 is waiting for the Ray cluster")]
+    assert len(waits) == 1 and "no Ray cluster answers at http://127.0.0.1:9" in waits[0]
+    assert "tried again in 30 s" in waits[0]
+    actions = [e.action for e in bot.store.audit_log(run_id="r1")]
+    assert "started" not in actions and "failed" not in actions
