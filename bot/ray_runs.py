@@ -84,11 +84,12 @@ def gpus_needed(hyperparameters: dict[str, Any]) -> float:
 
 def waiting_for(runner: RayRunner, gpus: float) -> str | None:
     """ "waiting for 2 GPUs (the Ray cluster has 0 of 1 free)" when a run needs more GPUs
-    than the cluster has free now; None when it has them, or does not say."""
+    than the cluster has free now; None when it has them, or does not answer within 3 s
+    (this runs on the scheduler's thread)."""
     if not gpus:
         return None
     try:
-        free, total = runner.resources().get("GPU", (0.0, 0.0))
+        free, total = runner.resources(timeout=3).get("GPU", (0.0, 0.0))
     except RunnerError:
         return None
     if free >= gpus:
