@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 from bot import approvals, egress, render
 from bot.commands import Command
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import UserError
-from bot.runs import WAITING
+from bot.results import RunResult
+from bot.runs import WAITING, Runs
 
 if TYPE_CHECKING:
-    from bot.runs import Runs
     from storage import Dataset, Run
 
 log = logging.getLogger("tunebot")
@@ -26,9 +28,10 @@ log = logging.getLogger("tunebot")
 class Admin:
     """The admin commands; Workflow._commands() dispatches to them."""
 
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+        self.ctx = ctx
+        self.datasets = datasets
         self.runs = runs
-        self.wf = runs.wf
         self.store = runs.store
         self.settings = runs.settings
         self.gate = runs.gate
@@ -36,7 +39,7 @@ class Admin:
 
     def release(self, cmd: Command, channel: str, user: str) -> render.Message:
         """An approver lets a dataset that may hold secrets go to hosted models."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
+        dataset = self.datasets.find_dataset(channel, cmd.target)
         if not self.gate.is_approver(user):
             raise UserError(f"Only an approver can release {dataset.id} (TUNEBOT_APPROVERS).")
         if user == dataset.user:
@@ -59,7 +62,7 @@ class Admin:
     def forget(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Forget a dataset: its bytes (if no other dataset has them), its splits, its
         uploads to providers, and the runs still waiting on it."""
-        dataset = self.wf.find_dataset(channel, cmd.target)
+        dataset = self.datasets.find_dataset(channel, cmd.target)
         if user != dataset.user and not self.gate.is_approver(user):
             raise UserError(f"Only <@{dataset.user}> or an approver can forget {dataset.id}.")
         self.store.update_dataset(dataset.id, forgotten_at=self.clock(), forgotten_by=user)
@@ -75,7 +78,7 @@ class Admin:
                 self.gate.settle("run", run.id, 0.0, note="dataset forgotten")
                 self.store.audit(user, "cancelled", run_id=run.id, detail={"why": "forgotten"})
                 cancelled.append(run)
-        self.wf.submit(
+        self.ctx.submit(
             f"forgetting {dataset.id}",
             lambda: self._forget_files(dataset, user, cancelled),
             channel,
@@ -88,13 +91,13 @@ class Admin:
         shas = {dataset.sha256}
         for run in self.store.runs(channel=dataset.channel, limit=None):
             if run.dataset_id == dataset.id:
-                data = (run.result_json or {}).get("data") or {}
+                data = RunResult.of(run).data or {}
                 shas.update(v for k, v in data.items() if k.endswith("_sha256") and v)
         report = dataset.report_json or {}
         shas.update(report.get(k) for k in ("counts_sha256", "findings_sha256") if report.get(k))
         removed_blobs = 0
         for sha in shas:
-            if not self.store.sha_in_use(sha, besides=dataset.id) and self.wf.blobs.delete(sha):
+            if not self.store.sha_in_use(sha, besides=dataset.id) and self.ctx.blobs.delete(sha):
                 removed_blobs += 1
         removed_remote = (
             self.runs.delete_run_files(dataset_id=dataset.id) if self.settings.openai_api_key else 0
@@ -113,7 +116,7 @@ class Admin:
             if run.provider == "openai" and self.settings.openai_api_key:
                 self.runs.cancel_job_by_key(run.id)  # a lost reply may have made one
             self.runs.refresh_card(run.id)
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -122,7 +125,7 @@ class Admin:
                 ),
             )
         where = f" and {removed_remote} upload(s) to OpenAI" if removed_remote else ""
-        self.wf.post(
+        self.ctx.post(
             dataset.channel,
             dataset.thread_ts,
             render.note(

@@ -82,6 +82,15 @@ SPECS: dict[str, Spec] = {
             max_args=1,
         ),
         Spec(
+            "migrate",
+            "migrate <run> provider=local|together|… [model=…]",
+            "train a finished run again on another provider from the same data and held-out "
+            "set (hyperparameters carried, differences listed; paid runs need approval), then "
+            "compare the two models",
+            options=("provider", "model"),
+            max_args=1,
+        ),
+        Spec(
             "release",
             "release <dataset>",
             "(approvers) let a dataset with possible secrets go to hosted models; audited",

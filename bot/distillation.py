@@ -22,14 +22,19 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bot import egress, render
 from bot.claims import ClaimLost, Held, lapsed
 from bot.commands import Command
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import SpendRefused, UserError, describe
+from bot.plans import DistillEstimate, DistillPlan
+from bot.results import RunResult
 
 if TYPE_CHECKING:
+    from bot.runs import Runs  # which builds this and imports this module
     from storage import Dataset, Run
 
 log = logging.getLogger("tunebot")
@@ -38,9 +43,10 @@ MARGIN = 0.10  # spend may exceed the approved estimate by at most this share (i
 
 
 class Distiller:
-    def __init__(self, runs: Any) -> None:  # bot.runs.Runs, which builds this
-        self.runs = runs
-        self.wf = runs.wf
+    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+        self.ctx = ctx
+        self.datasets = datasets
+        self.runs = runs  # which builds this
         self.store = runs.store
         self.settings = runs.settings
         from trainers.chat_worker import ChatWorker
@@ -60,7 +66,7 @@ class Distiller:
         (`Runs._put_to_approvers`: the budget, the reservation, the card). A
         refusal then goes to the dataset's thread.
         """
-        dataset = self.wf.find_dataset(channel, cmd.target)
+        dataset = self.datasets.find_dataset(channel, cmd.target)
         if not dataset.report_json:  # its secret check is not done yet
             raise UserError(
                 f"{dataset.id} has no report yet: it is still being checked, or the check failed."
@@ -68,10 +74,10 @@ class Distiller:
         if cmd.options.get("system"):
             egress.check_prompt(cmd.options["system"])  # it goes to the teacher with every prompt
         teacher = self._teacher(cmd.options.get("teacher"))
-        self.wf.check_room()  # busy: say so before naming a run
+        self.ctx.check_room()  # busy: say so before naming a run
         with self.store.transaction():  # one commit: the id and the recorded request
             run_id = self.store.new_run_id()
-            start = self.wf.record_work(
+            start = self.ctx.record_work(
                 "price",
                 f"price:{run_id}",
                 {
@@ -98,7 +104,7 @@ class Distiller:
             return
         dataset = self.store.get_dataset(args["dataset_id"])
         plan = self.plan(dataset, args["teacher"], args.get("system"))
-        self.runs._put_to_approvers(plan, args["channel"], args["user"], run_id=run_id)
+        self.runs._put_to_approvers(plan.to_json(), args["channel"], args["user"], run_id=run_id)
 
     def _teacher(self, name: str | None) -> str:
         """The teacher's full name, once it is known to have an inference price."""
@@ -107,23 +113,23 @@ class Distiller:
         if not name:
             raise UserError("Name the teacher: `/finetune distill [dataset] teacher=gpt-4.1`.")
         try:
-            teacher = self.wf.prices.resolve(name)
+            teacher = self.ctx.prices.resolve(name)
         except UnknownModel as exc:
             raise UserError(str(exc)) from None
         try:
-            inference_cost(teacher.name, 0, 0, self.wf.prices)
+            inference_cost(teacher.name, 0, 0, self.ctx.prices)
         except ValueError as exc:
             raise UserError(
                 f"{teacher.name} has no inference price, so the cost is unknown: {exc}"
             ) from None
         return teacher.name
 
-    def plan(self, dataset: Dataset, teacher_name: str, system: str | None) -> dict:
+    def plan(self, dataset: Dataset, teacher_name: str, system: str | None) -> DistillPlan:
         """Read and price the prompts (as long as the file is big: on a job, never in an ack)."""
         from trainers.distill import estimate, load_prompts
 
-        teacher = self.wf.prices.resolve(teacher_name)
-        prompts = load_prompts(self.wf.blobs.path(dataset.sha256), system=system)
+        teacher = self.ctx.prices.resolve(teacher_name)
+        prompts = load_prompts(self.ctx.blobs.path(dataset.sha256), system=system)
         if not prompts.items:
             where = ", ".join(f"line {n}: {why}" for n, why in prompts.problems[:3])
             raise UserError(f"{dataset.id} has no prompts the teacher can answer ({where}).")
@@ -133,30 +139,26 @@ class Distiller:
             egress.find_secrets(json.dumps(p.messages, ensure_ascii=False)) for p in prompts.items
         )
         try:
-            cost = estimate(prompts.items, teacher.name, self.wf.prices, max_tokens=max_tokens)
+            cost = estimate(prompts.items, teacher.name, self.ctx.prices, max_tokens=max_tokens)
         except ValueError as exc:
             raise UserError(
                 f"{teacher.name} has no inference price, so the cost is unknown: {exc}"
             ) from None
-        return {
-            "kind": "distill",
-            "dataset_id": dataset.id,
-            "dataset_sha256": dataset.sha256,
-            "provider": "distill",
-            "model": teacher.name,
-            "system": system,
-            "prompts": len(prompts.items),
-            "max_tokens": max_tokens,
-            "skipped_lines": [n for n, _ in prompts.problems],
-            "secret_hold": bool(secrets),
-            "estimate": {
-                "billed_tokens": cost.input_tokens + cost.output_tokens,
-                "input_tokens": cost.input_tokens,
-                "output_tokens": cost.output_tokens,
-                "cost_usd": round(cost.cost_usd, 4),
-                "price_per_1m": 0.0,
-            },
-        }
+        return DistillPlan(
+            dataset_id=dataset.id,
+            dataset_sha256=dataset.sha256,
+            model=teacher.name,
+            system=system,
+            prompts=len(prompts.items),
+            max_tokens=max_tokens,
+            skipped_lines=tuple(n for n, _ in prompts.problems),
+            secret_hold=bool(secrets),
+            estimate=DistillEstimate(
+                input_tokens=cost.input_tokens,
+                output_tokens=cost.output_tokens,
+                cost_usd=round(cost.cost_usd, 4),
+            ),
+        )
 
     def start(self, run: Run) -> None:
         """Approved: claim the run and distil on a job thread."""
@@ -165,7 +167,7 @@ class Distiller:
             "running", owner=(token := self.runs.claim_token()), lease=self.runs.lease,
         ):  # fmt: skip
             return
-        self.wf.submit(
+        self.ctx.submit(
             f"distilling {run.id}", lambda: self._claimed(run.id, token), run.channel,
             run.thread_ts,
             long=True,
@@ -187,7 +189,7 @@ class Distiller:
             actual = (entry.actual_usd or 0.0) if entry else 0.0  # recorded after each chunk
             self.runs.gate.settle("run", run.id, actual, note="interrupted")
             self.store.update_run(run.id, actual_usd=actual)
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
     def _claimed(self, run_id: str, token: str) -> None:
         with Held(self.store, run_id, token, self.runs.lease, "running") as held:
@@ -204,14 +206,12 @@ class Distiller:
         from trainers.distill import distill, load_prompts
 
         run = self.store.get_run(run_id)
-        plan = run.plan_json
+        plan = DistillPlan.from_json(run.plan_json)
         gate = self.runs.gate
         reservation = gate.ledger.open("run", run.id)
-        prompts = load_prompts(
-            self.wf.blobs.path(plan["dataset_sha256"]), system=plan.get("system")
-        )
+        prompts = load_prompts(self.ctx.blobs.path(plan.dataset_sha256), system=plan.system)
         total = len(prompts.items)
-        progress_ts = self.wf.post(
+        progress_ts = self.ctx.post(
             run.channel,
             run.thread_ts,
             render.note(f"{run.id} distilling: 0/{total:,} prompts answered"),
@@ -226,7 +226,7 @@ class Distiller:
             edited[0] = time.monotonic()
             message = render.note(f"{run.id} distilling: {done:,}/{total:,} prompts answered")
             try:  # a deleted message or a Slack outage must not stop paid work midway
-                self.wf.client.chat_update(
+                self.ctx.client.chat_update(
                     channel=run.channel, ts=progress_ts, **message.to_kwargs()
                 )
             except Exception as exc:
@@ -256,23 +256,23 @@ class Distiller:
             run.model,
             prompts.items,
             concurrency=self.settings.eval_concurrency,
-            max_tokens=int(plan.get("max_tokens") or self.settings.distill_max_tokens),
+            max_tokens=plan.max_tokens,
             on_progress=report,
             max_usd=cap,
-            prices=self.wf.prices,
+            prices=self.ctx.prices,
             should_stop=cancelled,
             on_spend=spent,
         )
-        actual = _cost(run.model, result, self.wf.prices)
+        actual = _cost(run.model, result, self.ctx.prices)
         dataset_id = None
         if result.examples:
-            source = self.store.get_dataset(plan["dataset_id"])
+            source = self.store.get_dataset(plan.dataset_id)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "distilled.jsonl"
                 result.write(path)
-                sha, size = self.wf.blobs.put_file(path), path.stat().st_size
+                sha, size = self.ctx.blobs.put_file(path), path.stat().st_size
             name = f"{Path(source.name or source.id).stem}-{run.model}.jsonl"
-            dataset, _ = self.wf.register(
+            dataset, _ = self.datasets.register(
                 sha, size, name=name, channel=run.channel, thread_ts=run.thread_ts,
                 user=run.requested_by, source_dataset_id=source.id,
             )  # fmt: skip
@@ -299,7 +299,7 @@ class Distiller:
             status, error = "succeeded", None
         kept = self._end(run, status, actual, error=error, data=data)
         if dataset_id and kept == "succeeded":
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.distilled(run, dataset_id, len(result.examples), result.failed, actual),
@@ -316,7 +316,7 @@ class Distiller:
     ) -> str:
         """Record how the distillation ended and what it spent, once; say so if not a success.
         Returns the status the run has now."""
-        record = {**(run.result_json or {}), **(data or {})}
+        record = RunResult.of(run).with_(**(data or {})).to_json()
         if actual is None:  # an exception: what the ledger recorded is what was spent
             entry = self.runs.gate.ledger.open("run", run.id)
             actual = (entry.actual_usd or 0.0) if entry else 0.0
@@ -336,7 +336,7 @@ class Distiller:
         )
         log.info("run %s: distillation %s ($%.4f)", run.id, status, actual)
         if status != "succeeded":
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
         return status
 
     # --- /finetune chat -------------------------------------------------------------
@@ -371,7 +371,7 @@ class Distiller:
                 "chat", ref, usd, what=f"Asking {run.id}'s models",
                 run_id=run.id, channel=channel, user=user,
             )  # fmt: skip
-        self.wf.submit(
+        self.ctx.submit(
             f"asking {run.id}'s models",
             lambda: self._answer(run, prompt, ref),
             channel,
@@ -392,10 +392,10 @@ class Distiller:
         tokens_in = chat_tokens(
             {"messages": [{"role": "user", "content": prompt}]}, TokenCounter()
         )[0]
-        tuned = (run.result_json or {}).get("fine_tuned_model") or run.model
+        tuned = RunResult.of(run).fine_tuned_model or run.model
         try:
             return sum(
-                inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.wf.prices)
+                inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.ctx.prices)
                 for model in (run.model, tuned)
             )
         except ValueError:
@@ -417,7 +417,7 @@ class Distiller:
             from bot.local_models import LocalModels
             from trainers.chat_worker import ChatError
 
-            adapter = (run.result_json or {}).get("adapter_dir")
+            adapter = RunResult.of(run).adapter_dir
             if not adapter:
                 raise UserError(f"{run.id} has no adapter to chat with.")
             base_model = LocalModels(self.settings, self.store).trained_base(run)
@@ -426,19 +426,19 @@ class Distiller:
             except ChatError as exc:
                 raise UserError(f"{run.id}'s models did not answer: {exc}.") from None
             if answer.notice:
-                self.wf.post(run.channel, run.thread_ts, render.note(f"Note: {answer.notice}."))
+                self.ctx.post(run.channel, run.thread_ts, render.note(f"Note: {answer.notice}."))
             answers = (answer.base, answer.tuned)
         else:
             spent = 0.0
             try:
                 client = self.runs.evals._openai()
-                tuned_model = (run.result_json or {}).get("fine_tuned_model")
+                tuned_model = RunResult.of(run).fine_tuned_model
                 base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
-                spent += generation_cost(run.model, [base], self.wf.prices) or 0.0
+                spent += generation_cost(run.model, [base], self.ctx.prices) or 0.0
                 tuned = generate_openai(client, tuned_model, [example], max_tokens=CHAT_MAX_TOKENS)[
                     0
                 ]
-                spent += generation_cost(tuned_model, [tuned], self.wf.prices) or 0.0
+                spent += generation_cost(tuned_model, [tuned], self.ctx.prices) or 0.0
             finally:
                 if ref:
                     self.runs.gate.settle("chat", ref, spent)
@@ -446,7 +446,7 @@ class Distiller:
                 base.text or f"(failed: {base.error})",
                 tuned.text or f"(failed: {tuned.error})",
             )
-        self.wf.post(run.channel, run.thread_ts, render.side_by_side(run, prompt, *answers))
+        self.ctx.post(run.channel, run.thread_ts, render.side_by_side(run, prompt, *answers))
 
 
 def _cost(model: str, result, prices) -> float:

@@ -9,6 +9,7 @@ exception tunebot raises on purpose (`REFUSED`).
     ├── CommandError (ValueError)  bot.commands: a /finetune line that does not parse
     ├── ConfigError (ValueError)   bot.config: a setting tunebot cannot use
     ├── UsageError                 bot.cli: a command line that does not parse
+    ├── RefusedRedirect            bot.downloads: a file's redirect off Slack's hosts
     └── ClaimLost                  bot.claims: another owner took the run over
 
 trainers.errors.TrainerError and storage.errors.StorageError are the other two

@@ -31,15 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from bot import egress, render
 from bot.claims import Held, lapsed
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import SpendRefused, UserError, describe, slack_error
+from bot.plans import EvalEstimate, EvalPlan
+from bot.results import RunResult
 
 if TYPE_CHECKING:
+    from bot.runs import Runs  # which builds this and imports this module
     from storage import Run
 
 log = logging.getLogger("tunebot")
 
 SPLIT_SEED = 0
-MIN_HELD_OUT, MAX_HELD_OUT, MIN_TRAIN = 5, 200, 10
 
 
 @dataclass(frozen=True)
@@ -62,22 +66,15 @@ class EvalCost:
         return self.generation_usd + self.extras_usd
 
 
-def held_out_count(valid_examples: int, fraction: float) -> int:
-    """How many examples the split holds out (the same rule as trainers.evaluate.split_file)."""
-    if valid_examples < MIN_HELD_OUT + MIN_TRAIN:
-        return 0
-    wanted = max(round(valid_examples * fraction), MIN_HELD_OUT)
-    return min(wanted, MAX_HELD_OUT, valid_examples - MIN_TRAIN)
-
-
 class Evaluations:
-    def __init__(self, runs: Any) -> None:  # bot.runs.Runs, which builds this
-        self.runs = runs
+    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+        self.ctx = ctx
+        self.datasets = datasets
+        self.runs = runs  # which builds this
         # Splits made in this process, by (dataset sha256, fraction, seed): the
         # same dataset requested twenty times is split once.
         self._splits: dict[tuple, dict] = {}
         self._splits_lock = threading.Lock()
-        self.wf = runs.wf
         self.store = runs.store
         self.settings = runs.settings
 
@@ -87,24 +84,29 @@ class Evaluations:
         """Split (or pair) the run's data once; recorded in the run's result_json["data"]."""
         from trainers.evaluate import overlap, split_file
 
-        existing = (run.result_json or {}).get("data")
+        existing = RunResult.of(run).data
         if existing:
             return existing
         plan = run.plan_json
-        source = self.wf.blobs.path(plan["dataset_sha256"])
+        inherited = self._migrated_data(run)
+        if inherited is not None:  # a migration is judged on its source's held-out set
+            record = RunResult.of(run).with_(data=inherited)
+            self.store.update_run(run.id, result_json=record.to_json())
+            return inherited
+        source = self.ctx.blobs.path(plan["dataset_sha256"])
         data: dict[str, Any] = {"train_sha256": plan["dataset_sha256"], "eval_sha256": None}
         with tempfile.TemporaryDirectory() as tmp:
             train, held = Path(tmp) / "train.jsonl", Path(tmp) / "eval.jsonl"
             if plan.get("eval_dataset_id"):
                 eval_dataset = self.store.get_dataset(plan["eval_dataset_id"])
                 data["eval_sha256"] = eval_dataset.sha256
-                data["overlap"] = overlap(source, self.wf.blobs.path(eval_dataset.sha256))
+                data["overlap"] = overlap(source, self.ctx.blobs.path(eval_dataset.sha256))
             elif plan.get("split"):
                 key = (plan["dataset_sha256"], plan["split"], SPLIT_SEED)
                 with self._splits_lock:
                     made = self._splits.get(key)
                 if made and all(
-                    self.wf.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")
+                    self.ctx.blobs.exists(made[k]) for k in ("train_sha256", "eval_sha256")
                 ):
                     data.update(made)  # the split is a function of (bytes, fraction, seed)
                 else:
@@ -116,19 +118,19 @@ class Evaluations:
                         data["note"] = f"no evaluation set: {exc}"
                     else:
                         data.update(
-                            train_sha256=self.wf.blobs.put_file(train),
-                            eval_sha256=self.wf.blobs.put_file(held),
+                            train_sha256=self.ctx.blobs.put_file(train),
+                            eval_sha256=self.ctx.blobs.put_file(held),
                             split=info.to_dict(),
                         )
                         with self._splits_lock:
                             self._splits[key] = {
                                 k: data[k] for k in ("train_sha256", "eval_sha256", "split")
                             }
-        record = {**(run.result_json or {}), "data": data}
-        self.store.update_run(run.id, result_json=record)
+        record = RunResult.of(run).with_(data=data)
+        self.store.update_run(run.id, result_json=record.to_json())
         if data.get("overlap"):
             lines = ", ".join(str(n) for n in data["overlap"][:10])
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -139,14 +141,29 @@ class Evaluations:
             )
         return data
 
+    def _migrated_data(self, run: Run) -> dict | None:
+        """The data (training file, held-out file, split) of the run `run` migrates
+        (bot/migrate.py), when it is the same dataset and its files are still here."""
+        source_id = (run.plan_json or {}).get("migrated_from")
+        source = self.store.find_run(source_id) if source_id else None
+        if source is None or source.plan_json.get("dataset_sha256") != run.plan_json.get(
+            "dataset_sha256"
+        ):
+            return None
+        data = RunResult.of(source).data or {}
+        files = [data[k] for k in ("train_sha256", "eval_sha256") if data.get(k)]
+        if not data.get("train_sha256") or not all(self.ctx.blobs.exists(f) for f in files):
+            return None
+        return dict(data)
+
     # --- asking for one ----------------------------------------------------------------
 
     def after_success(self, run: Run) -> None:
         """A run succeeded: evaluate it on its held-out data, through the gate."""
-        data = (run.result_json or {}).get("data") or {}
+        data = RunResult.of(run).data or {}
         if not data.get("eval_sha256"):
             note = data.get("note") or "no held-out data"
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -159,7 +176,7 @@ class Evaluations:
         except UserError as exc:
             message = render.note(f"{run.id}: not evaluated: {exc.summary}")
         if message is not None:
-            self.wf.post(run.channel, run.thread_ts, message)
+            self.ctx.post(run.channel, run.thread_ts, message)
 
     def request(
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
@@ -171,7 +188,7 @@ class Evaluations:
             )
         eval_dataset_id = None
         if eval_ref:
-            dataset = self.wf.find_dataset(channel, eval_ref)
+            dataset = self.datasets.find_dataset(channel, eval_ref)
             if not dataset.report_json:  # its secret check is not done yet
                 raise UserError(
                     f"{dataset.id} has no report yet: it is still being checked, or the check failed."
@@ -181,8 +198,8 @@ class Evaluations:
             eval_sha, eval_dataset_id = dataset.sha256, dataset.id
         else:
             source = run.plan_json.get("eval_dataset_id") or run.dataset_id
-            self.wf.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
-            eval_sha = ((run.result_json or {}).get("data") or {}).get("eval_sha256")
+            self.datasets.find_dataset(channel, source)  # "d3 was forgotten on … by @x"
+            eval_sha = (RunResult.of(run).data or {}).get("eval_sha256")
             if not eval_sha:
                 raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
         message = self._ask(run, eval_sha, eval_dataset_id, user=user)
@@ -198,7 +215,7 @@ class Evaluations:
         """
         from trainers.evaluate import examples_from_file
 
-        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        examples = examples_from_file(self.ctx.blobs.path(eval_sha))
         if not examples:
             raise UserError(
                 f"The evaluation set of {run.id} has no example with an assistant turn."
@@ -217,7 +234,7 @@ class Evaluations:
             cost = EvalCost(
                 cost.examples, cost.avg_prompt_tokens, cost.generation_usd, None, 0.0, 0.0
             )
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -228,7 +245,7 @@ class Evaluations:
             )
         teacher = self.teacher_of(run)
         if teacher and not self.settings.openai_api_key:
-            self.wf.post(
+            self.ctx.post(
                 run.channel,
                 run.thread_ts,
                 render.note(
@@ -247,12 +264,12 @@ class Evaluations:
                     f"(TUNEBOT_EVAL_APPROVAL_ABOVE_USD): `/finetune eval {run.id}` asks for one."
                 )
             return self.runs._put_to_approvers(
-                self._plan(run, eval_sha, eval_dataset_id, cost), run.channel, user
+                self._plan(run, eval_sha, eval_dataset_id, cost).to_json(), run.channel, user
             )
         reservation, cost, left_out = self._reserve(run, cost, user)
         if left_out:
-            self.wf.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
-        self.wf.submit(
+            self.ctx.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
+        self.ctx.submit(
             f"evaluating {run.id}",
             lambda: self._reserved(run.id, eval_sha, eval_dataset_id, cost, reservation.id),
             run.channel,
@@ -296,31 +313,28 @@ class Evaluations:
         open_evals = self.store.runs(
             status=["pending_approval", "approved", "running"], provider="eval", limit=None
         )
-        return any((r.plan_json or {}).get("target_run") == run_id for r in open_evals)
+        return any(EvalPlan.from_json(r.plan_json).target_run == run_id for r in open_evals)
 
-    def _plan(self, run: Run, eval_sha: str, eval_dataset_id: str | None, cost: EvalCost) -> dict:
-        return {
-            "kind": "eval",
-            "dataset_id": run.dataset_id,
-            "dataset_sha256": run.plan_json.get("dataset_sha256"),
-            "provider": "eval",
-            "model": run.model,
-            "target_run": run.id,
-            "eval_sha256": eval_sha,
-            "eval_dataset_id": eval_dataset_id,
-            "examples": cost.examples,
-            "teacher": cost.teacher,
-            "judge": cost.judge_usd > 0,
-            "secret_hold": False,
-            "estimate": {
-                "cost_usd": round(cost.total_usd, 4),
-                "generation_usd": round(cost.generation_usd, 4),
-                "teacher_usd": round(cost.teacher_usd, 4),
-                "judge_usd": round(cost.judge_usd, 4),
-                "billed_tokens": 0,
-                "price_per_1m": 0.0,
-            },
-        }
+    def _plan(
+        self, run: Run, eval_sha: str, eval_dataset_id: str | None, cost: EvalCost
+    ) -> EvalPlan:
+        return EvalPlan(
+            dataset_id=run.dataset_id,
+            dataset_sha256=run.plan_json.get("dataset_sha256"),
+            model=run.model,
+            target_run=run.id,
+            eval_sha256=eval_sha,
+            eval_dataset_id=eval_dataset_id,
+            examples=cost.examples,
+            teacher=cost.teacher,
+            judge=cost.judge_usd > 0,
+            estimate=EvalEstimate(
+                cost_usd=round(cost.total_usd, 4),
+                generation_usd=round(cost.generation_usd, 4),
+                teacher_usd=round(cost.teacher_usd, 4),
+                judge_usd=round(cost.judge_usd, 4),
+            ),
+        )
 
     def estimate(self, run: Run, examples) -> EvalCost:
         """The most this evaluation may cost: every answer at ANSWER_MAX_TOKENS.
@@ -338,7 +352,7 @@ class Evaluations:
             if not model:
                 return 0.0
             try:
-                return inference_cost(model, tokens_in, tokens_out, self.wf.prices)
+                return inference_cost(model, tokens_in, tokens_out, self.ctx.prices)
             except ValueError:
                 raise UserError(
                     f"{model} has no inference price in the price table, so tunebot cannot "
@@ -347,7 +361,7 @@ class Evaluations:
 
         generation = 0.0
         if run.provider == "openai":
-            tuned = (run.result_json or {}).get("fine_tuned_model")
+            tuned = RunResult.of(run).fine_tuned_model
             if not tuned:
                 raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
             generation = price(run.model) + price(tuned)
@@ -366,7 +380,7 @@ class Evaluations:
             run.id, ["approved"], "running", owner=(token := self.runs.claim_token()),
             lease=self.runs.lease,
         ):  # fmt: skip
-            self.wf.submit(
+            self.ctx.submit(
                 f"evaluating for {run.id}",
                 lambda: self._approved(run.id, token),
                 run.channel,
@@ -391,11 +405,11 @@ class Evaluations:
             actual = max(entry.estimate_usd, entry.actual_usd or 0.0) if entry else 0.0
             self.runs.gate.settle("run", run.id, actual, note="interrupted")
             self.store.update_run(run.id, actual_usd=actual)
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run.id)))
 
     def _approved(self, run_id: str, token: str) -> None:
         run = self.store.get_run(run_id)
-        plan = run.plan_json
+        plan = EvalPlan.from_json(run.plan_json)
         gate = self.runs.gate
         entry = gate.ledger.open("run", run.id)
         spent = [0.0]
@@ -407,14 +421,14 @@ class Evaluations:
 
         status, error = "succeeded", None
         with Held(self.store, run_id, token, self.runs.lease, "running"):
-            estimate = plan["estimate"]
+            estimate = plan.estimate
             cost = EvalCost(
-                plan["examples"], 0.0, estimate["generation_usd"], plan.get("teacher"),
-                estimate["teacher_usd"], estimate["judge_usd"],
+                plan.examples, 0.0, estimate.generation_usd, plan.teacher,
+                estimate.teacher_usd, estimate.judge_usd,
             )  # fmt: skip
             try:
                 self.evaluate(
-                    plan["target_run"], plan["eval_sha256"], plan.get("eval_dataset_id"),
+                    plan.target_run, plan.eval_sha256, plan.eval_dataset_id,
                     cost=cost, on_spend=on_spend,
                     stop=lambda: self.store.get_run(run_id).status == "cancelled",
                 )  # fmt: skip
@@ -429,7 +443,7 @@ class Evaluations:
                 self.store.update_run(run_id, actual_usd=spent[0])
             gate.settle("run", run_id, spent[0], note=status)
         if status != "succeeded":
-            self.wf.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run_id)))
+            self.ctx.post(run.channel, run.thread_ts, render.run_result(self.store.get_run(run_id)))
 
     # --- the evaluation -----------------------------------------------------------------
 
@@ -473,9 +487,9 @@ class Evaluations:
         from trainers.evaluate import examples_from_file, score
 
         run = self.store.get_run(run_id)
-        data = (run.result_json or {}).get("data") or {}
+        data = RunResult.of(run).data or {}
         eval_sha = eval_sha or data.get("eval_sha256")
-        examples = examples_from_file(self.wf.blobs.path(eval_sha))
+        examples = examples_from_file(self.ctx.blobs.path(eval_sha))
         if not examples:
             raise UserError(
                 f"The evaluation set of {run.id} has no example with an assistant turn."
@@ -544,7 +558,7 @@ class Evaluations:
             result.primary,
             summary["means"].get(result.primary),
         )
-        self.wf.post(
+        self.ctx.post(
             run.channel,
             run.thread_ts,
             render.eval_summary(run, result, cost_usd=cost, prices_per_1k=prices),
@@ -555,8 +569,7 @@ class Evaluations:
         from trainers.evaluate import generate_local, generate_openai, generation_cost
 
         if run.provider == "local":
-            result = run.result_json or {}
-            adapter = result.get("adapter_dir")
+            adapter = RunResult.of(run).adapter_dir
             if not adapter:
                 raise UserError(f"{run.id} has no adapter to evaluate.")
             from bot.local_models import LocalModels
@@ -566,13 +579,13 @@ class Evaluations:
             base, tuned = generate_local(base_model, adapter, examples)
             return base, tuned, 0.0
         client = self._openai()
-        tuned_model = (run.result_json or {}).get("fine_tuned_model")
+        tuned_model = RunResult.of(run).fine_tuned_model
         if not tuned_model:
             raise UserError(f"{run.id} has no fine-tuned model id to evaluate.")
         concurrency = self.settings.eval_concurrency
         base = generate_openai(client, run.model, examples, concurrency=concurrency)
         tuned = generate_openai(client, tuned_model, examples, concurrency=concurrency)
-        prices = self.wf.prices
+        prices = self.ctx.prices
         cost = (generation_cost(run.model, base, prices) or 0.0) + (
             generation_cost(tuned_model, tuned, prices) or 0.0
         )
@@ -583,7 +596,7 @@ class Evaluations:
         if run.provider not in ("openai", "local"):
             return None
         for distill in self.store.runs(status="succeeded", provider="distill", limit=None):
-            if (distill.result_json or {}).get("dataset_id") == run.dataset_id:
+            if RunResult.of(distill).dataset_id == run.dataset_id:
                 return distill.model
         return None
 
@@ -598,7 +611,7 @@ class Evaluations:
         answers = generate_openai(
             self._openai(), teacher, examples, concurrency=self.settings.eval_concurrency
         )
-        return teacher, answers, generation_cost(teacher, answers, self.wf.prices) or 0.0
+        return teacher, answers, generation_cost(teacher, answers, self.ctx.prices) or 0.0
 
     def _prices_per_1k(
         self, run: Run, base, tuned, teacher_model: str | None, teacher
@@ -606,7 +619,7 @@ class Evaluations:
         """Price of 1,000 calls like the evaluated ones, per model; a local model has none."""
         from trainers.evaluate import price_per_1k_calls
 
-        prices = self.wf.prices
+        prices = self.ctx.prices
         out: dict[str, dict] = {}
         if teacher_model:
             out["teacher"] = {
@@ -614,7 +627,7 @@ class Evaluations:
                 "usd": price_per_1k_calls(teacher_model, teacher, prices),
             }
         if run.provider == "openai":
-            tuned_model = (run.result_json or {}).get("fine_tuned_model")
+            tuned_model = RunResult.of(run).fine_tuned_model
             out["base"] = {"model": run.model, "usd": price_per_1k_calls(run.model, base, prices)}
             out["tuned"] = {
                 "model": tuned_model,
@@ -653,7 +666,7 @@ class Evaluations:
     def _upload(self, run: Run, result) -> None:
         from bot.charts import score_bars
 
-        png = self.wf.draw(
+        png = self.ctx.draw(
             score_bars,
             [s.name for s in result.summaries],
             [s.base or 0.0 for s in result.summaries],
@@ -668,7 +681,7 @@ class Evaluations:
             if content is None:  # the chart could not be drawn (logged)
                 continue
             try:
-                self.wf.client.files_upload_v2(
+                self.ctx.client.files_upload_v2(
                     channel=run.channel,
                     thread_ts=run.thread_ts,
                     content=content,

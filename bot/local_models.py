@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.errors import UserError
+from bot.results import RunResult
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -192,15 +193,15 @@ class LocalModels:
         if run.provider != "local" or run.status != "succeeded":
             raise _Why(f"{run_id} is not a succeeded local run")
         run_dir = self.runs_dir() / run.id
-        result = run.result_json or {}
+        result = RunResult.of(run)
         params = ((run.plan_json or {}).get("estimate") or {}).get("params_billions")
-        merged = result.get("merged_dir")
+        merged = result.merged_dir
         if merged:
             path = inside(Path(merged), [run_dir.resolve()])
             if path is None or not path.is_dir():
                 raise _Why(f"{run_id}'s merged model is gone")
             return LocalModel(run_id, "run", path=path, params_billions=params)
-        adapter = result.get("adapter_dir")
+        adapter = result.adapter_dir
         path = inside(Path(adapter), [run_dir.resolve()]) if adapter else None
         if path is None or not (path / "adapter_config.json").is_file():
             raise _Why(f"{run_id}'s adapter is gone")

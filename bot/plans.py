@@ -24,13 +24,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from bot import egress, render
+from bot import egress, render, retirement
 from bot.errors import UserError
 from trainers import pricing
 
 if TYPE_CHECKING:
     from bot.config import Settings
     from storage import Dataset, Store
+    from trainers.providers import Provider
 
 VERSION = 1
 SPLIT_DEFAULT = 0.1  # the held-out share when neither eval= nor split= is given
@@ -327,7 +328,8 @@ class Planner:
     """Turns `/finetune train` options into a frozen plan, or a usage error naming the option.
 
     `find_dataset(channel, ref)` finds a dataset as the workflow does (for eval=);
-    `prices` is the workflow's pricing.PriceTable.
+    `prices` is the workflow's pricing.PriceTable; `providers` the providers file's
+    (named in the refusal of OpenAI runs after its cutoff).
     """
 
     def __init__(
@@ -337,12 +339,15 @@ class Planner:
         prices: pricing.PriceTable,
         find_dataset: Callable[[str, str | None], Dataset],
         clock: Callable[[], dt.datetime],
+        *,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.prices = prices
         self.find_dataset = find_dataset
         self.clock = clock
+        self.providers = providers or {}  # the providers file's (trainers.providers)
 
     def plan(self, provider: str, dataset: Dataset, report, opts: dict[str, str], channel: str):
         if provider == "local":
@@ -357,8 +362,11 @@ class Planner:
             raise UserError(str(exc)) from None
         if not model.trainable:
             raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
-        if self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
-            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        refusal = retirement.cutoff_refusal(
+            self.clock().date(), self.providers, local=retirement.local_available()
+        )
+        if refusal:
+            raise UserError(refusal)
         lr_mult = positive(opts, "lr_mult", float, most=10.0)
         batch = positive(opts, "batch", int, most=256)  # OpenAI's range
         suffix = opts.get("suffix")
@@ -520,6 +528,17 @@ def params_billions(model: str) -> float:
     return size / 1000 if found.group(2) == "m" else size
 
 
+MIN_HELD_OUT, MAX_HELD_OUT, MIN_TRAIN = 5, 200, 10  # the split's bounds, in examples
+
+
+def held_out_count(valid_examples: int, fraction: float) -> int:
+    """How many examples the split holds out (the same rule as trainers.evaluate.split_file)."""
+    if valid_examples < MIN_HELD_OUT + MIN_TRAIN:
+        return 0
+    wanted = max(round(valid_examples * fraction), MIN_HELD_OUT)
+    return min(wanted, MAX_HELD_OUT, valid_examples - MIN_TRAIN)
+
+
 def training_share(counts, split: float | None) -> list[int]:
     """The token counts the run trains on: the held-out share is left out.
 
@@ -527,8 +546,6 @@ def training_share(counts, split: float | None) -> list[int]:
     holds out is seeded, so this takes the same number of the mean-sized
     examples off: an estimate, labelled as such.
     """
-    from bot.evaluation import held_out_count
-
     counts = list(counts)
     held = held_out_count(len(counts), split) if split else 0
     if not held:
@@ -536,3 +553,230 @@ def training_share(counts, split: float | None) -> list[int]:
     mean = sum(counts) / len(counts)
     ordered = sorted(counts, key=lambda c: abs(c - mean))
     return ordered[held:]
+
+
+# --- distillation and evaluation plans ------------------------------------------------
+
+
+def _check_count(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not (isinstance(value, int) and not isinstance(value, bool)) or value < 0:
+        raise _bad(owner, name, "must be a whole number, 0 or more", value)
+
+
+def _check_usd(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not _number(value) or not math.isfinite(value) or value < 0:
+        raise _bad(owner, name, "must be a finite number, 0 or more", value)
+
+
+def _read_version(cls: type, d: object) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a plan must be a dict, not {type(d).__name__}")
+    version = d.get("version", VERSION)
+    if version != VERSION:
+        raise ValueError(f"{cls.__name__}.version {version!r} is not one tunebot reads")
+    return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillEstimate:
+    """The most a distillation may cost: every prompt answered at max_tokens."""
+
+    input_tokens: int = field(default=0, metadata={"help": "Prompt tokens, all prompts."})
+    output_tokens: int = field(
+        default=0, metadata={"help": "Answer tokens at most: prompts x max_tokens."}
+    )
+    cost_usd: float = field(
+        default=0.0, metadata={"help": "The teacher's price for them, USD (4 decimals)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("input_tokens", "output_tokens"):
+            _check_count(self, name)
+        _check_usd(self, "cost_usd")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "billed_tokens": self.input_tokens + self.output_tokens,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+            "price_per_1m": 0.0,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> DistillEstimate:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillPlan:
+    """`/finetune distill`: a teacher model answers a dataset's prompts (bot/distillation.py).
+
+    Stored like a training plan (`to_json()` with `"version": 1`, hashed into
+    the run's plan_hash); `from_json()` reads the dicts stored before versions.
+    """
+
+    dataset_id: str = field(metadata={"help": "The prompts' dataset id (d3)."})
+    dataset_sha256: str = field(metadata={"help": "The sha256 of its bytes: what is sent."})
+    model: str = field(metadata={"help": "The teacher: a model with an inference price."})
+    system: str | None = field(
+        default=None, metadata={"help": "A system message put before every prompt (system=)."}
+    )
+    prompts: int = field(default=0, metadata={"help": "Prompts the teacher is asked."})
+    max_tokens: int = field(default=1024, metadata={"help": "Answer tokens at most, per prompt."})
+    skipped_lines: tuple[int, ...] = field(
+        default=(), metadata={"help": "Lines of the file that hold no prompt (1-based)."}
+    )
+    secret_hold: bool = field(
+        default=False,
+        metadata={"help": "True when the prompts may hold secrets: approvers must override."},
+    )
+    estimate: DistillEstimate = field(
+        default_factory=DistillEstimate, metadata={"help": "What it may cost at most."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_id", "dataset_sha256", "model"):
+            _check_text(self, name)
+        if self.system is not None and not isinstance(self.system, str):
+            raise _bad(self, "system", "must be a string or None", self.system)
+        _check_count(self, "prompts")
+        _check_positive(self, "max_tokens", int, optional=False)
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in self.skipped_lines):
+            raise _bad(self, "skipped_lines", "must be line numbers", self.skipped_lines)
+        _check_bool(self, "secret_hold")
+        if not isinstance(self.estimate, DistillEstimate):
+            raise _bad(self, "estimate", "must be a DistillEstimate", self.estimate)
+
+    def to_json(self) -> dict[str, Any]:
+        """The dict stored in runs.plan_json (and hashed into the run's plan_hash)."""
+        return {
+            "version": VERSION,
+            "kind": "distill",
+            "dataset_id": self.dataset_id,
+            "dataset_sha256": self.dataset_sha256,
+            "provider": "distill",
+            "model": self.model,
+            "system": self.system,
+            "prompts": self.prompts,
+            "max_tokens": self.max_tokens,
+            "skipped_lines": list(self.skipped_lines),
+            "secret_hold": self.secret_hold,
+            "estimate": self.estimate.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> DistillPlan:
+        """A stored distillation plan, versioned or not; unknown keys left out."""
+        d = _read_version(cls, d)
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in d.items() if k in names}
+        args["skipped_lines"] = tuple(d.get("skipped_lines") or ())
+        args["estimate"] = DistillEstimate.from_json(d.get("estimate"))
+        return cls(**args)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalEstimate:
+    """The most an evaluation may cost, by part (bot/evaluation.py, `EvalCost`)."""
+
+    cost_usd: float = field(default=0.0, metadata={"help": "All parts, USD (4 decimals)."})
+    generation_usd: float = field(
+        default=0.0, metadata={"help": "The base and tuned models' answers, USD."}
+    )
+    teacher_usd: float = field(
+        default=0.0, metadata={"help": "The teacher's answers (distilled runs), USD."}
+    )
+    judge_usd: float = field(default=0.0, metadata={"help": "The judge model's grades, USD."})
+
+    def __post_init__(self) -> None:
+        for name in ("cost_usd", "generation_usd", "teacher_usd", "judge_usd"):
+            _check_usd(self, name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cost_usd": self.cost_usd,
+            "generation_usd": self.generation_usd,
+            "teacher_usd": self.teacher_usd,
+            "judge_usd": self.judge_usd,
+            "billed_tokens": 0,
+            "price_per_1m": 0.0,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> EvalEstimate:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalPlan:
+    """An evaluation of a finished run on held-out examples (bot/evaluation.py).
+
+    Stored like a training plan (`to_json()` with `"version": 1`, hashed into
+    the evaluation run's plan_hash); `from_json()` reads older dicts too.
+    """
+
+    dataset_id: str = field(metadata={"help": "The evaluated run's training dataset (d3)."})
+    dataset_sha256: str | None = field(
+        default=None, metadata={"help": "The sha256 of that dataset's bytes."}
+    )
+    model: str = field(metadata={"help": "The evaluated run's base model."})
+    target_run: str = field(metadata={"help": "The run evaluated (r4)."})
+    eval_sha256: str = field(metadata={"help": "The sha256 of the held-out examples' file."})
+    eval_dataset_id: str | None = field(
+        default=None, metadata={"help": "The held-out dataset when named (eval=), or None."}
+    )
+    examples: int = field(default=0, metadata={"help": "Held-out examples answered and scored."})
+    teacher: str | None = field(
+        default=None, metadata={"help": "The teacher also answering (distilled runs), or None."}
+    )
+    judge: bool = field(default=False, metadata={"help": "True when a judge model grades."})
+    secret_hold: bool = field(
+        default=False, metadata={"help": "Always False: the data left once with its run."}
+    )
+    estimate: EvalEstimate = field(
+        default_factory=EvalEstimate, metadata={"help": "What it may cost at most."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_id", "model", "target_run", "eval_sha256"):
+            _check_text(self, name)
+        for name in ("dataset_sha256", "eval_dataset_id", "teacher"):
+            _check_text(self, name, optional=True)
+        _check_count(self, "examples")
+        _check_bool(self, "judge")
+        _check_bool(self, "secret_hold")
+        if not isinstance(self.estimate, EvalEstimate):
+            raise _bad(self, "estimate", "must be an EvalEstimate", self.estimate)
+
+    def to_json(self) -> dict[str, Any]:
+        """The dict stored in runs.plan_json (and hashed into the run's plan_hash)."""
+        return {
+            "version": VERSION,
+            "kind": "eval",
+            "dataset_id": self.dataset_id,
+            "dataset_sha256": self.dataset_sha256,
+            "provider": "eval",
+            "model": self.model,
+            "target_run": self.target_run,
+            "eval_sha256": self.eval_sha256,
+            "eval_dataset_id": self.eval_dataset_id,
+            "examples": self.examples,
+            "teacher": self.teacher,
+            "judge": self.judge,
+            "secret_hold": self.secret_hold,
+            "estimate": self.estimate.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EvalPlan:
+        """A stored evaluation plan, versioned or not; unknown keys left out."""
+        d = _read_version(cls, d)
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in d.items() if k in names}
+        args["estimate"] = EvalEstimate.from_json(d.get("estimate"))
+        return cls(**args)

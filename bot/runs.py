@@ -36,9 +36,12 @@ from bot import approvals, egress, render
 from bot.approvals import Policy
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
+from bot.context import Context
+from bot.datasets import Datasets
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.plans import Planner, TrainingPlan
 from bot.priority import ACKS
+from bot.results import RunResult
 from bot.spend import SpendGate
 from storage import Dataset, Run
 from trainers.runner import Handle, Runner, RunnerError, RunState
@@ -66,14 +69,16 @@ def _now() -> dt.datetime:
 class Runs:
     def __init__(
         self,
-        workflow: Any,  # bot.workflow.Workflow, which builds this (imports go one way)
+        ctx: Context,
+        datasets: Datasets,
         *,
         tuner: Callable[[], OpenAIFineTuner] | None = None,
         clock: Callable[[], dt.datetime] = _now,
     ) -> None:
-        self.wf = workflow
-        self.store = workflow.store
-        self.settings = workflow.settings
+        self.ctx = ctx
+        self.datasets = datasets
+        self.store = ctx.store
+        self.settings = ctx.settings
         self.clock = clock
         self._tuner_factory = tuner or self._default_tuner
         self._tuner: OpenAIFineTuner | None = None
@@ -82,6 +87,9 @@ class Runs:
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
+        # Called with a user id when a run they care about changed; the workflow
+        # points it at App Home (bot/home.py, Home.refresh_home).
+        self.refresh_home: Callable[[str], None] = lambda user: None
         # Extra worker spec fields (tests shorten runs with max_steps, save_steps).
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
@@ -93,14 +101,18 @@ class Runs:
             self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
         )
         self.planner = Planner(
-            self.settings, self.store, workflow.prices, workflow.find_dataset, clock
-        )
+            self.settings, self.store, ctx.prices, datasets.find_dataset, clock,
+            providers=ctx.providers,
+        )  # fmt: skip
         from bot.evaluation import Evaluations
 
-        self.evals = Evaluations(self)
+        self.evals = Evaluations(ctx, datasets, self)
         from bot.distillation import Distiller
 
-        self.distiller = Distiller(self)
+        self.distiller = Distiller(ctx, datasets, self)
+        from bot.migrate import Migrations
+
+        self.migrations = Migrations(ctx, datasets, self)
 
     # --- collaborators -------------------------------------------------------------
 
@@ -186,7 +198,7 @@ class Runs:
                 self._approvers_refreshing = True
         if refresh:
             try:
-                self.wf.submit(
+                self.ctx.submit(
                     "resolving the approvers' user groups", self._refresh_approvers, "", None
                 )
             except RuntimeError:  # stopping: the pool takes no more work
@@ -196,7 +208,7 @@ class Runs:
     def warm_approvers(self) -> None:
         """Resolve the approvers' user groups on a job thread now, so no ack waits for it."""
         if self._has_groups():
-            self.wf.submit("resolving the approvers' user groups", self.approvers, "", None)
+            self.ctx.submit("resolving the approvers' user groups", self.approvers, "", None)
 
     def _has_groups(self) -> bool:
         return any(ident.startswith("S") for ident in self.settings.approvers)
@@ -233,7 +245,7 @@ class Runs:
         for ident in ids:
             if ident.startswith("S"):  # a user group: its members approve
                 try:
-                    users.update(self.wf.client.usergroups_users_list(usergroup=ident)["users"])
+                    users.update(self.ctx.client.usergroups_users_list(usergroup=ident)["users"])
                 except Exception as exc:  # Slack refused, or could not be reached
                     log.error("cannot list user group %s: %s", ident, slack_error(exc))
                     if failed is not None:
@@ -251,8 +263,8 @@ class Runs:
     def request(self, cmd: Command, channel: str, user: str) -> render.Message:
         if cmd.name == "distill":
             return self.distiller.request(cmd, channel, user)
-        dataset = self.wf.find_dataset(channel, cmd.target)
-        report = self.wf.stored_report(dataset)
+        dataset = self.datasets.find_dataset(channel, cmd.target)
+        report = self.datasets.stored_report(dataset)
         if report.has_errors:
             codes = ", ".join(f"{c} ×{n}" for c, n in _error_codes(dataset).items())
             raise UserError(
@@ -269,13 +281,21 @@ class Runs:
         if provider not in ("openai", "local"):
             raise UserError(f"provider must be openai or local, not `{provider}`.")
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
+        return self.request_plan(plan, dataset, channel, user)
+
+    def request_plan(self, plan: dict, dataset: Dataset, channel: str, user: str) -> render.Message:
+        """Ask for a run of a frozen `plan` (its `to_json()`, extra keys allowed) on
+        `dataset`: the policy checked read-only, the request recorded under its run id,
+        then the job records the run and posts its card. Returns the ack's answer.
+        `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here."""
+        provider = plan["provider"]
         policy = self.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
         # the run, its reservation and its card are the job's (`request_work`).
         with self.store.transaction():
             run_id = self.store.new_run_id()
-            start = self.wf.record_work(
+            start = self.ctx.record_work(
                 "request", f"request:{run_id}",
                 {"run_id": run_id, "plan": plan, "channel": channel, "user": user},
                 what=f"recording {run_id}", channel=channel, thread_ts=dataset.thread_ts,
@@ -395,7 +415,7 @@ class Runs:
             plan["model"],
             estimate_usd,
         )
-        self.wf.submit(
+        self.ctx.submit(
             f"posting {run.id}'s approval card",
             lambda: self._post_card(run.id),
             channel,
@@ -436,7 +456,7 @@ class Runs:
         if not approvals.needs_approval(self.policy(), run.provider):
             self._approve_without_card(run)
             return
-        ts = self.wf.post(run.channel, run.thread_ts, self.card(run))
+        ts = self.ctx.post(run.channel, run.thread_ts, self.card(run))
         self.store.update_run(run.id, card_ts=ts)
         self._ask_approvers(run)
         self._refresh_homes(run)
@@ -444,18 +464,18 @@ class Runs:
     def _approve_without_card(self, run: Run) -> None:
         if self.store.transition_run(run.id, ["pending_approval"], "approved"):
             self.store.audit("tunebot", "auto_approved", run_id=run.id, plan_hash=run.plan_hash)
-            self.wf.post(run.channel, run.thread_ts, render.local_accepted(run))
+            self.ctx.post(run.channel, run.thread_ts, render.local_accepted(run))
             self.start(run.id)
 
     def _ask_approvers(self, run: Run) -> None:
         for approver in sorted(self.policy().approvers - {run.requested_by}):
             try:
-                dm = self.wf.client.conversations_open(users=approver)["channel"]["id"]
+                dm = self.ctx.client.conversations_open(users=approver)["channel"]["id"]
                 text = (
                     f"<@{run.requested_by}> asks for your approval of {run.id} "
                     f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
                 )
-                self.wf.client.chat_postMessage(channel=dm, text=text)
+                self.ctx.client.chat_postMessage(channel=dm, text=text)
             except Exception as exc:  # Slack refused, or could not be reached
                 log.error(
                     "cannot DM approver %s about %s: %s",
@@ -467,7 +487,7 @@ class Runs:
     def _refresh_homes(self, run: Run) -> None:
         """A run changed state: the Home tabs of the people it concerns show it."""
         for user in {run.requested_by, *self.policy().approvers} - {None}:
-            self.wf.refresh_home(user)
+            self.refresh_home(user)
 
     def refresh_card(self, run_id: str) -> None:
         run = self.store.get_run(run_id)
@@ -475,7 +495,7 @@ class Runs:
             return
         message = self.card(run)
         try:
-            self.wf.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
+            self.ctx.client.chat_update(channel=run.channel, ts=run.card_ts, **message.to_kwargs())
         except Exception as exc:  # Slack refused, or could not be reached
             log.error("cannot update %s's card: %s", run.id, slack_error(exc))
 
@@ -531,7 +551,7 @@ class Runs:
                 self.gate.settle("run", run_id, 0.0, note="rejected")
                 self.refresh_card(run_id)
                 why = f": {render.escape(reason)}" if reason else ""
-                self.wf.post(
+                self.ctx.post(
                     run.channel,
                     run.thread_ts,
                     render.note(f"<@{run.requested_by}> {run_id} was rejected by <@{user}>{why}."),
@@ -545,7 +565,7 @@ class Runs:
                 self.gate.settle("run", run_id, 0.0, note="over budget at approval")
                 self.store.audit("tunebot", "refused_budget", run_id=run_id, detail={"why": why})
                 self.refresh_card(run_id)
-                self.wf.post(
+                self.ctx.post(
                     run.channel,
                     run.thread_ts,
                     render.note(f"<@{run.requested_by}> {run_id} cannot start: {why}."),
@@ -605,7 +625,7 @@ class Runs:
                 run_id, ["approved"], "submitting", owner=(token := self.claim_token()),
                 lease=self.lease,
             ):  # fmt: skip
-                self.wf.submit(
+                self.ctx.submit(
                     f"submitting {run_id}", lambda: self._submit(run_id, token), run.channel,
                     run.thread_ts, long=True,
                     on_busy=lambda: self.store.release_claim(
@@ -614,7 +634,7 @@ class Runs:
                 )  # fmt: skip
         except Busy as exc:
             log.info("run %s: approved; its start waits (%s)", run_id, exc.summary)
-            self.wf.post(
+            self.ctx.post(
                 run.channel, run.thread_ts,
                 render.note(f"{run_id} is approved; it starts as soon as a job thread is free "
                             f"({exc.ahead} jobs ahead)."),
@@ -650,13 +670,12 @@ class Runs:
                     run_id, f"tunebot could not submit it ({describe(exc, self.settings.home)})"
                 )
                 return
-            record = dict(self.store.get_run(run_id).result_json or {})
+            record = RunResult.of(self.store.get_run(run_id)).with_(submit_attempts=0)
             if job.files:
-                record["training_file"] = job.files[0]
-            record.pop("submit_attempts", None)
+                record = record.with_(training_file=job.files[0])
             if not self.store.release_claim(
                 run_id, token, from_status="submitting", to_status="running",
-                external_id=job.id, result_json=record,
+                external_id=job.id, result_json=record.to_json(),
             ):  # fmt: skip
                 now = self.store.get_run(run_id)
                 if now.status == "cancelled" and now.external_id in (None, job.id):
@@ -671,7 +690,7 @@ class Runs:
             detail={"job": job.id},
         )
         log.info("run %s: %s as %s", run_id, "found" if job.reused else "submitted", job.id)
-        ts = self.wf.post(
+        ts = self.ctx.post(
             run.channel, run.thread_ts, render.progress(self.store.get_run(run_id), None)
         )
         self.store.update_run(run_id, progress_ts=ts)
@@ -688,7 +707,7 @@ class Runs:
         spec = TrainingSpec(
             run_id=run.id,
             model=run.model,
-            train_file=self.wf.blobs.path(data["train_sha256"]),
+            train_file=self.ctx.blobs.path(data["train_sha256"]),
             hyperparameters=plan.hyperparameters(),
             suffix=getattr(plan, "suffix", None),
         )
@@ -702,23 +721,23 @@ class Runs:
 
     def _record_upload(self, run: Run, file_id: str) -> None:
         """A file the provider holds for the run: recorded, so that it can be deleted."""
-        if (self.store.get_run(run.id).result_json or {}).get("training_file") == file_id:
+        if RunResult.of(self.store.get_run(run.id)).training_file == file_id:
             return
         self.store.add_provider_file(
             run.provider, file_id, run_id=run.id, dataset_id=run.dataset_id
         )
-        record = {**(self.store.get_run(run.id).result_json or {}), "training_file": file_id}
-        self.store.update_run(run.id, result_json=record)
+        record = RunResult.of(self.store.get_run(run.id)).with_(training_file=file_id)
+        self.store.update_run(run.id, result_json=record.to_json())
 
     def _retry_later(self, run: Run, token: str, why: str) -> None:
-        record = dict(self.store.get_run(run.id).result_json or {})
-        attempts = int(record.get("submit_attempts", 0)) + 1
-        record["submit_attempts"] = attempts
+        record = RunResult.of(self.store.get_run(run.id))
+        attempts = record.submit_attempts + 1
+        record = record.with_(submit_attempts=attempts)
         delay = min(RETRY_BASE_SECONDS * 2 ** (attempts - 1), RETRY_MAX_SECONDS)
         delay = max(delay, self.settings.poll_seconds)
         self.store.release_claim(
             run.id, token, from_status="submitting",
-            retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record,
+            retry_at=self.clock() + dt.timedelta(seconds=delay), result_json=record.to_json(),
         )  # fmt: skip
         log.info("run %s: OpenAI unavailable (%s); retrying in %.0f s", run.id, why, delay)
 
@@ -734,7 +753,7 @@ class Runs:
             "tunebot", "failed", run_id=run_id, plan_hash=run.plan_hash, detail={"error": error}
         )
         log.info("run %s: failed before training: %s", run_id, error)
-        self.wf.post(run.channel, run.thread_ts, render.run_result(run))
+        self.ctx.post(run.channel, run.thread_ts, render.run_result(run))
         self._refresh_homes(run)
 
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
@@ -762,7 +781,7 @@ class Runs:
             if job is not None and job.status not in FINISHED:
                 self._cancel_orphan_job(run_id, job.id)
             return
-        self.wf.post(
+        self.ctx.post(
             run.channel, run.thread_ts,
             render.note(f"{run_id} is cancelled, but {run.provider} could not be asked whether "
                         "a job was made for it before; check its fine-tuning jobs."),
@@ -794,7 +813,7 @@ class Runs:
         """
         self.gate.ledger.settle_ended_runs()  # a crash between a run's end and its settlement
         for ended in self.store.runs(status=list(FINISHED), limit=20):
-            if (ended.result_json or {}).get("unposted"):
+            if RunResult.of(ended).unposted:
                 self._post_result_again(ended)
         for run in self.store.runs(status=list(ACTIVE), limit=None):
             try:
@@ -802,20 +821,20 @@ class Runs:
             except UserError as exc:
                 log.error("run %s: %s", run.id, exc.summary)
             except Exception as exc:  # one run's trouble must not stop the others
-                self.wf.unexpected(exc, f"polling {run.id}")
+                self.ctx.unexpected(exc, f"polling {run.id}")
 
     def _post_result_again(self, run: Run) -> None:
         """A result Slack did not take when the run ended: posted once it answers."""
-        if self.wf.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
-            record = {k: v for k, v in (run.result_json or {}).items() if k != "unposted"}
-            self.store.update_run(run.id, result_json=record)
+        if self.ctx.post(run.channel, run.thread_ts, render.run_result(run)) is not None:
+            record = RunResult.of(run).with_(unposted=False)
+            self.store.update_run(run.id, result_json=record.to_json())
 
     def _take_over(self, run: Run, from_status: str) -> None:
         """Claim a submission nobody holds (a crash, a back-off over) and finish it on a job thread."""
         token = self.claim_token()
         if self.store.claim_run(run.id, [from_status], "submitting", owner=token, lease=self.lease):
             log.info("run %s: taking over its submission", run.id)
-            self.wf.submit(
+            self.ctx.submit(
                 f"submitting {run.id}", lambda: self._submit(run.id, token), run.channel,
                 run.thread_ts, long=True,
                 on_busy=lambda: self.store.release_claim(run.id, token, from_status="submitting"),
@@ -838,10 +857,10 @@ class Runs:
             if lapsed(run, self.clock()):
                 self._take_over(run, run.status)
             return
-        state_data = dict(run.result_json or {})
+        state_data = RunResult.of(run)
         try:
             state = self.runner(run.provider).poll(
-                self.handle(run), cursor=state_data.get("last_event_id")
+                self.handle(run), cursor=state_data.last_event_id
             )
         except RunnerError as exc:
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
@@ -853,22 +872,22 @@ class Runs:
                 {"id": event.id, "message": event.message, "at": event.created_at},
             )
         if state.cursor:
-            state_data["last_event_id"] = state.cursor
+            state_data = state_data.with_(last_event_id=state.cursor)
         if state.terminal:
             self._finish(run, run.status, state.status, state=state, data=state_data)
             return
         now = time.time()
-        if now - state_data.get("progress_edited_at", 0) >= self.settings.progress_seconds:
-            state_data["progress_edited_at"] = now
+        if now - state_data.progress_edited_at >= self.settings.progress_seconds:
+            state_data = state_data.with_(progress_edited_at=now)
             self._edit_progress(run, state)
-        self.store.update_run(run.id, result_json=state_data)
+        self.store.update_run(run.id, result_json=state_data.to_json())
 
     def _edit_progress(self, run: Run, state) -> None:
         if not run.progress_ts:
             return
         message = render.progress(run, state)
         try:
-            self.wf.client.chat_update(
+            self.ctx.client.chat_update(
                 channel=run.channel, ts=run.progress_ts, **message.to_kwargs()
             )
         except Exception as exc:  # Slack refused, or could not be reached
@@ -882,12 +901,12 @@ class Runs:
         *,
         state: RunState | None = None,
         error: str | None = None,
-        data: dict | None = None,
+        data: RunResult | None = None,
     ) -> None:
-        data = dict(data or run.result_json or {})
+        data = data if data is not None else RunResult.of(run)
         actual = None
         if state is not None:
-            data.update(
+            data = data.with_(
                 fine_tuned_model=state.output.get("fine_tuned_model"),
                 trained_tokens=state.trained_tokens,
             )
@@ -902,7 +921,12 @@ class Runs:
             if state.error:
                 error = state.error
         if not self.store.transition_run(
-            run.id, [from_status], status, actual_usd=actual, result_json=data, error=error
+            run.id,
+            [from_status],
+            status,
+            actual_usd=actual,
+            result_json=data.to_json(),
+            error=error,
         ):
             return  # another tick finished it: report once
         self.gate.settle("run", run.id, actual or 0.0, note=status)
@@ -917,10 +941,10 @@ class Runs:
         done = self.store.get_run(run.id)
         if state is not None:
             self._edit_progress(done, state)
-        if self.wf.post(run.channel, run.thread_ts, render.run_result(done)) is None:
+        if self.ctx.post(run.channel, run.thread_ts, render.run_result(done)) is None:
             # Slack refused or could not be reached: the poller posts it once Slack answers.
             self.store.update_run(
-                run.id, result_json={**(done.result_json or {}), "unposted": True}
+                run.id, result_json=RunResult.of(done).with_(unposted=True).to_json()
             )
         self._refresh_homes(done)
         metrics = state.metrics if state is not None else ()
@@ -929,7 +953,7 @@ class Runs:
     def _upload_loss_curve(self, run: Run, metrics) -> None:
         from bot.charts import loss_curve
 
-        png = self.wf.draw(
+        png = self.ctx.draw(
             loss_curve,
             [m[0] for m in metrics],
             [m[1] for m in metrics],
@@ -938,7 +962,7 @@ class Runs:
         if png is None:
             return
         try:
-            self.wf.client.files_upload_v2(
+            self.ctx.client.files_upload_v2(
                 channel=run.channel,
                 thread_ts=run.thread_ts,
                 content=png,
@@ -951,7 +975,7 @@ class Runs:
     def _upload_worker_log(self, run: Run, log_tail: str) -> None:
         """A failed local run's last log lines, as a file in its thread (never in a message)."""
         try:
-            self.wf.client.files_upload_v2(
+            self.ctx.client.files_upload_v2(
                 channel=run.channel,
                 thread_ts=run.thread_ts,
                 content=log_tail.encode("utf-8", "replace"),
@@ -997,7 +1021,7 @@ class Runs:
                     external_id=None,
                 ):  # fmt: skip
                     try:
-                        self.wf.submit(
+                        self.ctx.submit(
                             f"starting {run.id}",
                             lambda run_id=run.id, token=token: self._launch_claimed(run_id, token),
                             run.channel,
@@ -1034,7 +1058,7 @@ class Runs:
                     self._update(run, run.progress_ts, message)
                 else:
                     self.store.update_run(
-                        run_id, progress_ts=self.wf.post(run.channel, run.thread_ts, message)
+                        run_id, progress_ts=self.ctx.post(run.channel, run.thread_ts, message)
                     )
                 return
             except Exception as exc:
@@ -1073,7 +1097,7 @@ class Runs:
         if self.on_ray:
             from bot import ray_runs
 
-            attempt = int((run.result_json or {}).get("attempt") or 1)
+            attempt = RunResult.of(run).attempt
             worker, resume = ray_runs.submit(self.runner("local"), spec, self.key(run.id), attempt)
             detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
         else:
@@ -1090,7 +1114,7 @@ class Runs:
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
-            ts = self.wf.post(run.channel, run.thread_ts, message)
+            ts = self.ctx.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
 
     def _local_hyperparameters(self, run: Run) -> dict[str, Any]:
@@ -1098,9 +1122,9 @@ class Runs:
 
     def _training_files(self, run: Run) -> dict[str, str]:
         data = self.evals.prepare(run)
-        files = {"train": str(self.wf.blobs.path(data["train_sha256"]))}
+        files = {"train": str(self.ctx.blobs.path(data["train_sha256"]))}
         if data.get("eval_sha256"):
-            files["eval"] = str(self.wf.blobs.path(data["eval_sha256"]))
+            files["eval"] = str(self.ctx.blobs.path(data["eval_sha256"]))
         return files
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
@@ -1114,12 +1138,12 @@ class Runs:
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
-            ts = self.wf.post(run.channel, run.thread_ts, message)
+            ts = self.ctx.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
 
     def _update(self, run: Run, ts: str, message: render.Message) -> None:
         try:
-            self.wf.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
+            self.ctx.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
         except Exception as exc:  # Slack refused, or could not be reached
             log.error("cannot update %s's message: %s", run.id, slack_error(exc))
 
@@ -1143,13 +1167,10 @@ class Runs:
             self._finish_local(run, state)
             self.dispatch_local()  # a slot is free
             return
-        data = dict(run.result_json or {})
+        data = RunResult.of(run)
         now = time.time()
-        if (
-            now - data.get("progress_edited_at", 0) >= self.settings.progress_seconds
-            and run.progress_ts
-        ):
-            data["progress_edited_at"] = now
+        if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
+            data = data.with_(progress_edited_at=now)
             waiting = None
             if self.on_ray and state.step is None:  # Ray (or Ray Train) has not started it yet
                 from bot import ray_runs
@@ -1157,7 +1178,7 @@ class Runs:
                 gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
                 waiting = ray_runs.waiting_for(self.runner("local"), gpus)
             self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
-            self.store.update_run(run.id, result_json=data)
+            self.store.update_run(run.id, result_json=data.to_json())
 
     def _finish_local(self, run: Run, state: RunState) -> None:
         if self.on_ray and state.status == "succeeded":
@@ -1169,8 +1190,7 @@ class Runs:
                 log.error("run %s: adapter not copied home: %s", run.id, exc.message)
                 return  # the next tick tries again
             state = replace(state, output={**state.output, **home})
-        data = dict(run.result_json or {})
-        data.update(
+        data = RunResult.of(run).with_(
             adapter_dir=state.output.get("adapter_dir"),
             merged_dir=state.output.get("merged_dir"),
             metrics=state.output.get("metrics"),
@@ -1178,7 +1198,12 @@ class Runs:
         )
         error = state.error
         if not self.store.transition_run(
-            run.id, ["running"], state.status, actual_usd=0.0, result_json=data, error=error
+            run.id,
+            ["running"],
+            state.status,
+            actual_usd=0.0,
+            result_json=data.to_json(),
+            error=error,
         ):
             return
         self.store.audit(
@@ -1192,7 +1217,7 @@ class Runs:
         done = self.store.get_run(run.id)
         if done.progress_ts:
             self._update(done, done.progress_ts, render.local_progress(done, state))
-        self.wf.post(run.channel, run.thread_ts, render.local_result(done, state))
+        self.ctx.post(run.channel, run.thread_ts, render.local_result(done, state))
         self._refresh_homes(done)
         self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
 
@@ -1209,7 +1234,7 @@ class Runs:
             if log_tail:
                 self._upload_worker_log(done, log_tail)
 
-        self.wf.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
+        self.ctx.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
 
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
         from trainers import local
@@ -1219,18 +1244,18 @@ class Runs:
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
         if user != run.requested_by and user not in self.policy().approvers:
             raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
-        data = dict(run.result_json or {})
+        data = RunResult.of(run)
         if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
             from bot import ray_runs
 
             names = ray_runs.checkpoints(self.runner("local"), self.key(run.id))
-            data["attempt"] = int(data.get("attempt") or 1) + 1
+            data = data.with_(attempt=data.attempt + 1)
         else:
             names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
         if not names:
             raise UserError(f"{run.id} has no complete checkpoint to resume from.")
         if not self.store.transition_run(
-            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data
+            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data.to_json()
         ):
             raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
         self.store.audit(
@@ -1240,7 +1265,7 @@ class Runs:
             plan_hash=run.plan_hash,
             detail={"checkpoint": names[-1]},
         )
-        self.wf.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
+        self.ctx.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
         return render.note(f"{run.id} resumes from {names[-1]}.", in_channel=True)
 
     # --- cancel, resume -------------------------------------------------------
@@ -1254,7 +1279,7 @@ class Runs:
             if self.store.transition_run(run.id, [run.status], "cancelled"):
                 self.gate.settle("run", run.id, 0.0, note="cancelled before it started")
                 self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-                self.wf.submit(
+                self.ctx.submit(
                     f"updating {run.id}", lambda: self._after_cancel(run.id), channel,
                     run.thread_ts,
                 )  # fmt: skip
@@ -1317,7 +1342,7 @@ class Runs:
             if done.progress_ts:
                 self._update(done, done.progress_ts, render.cancelled_before_start(done))
             self._refresh_homes(done)
-            self.wf.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
+            self.ctx.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
             return render.note(
                 f"{run.id} left the Ray cluster's queue and is cancelled.", in_channel=True
             )

@@ -60,12 +60,12 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
         next_run_time=now,
     )  # fmt: skip
     scheduler.add_job(
-        runs.wf.resume, "interval", kwargs={"at_start": False}, seconds=RESUME_SECONDS,
+        runs.ctx.resume, "interval", kwargs={"at_start": False}, seconds=RESUME_SECONDS,
         id="resume_work",
     )  # fmt: skip
     from bot.retirement import RetirementWatch
 
-    watch = RetirementWatch(runs.store, runs.wf.post, runs.clock)
+    watch = RetirementWatch(runs.store, runs.ctx.post, runs.clock)
     scheduler.add_job(
         watch.check, "interval", seconds=RETIREMENT_SECONDS, id="retirement_watch",
         next_run_time=now,

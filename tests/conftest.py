@@ -150,8 +150,8 @@ def make_bot(tmp_path, slack, validation_pool):
     for server, workflow, store in started:
         server.shutdown()
         server.server_close()
-        workflow.jobs.shutdown(wait=True)
-        workflow.long_jobs.shutdown(wait=True)
+        workflow.ctx.jobs.shutdown(wait=True)
+        workflow.ctx.long_jobs.shutdown(wait=True)
         store.close()
 
 

@@ -141,3 +141,29 @@ def test_the_architecture_map_names_modules_that_exist_and_every_runner():
     for name, target in RUNNERS.items():
         module = target.split(":")[0].replace(".", "/") + ".py"
         assert f"| `{name}` |" in doc and module in doc, f"runner {name} is not in the map"
+
+
+USE_CASES = {
+    "bot.datasets",
+    "bot.runs",
+    "bot.plans",
+    "bot.decisions",
+    "bot.admin",
+    "bot.evaluation",
+    "bot.distillation",
+    "bot.home",
+}
+
+
+def test_the_context_knows_no_use_case_and_no_use_case_knows_the_workflow():
+    """bot/context.py is the services alone; the use-cases get it (and each other)
+    through their constructors, and only the entry layer and the listeners reach
+    the composition root, bot/workflow.py."""
+    graph = _graph()
+    assert not graph["bot.context"] & (USE_CASES | {"bot.workflow"}), graph["bot.context"]
+    entry = {"bot.app", "bot.serve", "bot.cli", "bot.workflow"}
+    for name, imported in graph.items():
+        if name in entry or name.startswith("bot.listeners"):
+            continue
+        assert "bot.workflow" not in imported, f"{name} imports bot.workflow"
+    assert set(graph) >= USE_CASES, "a use-case module this test names is gone"

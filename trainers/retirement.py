@@ -3,7 +3,10 @@
 Facts, with their sources (read 2026-11-30):
 
 - OpenAI stops creating fine-tuning jobs for everyone on 2027-01-06
-  (`trainers.pricing.OPENAI_FINE_TUNING_CUTOFF`).
+  (`trainers.pricing.OPENAI_FINE_TUNING_CUTOFF`; OpenAI's fine-tuning
+  deprecation notice, as publicly reported, read 2026-11-30). After it
+  tunebot refuses new OpenAI runs and names where else it can train
+  (bot.retirement.cutoff_refusal).
 - Public reports of OpenAI's deprecations page say the gpt-4o, gpt-4o-mini,
   gpt-4.1 and gpt-4.1-mini models, and every fine-tune built on them, stop
   serving on 2027-01-14. OpenAI's `/v1/models` gives no shutdown date, so

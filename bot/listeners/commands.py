@@ -9,8 +9,8 @@ from slack_sdk import WebClient
 
 from bot import render
 from bot.commands import CommandError, parse
+from bot.errors import UserError
 from bot.listeners.common import log, workflow_of
-from bot.workflow import UserError
 
 COMMAND = "/finetune"
 

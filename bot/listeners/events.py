@@ -9,8 +9,8 @@ from typing import Any
 
 from slack_bolt import BoltContext
 
+from bot.datasets import FileDrop
 from bot.listeners.common import workflow_of
-from bot.workflow import FileDrop
 
 MESSAGE = "message"
 FILE_SHARED = "file_shared"

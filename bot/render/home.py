@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from bot.render.runs import STATE_WORDS
 from bot.render.text import context, escape, money, section
+from bot.results import RunResult
 
 
 def home_view(
@@ -75,7 +76,7 @@ def _retiring(runs: Sequence) -> list[str]:
 
     lines = []
     for run in runs:
-        model = (run.result_json or {}).get("fine_tuned_model")
+        model = RunResult.of(run).fine_tuned_model
         ends = serving_ends(model) if model else None
         if ends:
             lines.append(f"• {run.id}: `{escape(model)}` stops serving on {ends:%Y-%m-%d}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bot.render.text import Message, escape, money, plural, section
+from bot.results import RunResult
 
 
 def datasets_list(datasets: Sequence) -> Message:
@@ -100,7 +101,7 @@ def _serving_end(run) -> str:
     """`; its model stops serving on …` for a fine-tuned model whose end is known."""
     from trainers.retirement import serving_ends
 
-    model = (run.result_json or {}).get("fine_tuned_model")
+    model = RunResult.of(run).fine_tuned_model
     ends = serving_ends(model) if model and run.status == "succeeded" else None
     return f"; its model stops serving on {ends:%Y-%m-%d}" if ends else ""
 

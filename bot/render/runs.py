@@ -14,6 +14,7 @@ from bot.render.text import (
     section,
     short_paths,
 )
+from bot.results import RunResult
 
 STATE_WORDS = {
     "pending_approval": "⏳ Waiting for approval",
@@ -79,10 +80,20 @@ def _plan_lines(run) -> list[str]:
         )
     else:
         cost = f"Estimate: {est.get('billed_tokens', 0):,} billed tokens, {money(run.estimate_usd or 0)}"
-    return [
+    lines = [
         f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
         cost,
     ]
+    if plan.get("migrated_from"):  # bot/migrate.py
+        lines.append(
+            f"Migrates {escape(plan['migrated_from'])}: the same dataset and held-out set; "
+            "when it succeeds, both models answer the held-out set and this thread gets the "
+            "comparison"
+        )
+        if plan.get("carried"):
+            lines.append("Carried over: " + "; ".join(escape(c) for c in plan["carried"]))
+        lines += [f"• Differs: {escape(short_paths(d))}" for d in plan.get("differences", ())]
+    return lines
 
 
 def approval_card(run, tally, *, approvers, budget, committed_usd, reasons=()) -> Message:
@@ -201,14 +212,14 @@ def dt_text(value) -> str:
 
 def run_result(run) -> Message:
     """Posted once when a run ends; mentions the requester."""
-    data = run.result_json or {}
+    data = RunResult.of(run)
     head = f"<@{run.requested_by}> {run.id} {STATE_WORDS.get(run.status, run.status).lower()}"
     lines = [head]
     if run.status == "succeeded":
-        lines.append(f"Model: `{escape(data.get('fine_tuned_model'))}`")
-        if data.get("trained_tokens"):
+        lines.append(f"Model: `{escape(data.fine_tuned_model)}`")
+        if data.trained_tokens:
             lines.append(
-                f"Trained tokens: {data['trained_tokens']:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
+                f"Trained tokens: {data.trained_tokens:,} (estimated {run.plan_json['estimate']['billed_tokens']:,})"
             )
         lines.append(
             f"Cost: {money(run.actual_usd or 0)} (estimated {money(run.estimate_usd or 0)})"
@@ -346,8 +357,8 @@ def retirement_notice(run, model: str, ends, days: int) -> Message:
     text = (
         f"⚠️ {run.id}'s model `{escape(model)}` stops serving on {ends:%Y-%m-%d} ({when}), "
         f"with every fine-tune of its base model ({SOURCE}); calls to it fail from then on. "
-        f"Train {run.dataset_id} again where it keeps serving, e.g. "
-        f"`/finetune train {run.dataset_id} provider=local`, and evaluate the two while this "
-        "one still answers."
+        f"`/finetune migrate {run.id} provider=local` trains it again where it keeps serving, "
+        "from the same data and held-out set, and compares the two while this one still "
+        "answers."
     )
     return Message(text, [section(text)], in_channel=True)

@@ -13,8 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from bot.context import INTERACTIVE_THREADS
 from bot.scheduler import start_scheduler
-from bot.workflow import INTERACTIVE_THREADS
 from storage import Store
 from tests.bot.test_distill import prompts_file
 from tests.bot.test_runs import click, request, texts, upload
@@ -222,7 +222,7 @@ def test_shutdown_keeps_queued_ingests_and_the_next_start_does_each_once(make_bo
         assert len(first.store.pending_work("ingest")) == 2
         assert first.workflow.close(timeout=0.1) is False  # the held job outlives the drain
         release.set()
-        first.workflow.long_jobs.shutdown(wait=True)
+        first.workflow.ctx.long_jobs.shutdown(wait=True)
     assert first.store.datasets() == [] and not first.slack.calls_to(DOWNLOAD)
     assert len(first.store.pending_work("ingest")) == 2  # kept for the next start
 
@@ -240,7 +240,7 @@ def test_shutdown_keeps_queued_ingests_and_the_next_start_does_each_once(make_bo
 
 
 def test_an_ingest_that_dies_before_recording_is_done_when_the_file_comes_again(bot, monkeypatch):
-    real = bot.workflow.register
+    real = bot.workflow.datasets.register
     died = []
 
     def dies_once(*args, **kwargs):
@@ -249,7 +249,7 @@ def test_an_ingest_that_dies_before_recording_is_done_when_the_file_comes_again(
             raise RuntimeError("the process died here")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bot.workflow, "register", dies_once)
+    monkeypatch.setattr(bot.workflow.datasets, "register", dies_once)
     file = bot.slack.add_file(training_file(12), name="support.jsonl")
     assert bot.event(file_share_message_event(file), event_id="Ev1") == 200
     bot.wait_idle()
@@ -305,7 +305,7 @@ def test_a_train_ack_records_the_request_and_the_job_checks_the_budget_again(pai
     file = upload(bot, training_file(40))
     one = bot.workflow.runs.planner.openai(
         bot.store.get_dataset("d1"),
-        bot.workflow.stored_report(bot.store.get_dataset("d1")),
+        bot.workflow.datasets.stored_report(bot.store.get_dataset("d1")),
         {},
         "C1",
     ).estimate.cost_usd
@@ -342,7 +342,7 @@ def test_a_train_request_acked_before_a_stop_is_recorded_once_at_the_next_start(
         assert body["text"] == "r1 needs approval: the card is in d1's thread."
         assert first.workflow.close(timeout=0.1) is False
         release.set()
-        first.workflow.jobs.shutdown(wait=True)
+        first.workflow.ctx.jobs.shutdown(wait=True)
     assert first.store.runs() == [] and len(first.store.pending_work("request")) == 1
 
     second = make_bot(**settings)

@@ -146,7 +146,7 @@ def test_download_failure_gets_a_clear_reply(bot):
 
 def test_login_page_instead_of_file_is_detected(bot):
     bot.slack.login_page_on_bad_auth = True
-    bot.workflow.settings = bot.workflow.settings.__class__(
+    bot.workflow.ctx.settings = bot.workflow.settings.__class__(
         **{**bot.workflow.settings.__dict__, "slack_bot_token": "xoxb-stale"}
     )
     file = drop(bot, training_file())

@@ -16,7 +16,8 @@ import pytest
 
 from bot.app import make_client
 from bot.config import Settings
-from bot.workflow import UserError, Workflow
+from bot.errors import UserError
+from bot.workflow import Workflow
 from storage import BlobStore, Store
 from storage.db import DB_NAME
 from tests.conftest import SECRET, training_file
@@ -49,11 +50,11 @@ def workflow(slack, tmp_path):
 
 def _register(wf: Workflow, data: bytes, name: str):
     sha = wf.blobs.put_bytes(data)
-    return wf.register(sha, len(data), name=name, channel="C1", thread_ts=None, user="U1")
+    return wf.datasets.register(sha, len(data), name=name, channel="C1", thread_ts=None, user="U1")
 
 
 def _worker_pids(wf: Workflow) -> list[int]:
-    pool = wf._validation_pool
+    pool = wf.ctx._validation_pool
     return list(getattr(pool, "_processes", None) or {}) if pool is not None else []
 
 
@@ -70,7 +71,7 @@ def _kill_worker(wf: Workflow, not_in: set[int], timeout: float = 60) -> int:
 
 
 def test_a_killed_worker_is_replaced_and_the_next_file_validates(workflow):
-    first_pool = workflow.validation_pool
+    first_pool = workflow.ctx.validation_pool
     _, report = _register(workflow, training_file(12), "one.jsonl")
     assert report.valid_examples == 12
     (pid,) = _worker_pids(workflow)
@@ -78,7 +79,7 @@ def test_a_killed_worker_is_replaced_and_the_next_file_validates(workflow):
     # The pool notices the death and is broken; the next file gets a new pool.
     _, report = _register(workflow, training_file(14), "two.jsonl")
     assert report.valid_examples == 14
-    assert workflow._validation_pool is not first_pool
+    assert workflow.ctx._validation_pool is not first_pool
     _, report = _register(workflow, training_file(16), "three.jsonl")
     assert report.valid_examples == 16
 
@@ -97,7 +98,7 @@ def test_a_file_that_kills_the_checker_says_so_and_later_files_work(workflow, tm
     thread.start()
     model = workflow.prices.resolve(workflow.settings.default_model)
     with pytest.raises(UserError) as info:
-        workflow._validate(str(stuck), model.context, model.encoding, "stuck.jsonl")
+        workflow.datasets.validate(str(stuck), model.context, model.encoding, "stuck.jsonl")
     thread.join(timeout=60)
     assert len(killed) == 2
     assert info.value.summary.startswith("The checker crashed on stuck.jsonl (out of memory?)")
@@ -108,7 +109,9 @@ def test_a_file_that_kills_the_checker_says_so_and_later_files_work(workflow, tm
     thread.start()
     workflow.submit(
         "checking file stuck.jsonl",
-        lambda: workflow._validate(str(stuck), model.context, model.encoding, "stuck.jsonl"),
+        lambda: workflow.datasets.validate(
+            str(stuck), model.context, model.encoding, "stuck.jsonl"
+        ),
         "C1",
         None,
     )
@@ -143,7 +146,7 @@ def test_the_bot_counts_a_million_blank_lines_and_stores_a_thousand(bot):
     dataset = bot.store.get_dataset("d1")
     assert dataset.warnings == 1_000_000
     assert dataset.report_json["codes"] == {"blank_line": 1_000_000}
-    stored = bot.workflow.stored_report(dataset)  # /finetune validate reposts this one
+    stored = bot.workflow.datasets.stored_report(dataset)  # /finetune validate reposts this one
     assert stored.warning_count == 1_000_000 and len(stored.findings) == 1_000
 
 

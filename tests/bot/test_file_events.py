@@ -446,7 +446,7 @@ def test_an_unexpected_error_is_answered_in_the_thread_learned_while_waiting(fas
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire at /srv/secret/path")
 
-    monkeypatch.setattr(bot.workflow, "register", broken)
+    monkeypatch.setattr(bot.workflow.datasets, "register", broken)
     bot.event(file_shared_event(file), event_id="Ev1")
     later(0.3, lambda: bot.event(file_share_message_event(file), event_id="Ev2")).join()
     bot.wait_idle(60)

@@ -78,19 +78,19 @@ def test_home_tab_shows_runs_approvals_spend_and_datasets(paid_bot):
     bot.slack.memberships.update(UA=["C1"], UR=["C1"])  # Home shows only the viewer's channels
     upload(bot)
     request(bot, user="UR")
-    view = bot.workflow.home("UA")
+    view = bot.workflow.home_tab.home("UA")
     text = json.dumps(view, ensure_ascii=False)
     assert view["type"] == "home"
     assert "Waiting for your approval" in text and "r1: openai gpt-4o-mini-2024-07-18" in text
     assert "of $50.00" in text and "d1 support.jsonl: 40/40 valid" in text
     assert "Waiting for your approval" not in json.dumps(
-        bot.workflow.home("UR"), ensure_ascii=False
+        bot.workflow.home_tab.home("UR"), ensure_ascii=False
     )  # not their own
     click(bot, "UA", "approve_run")
     bot.wait_idle()
     assert "Runs in progress" in json.dumps(
-        bot.workflow.home("UA")
-    ) and "r1: 🏃 Running" in json.dumps(bot.workflow.home("UA"), ensure_ascii=False)
+        bot.workflow.home_tab.home("UA")
+    ) and "r1: 🏃 Running" in json.dumps(bot.workflow.home_tab.home("UA"), ensure_ascii=False)
     assert "UA" in bot.slack.home_tabs and "UR" in bot.slack.home_tabs  # refreshed on the change
 
 

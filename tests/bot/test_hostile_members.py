@@ -467,7 +467,7 @@ def test_messages_prompts_with_secrets_are_held_until_overridden(paid_bot):
 # (in request(), and again in price_work).
 def test_distill_of_a_file_still_being_checked_is_refused_or_held(paid_bot):
     bot = paid_bot()
-    bot.workflow.validation_pool.submit(time.sleep, 4).done()  # the checker is busy a while
+    bot.workflow.ctx.validation_pool.submit(time.sleep, 4).done()  # the checker is busy a while
     file = bot.slack.add_file(_leaky_prompts("messages"), name="prompts.jsonl")
     assert bot.event(file_share_message_event(file), event_id="EvRace") == 200
     dataset = wait_for(lambda: bot.store.latest_dataset("C1"), 10, "the dataset to be recorded")
@@ -492,7 +492,7 @@ def test_eval_on_a_set_still_being_checked_sends_nothing(paid_bot):
     bot = paid_bot(judge_model="")
     succeeded_run(bot)
     before = len(bot.openai.chat_calls())
-    bot.workflow.validation_pool.submit(time.sleep, 4).done()
+    bot.workflow.ctx.validation_pool.submit(time.sleep, 4).done()
     file = bot.slack.add_file(secret_training_file(12), name="leaky-eval.jsonl")
     assert bot.event(file_share_message_event(file), event_id="EvRaceEval") == 200
     dataset = wait_for(lambda: bot.store.find_dataset("d2"), 10, "d2 to be recorded")

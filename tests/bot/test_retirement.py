@@ -53,7 +53,7 @@ def test_runs_list_and_app_home_show_the_date(paid_bot):
     succeeded_run(bot)
     _, body = bot.command("runs", user_id="UR")
     assert "r1 — openai" in body["text"] and "its model stops serving on 2027-01-14" in body["text"]
-    home = bot.workflow.home("UR")
+    home = bot.workflow.home_tab.home("UR")
     text = str(home["blocks"])
     assert "*Models that stop serving*" in text and "stops serving on 2027-01-14" in text
 

@@ -1,0 +1,438 @@
+"""/finetune migrate: a finished run trained again on another provider, then compared.
+
+`/finetune migrate r3 provider=local [model=…]` re-plans run r3 through the
+same Planner and request path as `/finetune train` (the same checks, the
+same approval for paid providers), from the same dataset and the same
+held-out split: the new plan records ``migrated_from`` and the run's data is
+r3's recorded split (bot.evaluation.Evaluations.prepare), so both models are
+judged on the same examples. The hyperparameters are carried by `MAPPING`,
+one row per target kind; what has no equivalent there is listed on the
+card with the reason (`WHY`).
+
+When the new run succeeds, `Migrations.after_success` asks both models the
+held-out prompts (the old one while it still serves, else its stored answers
+from its own evaluation) and posts in the thread how much of the old model's
+quality the new one keeps (its mean primary score as a share of the old
+one's, with win / tie / loss per example) and what 1,000 calls cost on each:
+the held-out set's average prompt and reference-answer tokens (o200k_base) at
+each model's inference price per token (trainers.pricing's table, or the
+providers file's); a local model has no hosted cost. Hosted answers are
+paid: the comparison reserves its estimate through the spend gate first and
+settles at what it spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bot import render
+from bot.errors import SpendRefused, UserError
+from bot.results import RunResult
+
+if TYPE_CHECKING:
+    from bot.commands import Command
+    from bot.context import Context
+    from bot.datasets import Datasets
+    from bot.runs import Runs
+    from storage import Run
+
+log = logging.getLogger("tunebot")
+
+NOT_TRAINING = ("eval", "distill")  # run kinds that train no model
+
+# Target kind -> {a stored plan's field: the /finetune train option it becomes there,
+# or None when the target has no equivalent (WHY says why)}. A field a source plan
+# does not have, or has as None (auto), is not carried. Targets: "openai" (OpenAI and
+# openai-compatible hosts: n_epochs, batch_size, learning_rate_multiplier), "local"
+# (LoRA: epochs, per-device batch, absolute lr, rank, alpha), "together" (Together's
+# n_epochs, batch_size, absolute learning_rate, lora_r, lora_alpha).
+MAPPING: dict[str, dict[str, str | None]] = {
+    "openai": {
+        "epochs": "epochs", "batch": "batch", "lr_mult": "lr_mult", "suffix": "suffix",
+        "lr": None, "r": None, "alpha": None, "targets": None, "max_length": None,
+        "qlora": None, "merge": None,
+    },
+    "local": {
+        "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
+        "targets": "targets", "max_length": "max_length", "qlora": "qlora", "merge": "merge",
+        "lr_mult": None, "suffix": None,
+    },
+    "together": {
+        "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
+        "lr_mult": None, "suffix": None, "targets": None, "max_length": None,
+        "qlora": None, "merge": None,
+    },
+}  # fmt: skip
+WHY: dict[str, str] = {
+    "lr_mult": "OpenAI's learning-rate multiplier scales a base rate OpenAI does not "
+    "publish, so it has no absolute learning rate to carry",
+    "lr": "OpenAI takes a multiplier of its own base rate, not an absolute learning rate",
+    "suffix": "a suffix names OpenAI's fine-tuned model; elsewhere the run id names it",
+    "r": "the LoRA rank is not an option there",
+    "alpha": "the LoRA alpha is not an option there",
+    "targets": "the LoRA target modules are not an option there",
+    "max_length": "the example length limit is the provider's own there",
+    "qlora": "4-bit base weights are a local option",
+    "merge": "a merged copy is a local option",
+}
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A source plan's hyperparameters for a target: `options` (/finetune train's
+    names, as text), `carried` ("epochs 3 → epochs=3") and `dropped` ((field, value,
+    why) for each set field with no equivalent there)."""
+
+    options: dict[str, str]
+    carried: tuple[str, ...]
+    dropped: tuple[tuple[str, Any, str], ...]
+
+
+def map_hyperparameters(source: Mapping[str, Any], target: str) -> Mapped:
+    """Carry a stored plan's (`TrainingPlan.to_json()`) hyperparameters to `target`
+    ("openai", "local" or "together": see MAPPING). Epochs carry as the number the
+    source trained (an auto choice becomes fixed); auto batch sizes are left to the
+    target. Raises ValueError for a target MAPPING does not have."""
+    if target not in MAPPING:
+        raise ValueError(f"no hyperparameter mapping to {target!r}; targets: {', '.join(MAPPING)}")
+    options: dict[str, str] = {}
+    carried: list[str] = []
+    dropped: list[tuple[str, Any, str]] = []
+    for field_name, option in MAPPING[target].items():
+        value = source.get(field_name)
+        if value is None or value is False:
+            continue
+        if option is None:
+            dropped.append((field_name, value, WHY[field_name]))
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        options[option] = text
+        auto = " (its auto choice)" if field_name == "epochs" and source.get("epochs_auto") else ""
+        carried.append(f"{field_name} {value}{auto} → {option}={text}")
+    return Mapped(options, tuple(carried), tuple(dropped))
+
+
+def differences(source: Mapping[str, Any], new: Mapping[str, Any], mapped: Mapped) -> list[str]:
+    """The lines an approver reads: what the migration changes and why, given the
+    source plan, the new plan (both stored dicts) and what `map_hyperparameters` did."""
+    out = [
+        f"base model {source.get('model')} ({source.get('provider')}) → {new.get('model')} "
+        f"({new.get('provider')}): another model, so quality can move either way; the "
+        "comparison after training says how much of it is kept"
+    ]
+    for name, value, why in mapped.dropped:
+        line = f"{name} {value} not carried: {why}"
+        if name == "lr_mult" and new.get("lr") is not None:
+            line += f"; the new run trains at lr={new['lr']:g}"
+        elif name == "lr" and new.get("lr_mult") is None:
+            line += "; OpenAI picks its multiplier (auto)"
+        out.append(line)
+    if source.get("provider") == "openai" and source.get("batch") is None and new.get("batch"):
+        out.append(f"batch was OpenAI's auto choice; the new run uses batch={new['batch']}")
+    if new.get("provider") == "local":
+        out.append(
+            f"trains a LoRA adapter (rank {new.get('r')}, alpha {new.get('alpha')}) on this "
+            "machine's GPUs"
+        )
+    return out
+
+
+class Migrations:
+    """`request` answers /finetune migrate; `after_success` (a Runs.on_success hook)
+    posts the comparison when a migrated run succeeds."""
+
+    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+        self.ctx = ctx
+        self.datasets = datasets
+        self.runs = runs
+        self.store = ctx.store
+        self.settings = ctx.settings
+
+    # --- the request ----------------------------------------------------------------------
+
+    def target_kind(self, provider: str) -> str | None:
+        """Which MAPPING row a provider takes: openai, local or together; a providers-file
+        provider by its kind; None when this installation knows no such provider."""
+        if provider in MAPPING:
+            return provider
+        configured = self.ctx.providers.get(provider)
+        if configured is None:
+            return None
+        return "together" if configured.kind == "together" else "openai"
+
+    def request(self, cmd: Command, channel: str, user: str) -> render.Message:
+        source = self.runs.find_run(cmd.target, channel)
+        if source.provider in NOT_TRAINING:
+            raise UserError(f"{source.id} is not a training run: only a trained model migrates.")
+        if source.status != "succeeded":
+            raise UserError(
+                f"{source.id} is {source.status.replace('_', ' ')}: only a succeeded run can "
+                "be migrated (its model is what the new one is compared with)."
+            )
+        provider = cmd.options.get("provider", "").strip().lower()
+        known = sorted({*MAPPING, *self.ctx.providers})
+        if not provider:
+            raise UserError(f"Name where to train: `provider=` one of {', '.join(known)}.")
+        kind = self.target_kind(provider)
+        if kind is None:
+            raise UserError(
+                f"No provider `{render.escape(provider)}` here: `provider=` takes "
+                f"{', '.join(known)} (`/finetune providers` lists them)."
+            )
+        if source.provider != "local" or kind != "local":  # the comparison asks hosted models
+            self.runs.gate.require(user, requester=source.requested_by, what=f"migrate {source.id}")
+        dataset = self.datasets.find_dataset(channel, source.dataset_id)  # forgotten: says by whom
+        report = self.datasets.stored_report(dataset)
+        plan = source.plan_json or {}
+        mapped = map_hyperparameters(plan, kind)
+        opts = {**mapped.options, "provider": provider}
+        if "model" in cmd.options:
+            opts["model"] = cmd.options["model"]
+        if plan.get("eval_dataset_id"):
+            opts["eval"] = plan["eval_dataset_id"]
+        elif plan.get("split"):
+            opts["split"] = repr(plan["split"])
+        new = self.runs.planner.plan(provider, dataset, report, opts, channel)
+        if new.provider != provider:
+            raise UserError(f"Runs on {provider} are not offered by this bot yet.")
+        stored = new.to_json()
+        stored.update(
+            migrated_from=source.id,
+            carried=list(mapped.carried),
+            differences=differences(plan, stored, mapped),
+        )
+        answer = self.runs.request_plan(stored, dataset, channel, user)
+        return render.note(
+            f"Migrating {source.id} to {provider}: {answer.text} The plan lists what carries "
+            "over and what differs."
+        )
+
+    # --- the comparison ------------------------------------------------------------------
+
+    def after_success(self, run: Run) -> None:
+        """A run succeeded: if it migrates another, compare the two on the held-out set
+        (on a long job: local generation loads a model)."""
+        source_id = (run.plan_json or {}).get("migrated_from")
+        if not source_id:
+            return
+        self.ctx.submit(
+            f"comparing {run.id} with {source_id}",
+            lambda: self.compare(run.id),
+            run.channel,
+            run.thread_ts,
+            long=True,
+        )
+
+    def compare(self, run_id: str) -> None:
+        """Old vs new on the new run's held-out set; the result is stored in the new run's
+        result_json["migration"] and posted in its thread."""
+        from trainers.evaluate import examples_from_file, score
+
+        new = self.store.get_run(run_id)
+        old = self.store.get_run(new.plan_json["migrated_from"])
+        data = RunResult.of(new).data or {}
+        if not data.get("eval_sha256"):
+            self.ctx.post(
+                new.channel,
+                new.thread_ts,
+                render.note(f"{new.id}: not compared with {old.id}: there is no held-out set."),
+            )
+            return
+        examples = examples_from_file(self.ctx.blobs.path(data["eval_sha256"]))
+        old_model, new_model = self.served_model(old), self.served_model(new)
+        ends = self._serving_ends(old)
+        ask_old = ends is None or self.runs.clock().date() < ends
+        notes: list[str] = []
+        if not ask_old:
+            notes.append(
+                f"{old.id}'s model stopped serving on {ends:%Y-%m-%d}, so its answers are "
+                "the ones stored by its own evaluation"
+            )
+        try:
+            reservation = self._reserve(new, old, examples, ask_old=ask_old)
+        except SpendRefused as exc:
+            self.ctx.post(
+                new.channel,
+                new.thread_ts,
+                render.note(f"{new.id}: not compared with {old.id}: {exc.summary}"),
+            )
+            return
+        spent = 0.0
+        try:
+            if ask_old:
+                old_answers, cost = self.answers(old, examples)
+                spent += cost
+            else:
+                old_answers = self._stored_answers(old, examples)
+            new_answers, cost = self.answers(new, examples)
+            spent += cost
+        finally:
+            if reservation is not None:
+                self.runs.gate.ledger.settle(reservation.id, spent)
+        from bot.evaluation import _embedder
+
+        result = score(examples, old_answers, new_answers, embedder=_embedder())
+        summary = result.summary()
+        kept = summary.tuned / summary.base if summary.base else None
+        per_1k = {
+            "old": self.per_1k_calls(old, old_model, examples),
+            "new": self.per_1k_calls(new, new_model, examples),
+        }
+        record = {
+            "from": old.id,
+            "primary": result.primary,
+            "old": summary.base,
+            "new": summary.tuned,
+            "kept": kept,
+            "win_tie_loss": {"win": result.wins, "tie": result.ties, "loss": result.losses},
+            "examples": len(examples),
+            "per_1k_calls_usd": per_1k,
+            "cost_usd": spent,
+            "notes": notes,
+            "rows": [{"index": r.index, "old": r.base, "new": r.tuned} for r in result.rows],
+        }
+        with self.store.transaction():  # what else the run recorded meanwhile stays
+            recorded = RunResult.of(self.store.get_run(new.id)).with_(migration=record)
+            self.store.update_run(new.id, result_json=recorded.to_json())
+        self.store.audit(
+            "tunebot", "migration_compared", run_id=new.id, plan_hash=new.plan_hash,
+            detail={k: v for k, v in record.items() if k != "rows"},
+        )  # fmt: skip
+        self.ctx.post(
+            new.channel, new.thread_ts, comparison(new, old, old_model, new_model, record)
+        )
+
+    def served_model(self, run: Run) -> str:
+        """The name a run's model answers to: the provider's fine-tuned id, or for a
+        local run its base and adapter."""
+        tuned = RunResult.of(run).fine_tuned_model
+        if run.provider == "local" or not tuned:
+            return f"{run.model} + LoRA {run.id}"
+        return tuned
+
+    def _serving_ends(self, run: Run):
+        from trainers.retirement import serving_ends
+
+        return None if run.provider == "local" else serving_ends(self.served_model(run))
+
+    def answers(self, run: Run, examples) -> tuple[list, float]:
+        """(the run's model's answers to `examples`, their cost in USD)."""
+        from trainers.evaluate import generate_local, generate_openai, generation_cost
+
+        evals = self.runs.evals
+        if run.provider == "local":
+            from bot.local_models import LocalModels
+
+            adapter = RunResult.of(run).adapter_dir
+            if not adapter:
+                raise UserError(f"{run.id} has no adapter to compare.")
+            base = LocalModels(self.settings, self.store).trained_base(run)
+            return generate_local(base, adapter, examples)[1], 0.0
+        if run.provider == "openai":
+            model = self.served_model(run)
+            answers = generate_openai(
+                evals._openai(), model, examples, concurrency=self.settings.eval_concurrency
+            )
+            return answers, generation_cost(model, answers, self.ctx.prices) or 0.0
+        _, tuned, cost = evals._generate(run, examples)  # the evaluation's generation
+        return tuned, cost
+
+    def _stored_answers(self, run: Run, examples) -> list[str]:
+        """The tuned answers of `run`'s latest evaluation, by held-out example."""
+        from trainers.evaluate import EvalResult
+
+        for stored in reversed(self.store.evals(run.id)):
+            try:
+                rows = {r.index: r.tuned for r in EvalResult.from_dict(stored.rows_json).rows}
+            except ValueError:
+                continue
+            if all(e.index in rows for e in examples):
+                return [rows[e.index] for e in examples]
+        raise UserError(
+            f"{run.id}'s model no longer serves and no stored evaluation of it covers the "
+            "held-out set, so there is nothing to compare with."
+        )
+
+    def _reserve(self, new: Run, old: Run, examples, *, ask_old: bool):
+        """Reserve the hosted answers (every one at its token limit) through the spend
+        gate; None when nothing hosted is asked. Raises SpendRefused over the budget."""
+        from trainers.evaluate import ANSWER_MAX_TOKENS
+        from trainers.pricing import inference_cost
+
+        tokens_in = sum(len(e.prompt_text) for e in examples) // 4 + 1  # ~4 characters a token
+        tokens_out = len(examples) * ANSWER_MAX_TOKENS
+        usd = 0.0
+        for run in ((old,) if ask_old else ()) + (new,):
+            if run.provider == "local":
+                continue
+            try:
+                usd += inference_cost(
+                    self.served_model(run), tokens_in, tokens_out, self.ctx.prices
+                )
+            except ValueError:
+                usd += self._provider_price(run, tokens_in, tokens_out) or 0.0
+        if usd <= 0:
+            return None
+        return self.runs.gate.reserve(
+            "eval", f"{new.id}:compare", usd, what=f"Comparing {new.id} with {old.id}",
+            run_id=new.id, channel=new.channel,
+        )  # fmt: skip
+
+    def per_1k_calls(self, run: Run, model: str, examples) -> float | None:
+        """USD for 1,000 calls of the held-out set's average size (o200k_base tokens of
+        each prompt's text and reference answer) at `model`'s inference price; 0.0 for a
+        local model (no hosted cost); None when no price is known."""
+        from trainers.pricing import inference_cost
+        from trainers.tokens import tiktoken_encoding
+
+        if run.provider == "local":
+            return 0.0
+        encoding = tiktoken_encoding("o200k_base")
+        n = len(examples)
+        tokens_in = sum(len(encoding.encode(e.prompt_text)) for e in examples) / n
+        tokens_out = sum(len(encoding.encode(e.reference)) for e in examples) / n
+        calls_in, calls_out = round(tokens_in * 1000), round(tokens_out * 1000)
+        try:
+            return inference_cost(model, calls_in, calls_out, self.ctx.prices)
+        except ValueError:
+            return self._provider_price(run, calls_in, calls_out)
+
+    def _provider_price(self, run: Run, tokens_in: int, tokens_out: int) -> float | None:
+        """The providers file's inference price for a run's base model, if it has one."""
+        configured = self.ctx.providers.get(run.provider)
+        price = configured.model(run.model) if configured else None
+        if price is None or price.input_per_1m is None or price.output_per_1m is None:
+            return None
+        return (tokens_in * price.input_per_1m + tokens_out * price.output_per_1m) / 1_000_000
+
+
+def comparison(new: Run, old: Run, old_model: str, new_model: str, record: dict) -> render.Message:
+    """The thread's answer: the share of the old model's quality kept, per-example
+    win / tie / loss, and the price of 1,000 calls on each."""
+    kept = record["kept"]
+    share = f"{kept:.0%}" if kept is not None else "an unknown share (the old score is 0)"
+    wtl = record["win_tie_loss"]
+    scores = (
+        f"{record['primary']} {record['new']:.3f} vs {record['old']:.3f}"
+        if record["new"] is not None and record["old"] is not None
+        else f"{record['primary']}: no valid scores"
+    )
+
+    def price(usd: float | None, run: Run) -> str:
+        if run.provider == "local":
+            return "$0 hosted cost (it runs on your own GPUs)"
+        return "unknown (no price in the table)" if usd is None else f"${usd:,.2f}"
+
+    per_1k = record["per_1k_calls_usd"]
+    lines = [
+        f"{new.id} vs {old.id} on the same {record['examples']} held-out examples: "
+        f"{new.id} keeps {share} of {old.id}'s quality ({scores}); per example it wins "
+        f"{wtl['win']}, ties {wtl['tie']}, loses {wtl['loss']}.",
+        f"1,000 calls like these: {old.id} `{old_model}` {price(per_1k['old'], old)}; "
+        f"{new.id} `{new_model}` {price(per_1k['new'], new)}.",
+        *(f"Note: {n}." for n in record["notes"]),
+    ]
+    return render.note(render.short_paths("\n".join(lines)))  # a folder model by its name
