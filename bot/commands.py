@@ -59,7 +59,7 @@ SPECS: dict[str, Spec] = {
             "train [dataset] provider=openai|local|together|<providers-file name> model=… "
             "epochs=N|auto batch=… eval=<dataset>|split=0.1 "
             "(openai: lr_mult=… suffix=…; local: lr=… r=… alpha=… targets=all-linear|q,k,v,o "
-            "max_length=… qlora=true|false merge=true|false; together: batch_size=… "
+            "max_length=… qlora=true|false merge=true|false gpus=N nodes=M; together: batch_size=… "
             "learning_rate=… lora=true|false lora_r=… lora_alpha=… lora_dropout=… suffix=…)",
             "ask for a training run (paid runs need approval)",
             options=(
@@ -84,6 +84,8 @@ SPECS: dict[str, Spec] = {
                 "lora_r",
                 "lora_alpha",
                 "lora_dropout",
+                "gpus",
+                "nodes",
             ),
             max_args=1,
         ),

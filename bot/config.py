@@ -238,6 +238,26 @@ class Settings:
             "accelerate config file for local runs (DDP, FSDP, DeepSpeed)",
         ),
     )
+    local_runner: str = field(
+        default="subprocess",
+        metadata=_meta(
+            "TUNEBOT_LOCAL_RUNNER",
+            "Where provider=local trains: subprocess (a worker on this machine) or ray "
+            "(a job on the Ray cluster at TUNEBOT_RAY_ADDRESS)",
+        ),
+    )
+    ray_address: str = field(
+        default="http://127.0.0.1:8265",
+        metadata=_meta("TUNEBOT_RAY_ADDRESS", "The Ray cluster's dashboard (its Jobs API)"),
+    )
+    artifacts: str = field(
+        default="",
+        metadata=_meta(
+            "TUNEBOT_ARTIFACTS",
+            "Where Ray runs keep their data, checkpoints, progress and adapter: a folder or "
+            "file:/// URI every node sees; empty: TUNEBOT_HOME/artifacts",
+        ),
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -280,7 +300,11 @@ _FLOATS = {
 _ZERO_OK = {"progress_seconds", "file_wait_seconds"}  # 0: every poll; no waiting for files
 _MONEY = {"two_approvals_above_usd", "max_run_usd", "monthly_budget_usd", "eval_approval_above_usd"}
 _BOOLS = {"local_needs_approval"}
-_CHOICES = {"default_provider": ("local", "openai"), "reshared_files": ("report", "pointer")}
+_CHOICES = {
+    "default_provider": ("local", "openai"),
+    "reshared_files": ("report", "pointer"),
+    "local_runner": ("subprocess", "ray"),
+}
 
 
 def _parse(name: str, env: str, raw: str) -> object:
@@ -315,6 +339,14 @@ def _parse(name: str, env: str, raw: str) -> object:
         if raw.lower() not in _CHOICES[name]:
             raise ConfigError(f"{env} must be one of {', '.join(_CHOICES[name])}, not {raw!r}")
         return raw.lower()
+    if name == "artifacts":
+        from trainers.artifacts import resolve
+
+        try:
+            resolve(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{env}: {exc}".replace("artifacts: ", "")) from None
+        return raw
     if name == "slack_api_url" and not raw.endswith("/"):
         return raw + "/"
     return raw

@@ -276,10 +276,20 @@ class LocalPlan(TrainingPlan):
     merge: bool = field(
         default=False, metadata={"help": "Also save the adapter merged into the base model."}
     )
+    gpus: int | None = field(
+        default=None,
+        metadata={"help": "GPUs, one data-parallel worker each (Ray runner); None: the default."},
+    )
+    nodes: int | None = field(
+        default=None,
+        metadata={"help": "Nodes the workers spread over (Ray runner); None: wherever they fit."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "lr", float, optional=False)
+        for name in ("gpus", "nodes"):
+            _check_positive(self, name, int, optional=True)
         for name in ("batch", "r", "alpha", "max_length"):
             _check_positive(self, name, int, optional=False)
         _check_text(self, "targets")
@@ -298,10 +308,22 @@ class LocalPlan(TrainingPlan):
             "max_length": self.max_length,
             "qlora": self.qlora,
             "merge": self.merge,
+            # Only when asked: plans from before these options keep their JSON and hash.
+            **{name: getattr(self, name) for name in ("gpus", "nodes") if getattr(self, name)},
         }
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, **self._specific(), "qlora": bool(self.qlora)}
+        """The worker's hyperparameters; gpus= / nodes= become the Ray runner's resources:
+        ``num_workers`` (the larger of the two), ``num_gpus`` per worker, ``spread``."""
+        params = {"epochs": self.epochs, **self._specific(), "qlora": bool(self.qlora)}
+        gpus, nodes = params.pop("gpus", None), params.pop("nodes", None)
+        if gpus or nodes:
+            params["num_workers"] = max(gpus or 1, nodes or 1)
+            if gpus:
+                params["num_gpus"] = 1
+            if nodes and nodes > 1:
+                params["spread"] = True
+        return params
 
 
 def _check_hosted(owner: object) -> None:
@@ -549,6 +571,13 @@ class Planner:
         eval_id, split = self.eval_choice(opts, channel, dataset)
         params = source.params_billions or params_billions(model)
         qlora = flag(opts, "qlora")
+        gpus = positive(opts, "gpus", int, most=1024)
+        nodes = positive(opts, "nodes", int, most=1024)
+        if (gpus or nodes) and self.settings.local_runner != "ray":
+            raise UserError(
+                "`gpus=` and `nodes=` are for a Ray cluster (TUNEBOT_LOCAL_RUNNER=ray); "
+                "this bot trains local runs in one process here."
+            )
         local = pricing.local_estimate(
             training_share(report.token_counts, split),
             params_billions=params,
@@ -570,6 +599,8 @@ class Planner:
             max_length=max_length,
             qlora=qlora,
             merge=bool(flag(opts, "merge")),
+            gpus=gpus,
+            nodes=nodes,
             eval_dataset_id=eval_id,
             split=split,
             secret_hold=False,  # the data stays on our machines

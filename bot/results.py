@@ -93,6 +93,13 @@ class RunResult:
     log_tail: str | None = field(
         default=None, metadata={"help": "Local runs: the last lines of the worker's log."}
     )
+    attempt: int = field(
+        default=1,
+        metadata={
+            "help": "Local runs: which job this is, 1 and then one more per /finetune resume "
+            "(on a Ray cluster each attempt is a job of its own: bot/ray_runs.py)."
+        },
+    )
     # A distillation's counts (bot/distillation.py).
     dataset_id: str | None = field(
         default=None, metadata={"help": "Distillations: the dataset made of the answers (d7)."}
@@ -151,6 +158,8 @@ class RunResult:
             value = getattr(self, name)
             if value is not None and not _count(value):
                 raise _bad(name, "must be a whole number, 0 or more, or null", value)
+        if not _count(self.attempt) or self.attempt < 1:
+            raise _bad("attempt", "must be a whole number, 1 or more", self.attempt)
         if not _count(self.submit_attempts):
             raise _bad("submit_attempts", "must be a whole number, 0 or more", self.submit_attempts)
         value = self.progress_edited_at
@@ -182,7 +191,7 @@ class RunResult:
         record.pop("version", None)
         known = {f.name for f in fields(cls)} - {"extra"}
         given = {k: record.pop(k) for k in list(record) if k in known}
-        for name in ("submit_attempts", "progress_edited_at", "unposted"):
+        for name in ("submit_attempts", "progress_edited_at", "unposted", "attempt"):
             if given.get(name, 0) is None:  # never stored as null, but read as the default
                 given.pop(name)
         return cls(**given, extra=record)

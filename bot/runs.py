@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ RETRY_MAX_SECONDS = 600.0
 # approved one before the run is stopped: tunebot counts tokens with tiktoken, Together
 # with the model's tokenizer, so the two differ a little for the same file.
 QUOTE_TOLERANCE = 0.10
+RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is tried again after
 
 
 def _now() -> dt.datetime:
@@ -88,6 +90,7 @@ class Runs:
         self._hosted: dict[str, Runner] = {}  # runners of hosted providers, built once each
         self._hosted_lock = threading.Lock()
         self._local_lock = threading.Lock()
+        self._ray: Runner | None = None  # built once: it keeps its client to the cluster
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
@@ -142,6 +145,12 @@ class Runs:
         TUNEBOT_TOGETHER_BASE_URL) or a providers-file name (trainers/providers.py:
         the runner of its kind, at its base URL, with the key from its variable).
         UserError when the provider is unknown or its key is not set."""
+        if provider == "local" and self.on_ray:
+            if self._ray is None:
+                from bot import ray_runs
+
+                self._ray = ray_runs.make_runner(self.settings)
+            return self._ray
         if provider == "local":
             from trainers.local import LocalRunner
 
@@ -205,8 +214,17 @@ class Runs:
             return "together"
         return "openai"
 
+    @property
+    def on_ray(self) -> bool:
+        """Local runs train as Ray jobs (TUNEBOT_LOCAL_RUNNER=ray; bot/ray_runs.py)."""
+        return self.settings.local_runner == "ray"
+
     def handle(self, run: Run) -> Handle:
         """The handle of a run's job, from what the run recorded."""
+        if run.provider == "local" and self.on_ray:
+            from bot import ray_runs
+
+            return ray_runs.handle(self.runner("local"), self.key(run.id), run.external_id or "")
         where = str(self.run_dir(run.id)) if run.provider == "local" else None
         return Handle(self.kind(run.provider), run.external_id or "", where=where)
 
@@ -1162,6 +1180,23 @@ class Runs:
             run = self.store.get_run(run_id)
             try:
                 self._launch_local(run)
+            except RunnerError as exc:
+                if not (exc.retryable and self.on_ray):
+                    raise
+                # No Ray cluster answers (yet): the run keeps its place and is tried again.
+                log.info("run %s: Ray cluster unavailable (%s); queued again", run_id, exc.message)
+                retry = self.clock() + dt.timedelta(seconds=RAY_RETRY_SECONDS)
+                self.store.release_claim(
+                    run_id, token, from_status="running", to_status="queued", retry_at=retry
+                )
+                message = render.ray_unavailable(run, exc.summary, RAY_RETRY_SECONDS)
+                if run.progress_ts:
+                    self._update(run, run.progress_ts, message)
+                else:
+                    self.store.update_run(
+                        run_id, progress_ts=self.ctx.post(run.channel, run.thread_ts, message)
+                    )
+                return
             except Exception as exc:
                 log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
                 self._finish(
@@ -1192,19 +1227,24 @@ class Runs:
             model=model,
             train_file=Path(data["train"]),
             eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters={**plan.hyperparameters(), **self.local_overrides},
+            hyperparameters=self._local_hyperparameters(run),
             output_dir=run_dir,
         )
-        resume = bool(complete_checkpoints(run_dir))
-        worker = self.runner("local").submit(spec, self.key(run.id))
+        if self.on_ray:
+            from bot import ray_runs
+
+            attempt = RunResult.of(run).attempt
+            worker, resume = ray_runs.submit(self.runner("local"), spec, self.key(run.id), attempt)
+            detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
+        else:
+            resume = bool(complete_checkpoints(run_dir))
+            worker = self.runner("local").submit(spec, self.key(run.id))
+            detail = {"pid": int(worker.id.removeprefix("pid:"))}
         self.store.update_run(run.id, external_id=worker.id)
         self.store.audit(
-            "tunebot",
-            "resumed" if resume else "started",
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"pid": int(worker.id.removeprefix("pid:"))},
-        )
+            "tunebot", "resumed" if resume else "started", run_id=run.id,
+            plan_hash=run.plan_hash, detail=detail,
+        )  # fmt: skip
         log.info("run %s: local worker %s%s", run.id, worker.id, " (resuming)" if resume else "")
         message = render.local_progress(self.store.get_run(run.id), None)
         if run.progress_ts:
@@ -1212,6 +1252,9 @@ class Runs:
         else:
             ts = self.ctx.post(run.channel, run.thread_ts, message)
             self.store.update_run(run.id, progress_ts=ts)
+
+    def _local_hyperparameters(self, run: Run) -> dict[str, Any]:
+        return {**TrainingPlan.from_json(run.plan_json).hyperparameters(), **self.local_overrides}
 
     def _training_files(self, run: Run) -> dict[str, str]:
         data = self.evals.prepare(run)
@@ -1221,7 +1264,13 @@ class Runs:
         return files
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
-        message = render.queued(run, position, total)
+        waiting = None
+        if self.on_ray:
+            from bot import ray_runs
+
+            gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
+            waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+        message = render.queued(run, position, total, waiting=waiting)
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
         else:
@@ -1245,7 +1294,11 @@ class Runs:
                 log.info("run %s: launch interrupted; queued again", run.id)
                 self.dispatch_local()
             return
-        state = self.runner("local").poll(self.handle(run))
+        try:
+            state = self.runner("local").poll(self.handle(run))
+        except RunnerError as exc:  # the cluster did not answer: the next tick asks again
+            log.info("run %s: poll failed (%s); next time", run.id, exc.message)
+            return
         if state.terminal:
             self._finish_local(run, state)
             self.dispatch_local()  # a slot is free
@@ -1254,10 +1307,25 @@ class Runs:
         now = time.time()
         if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
             data = data.with_(progress_edited_at=now)
-            self._update(run, run.progress_ts, render.local_progress(run, state))
+            waiting = None
+            if self.on_ray and state.step is None:  # Ray (or Ray Train) has not started it yet
+                from bot import ray_runs
+
+                gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
+                waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+            self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
             self.store.update_run(run.id, result_json=data.to_json())
 
     def _finish_local(self, run: Run, state: RunState) -> None:
+        if self.on_ray and state.status == "succeeded":
+            from bot import ray_runs
+
+            try:  # the evaluation and /finetune chat load the adapter from this machine
+                home = ray_runs.copy_home(self.runner("local"), state, self.run_dir(run.id))
+            except RunnerError as exc:
+                log.error("run %s: adapter not copied home: %s", run.id, exc.message)
+                return  # the next tick tries again
+            state = replace(state, output={**state.output, **home})
         data = RunResult.of(run).with_(
             adapter_dir=state.output.get("adapter_dir"),
             merged_dir=state.output.get("merged_dir"),
@@ -1312,20 +1380,29 @@ class Runs:
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
         if user != run.requested_by and user not in self.policy().approvers:
             raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
-        checkpoints = local.complete_checkpoints(self.run_dir(run.id))
-        if not checkpoints:
+        data = RunResult.of(run)
+        if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
+            from bot import ray_runs
+
+            names = ray_runs.checkpoints(self.runner("local"), self.key(run.id))
+            data = data.with_(attempt=data.attempt + 1)
+        else:
+            names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
+        if not names:
             raise UserError(f"{run.id} has no complete checkpoint to resume from.")
-        if not self.store.transition_run(run.id, ["failed", "cancelled"], "queued", error=None):
+        if not self.store.transition_run(
+            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data.to_json()
+        ):
             raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
         self.store.audit(
             user,
             "resume_requested",
             run_id=run.id,
             plan_hash=run.plan_hash,
-            detail={"checkpoint": checkpoints[-1].name},
+            detail={"checkpoint": names[-1]},
         )
         self.ctx.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
-        return render.note(f"{run.id} resumes from {checkpoints[-1].name}.", in_channel=True)
+        return render.note(f"{run.id} resumes from {names[-1]}.", in_channel=True)
 
     # --- cancel, resume -------------------------------------------------------
 
@@ -1345,6 +1422,8 @@ class Runs:
                 where = "left the queue and " if run.status == "queued" else ""
                 return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
             run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
+        if run.provider == "local" and run.status == "running" and self.on_ray and run.external_id:
+            return self._cancel_ray_job(run, user)
         if run.provider == "local" and run.status == "running":
             from trainers import local
 
@@ -1381,6 +1460,32 @@ class Runs:
                 in_channel=True,
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
+
+    def _cancel_ray_job(self, run: Run, user: str) -> render.Message:
+        """Ray's stop_job: SIGTERM, the worker saves a checkpoint, then stops. A job Ray has
+        not started (waiting for GPUs) would only stop once it could start, so the run ends
+        here and now; the stop request waits at the cluster."""
+        runner = self.runner("local")
+        try:
+            pending = runner.poll(self.handle(run)).status == "queued"
+            runner.cancel(self.handle(run))
+        except RunnerError as exc:
+            raise UserError(f"The Ray cluster did not stop {run.id}: {exc.summary}") from None
+        self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
+        if pending and self.store.transition_run(run.id, ["running"], "cancelled", actual_usd=0.0):
+            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
+            done = self.store.get_run(run.id)
+            if done.progress_ts:
+                self._update(done, done.progress_ts, render.cancelled_before_start(done))
+            self._refresh_homes(done)
+            self.ctx.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
+            return render.note(
+                f"{run.id} left the Ray cluster's queue and is cancelled.", in_channel=True
+            )
+        return render.note(
+            f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
+            in_channel=True,
+        )
 
     def _after_cancel(self, run_id: str) -> None:
         """A run cancelled before it started: its card says so and its uploads go; a job

@@ -6,7 +6,7 @@ and adapter there, and the runner reads them back. Today the root is a
 folder every node sees (a local path or a ``file://`` URI; on a real cluster
 a shared mount). The runner only calls methods that fsspec's
 ``AbstractFileSystem`` has, with the same names and meanings (``cat_file``,
-``pipe_file``, ``put_file``, ``exists``, ``makedirs``), so an object store
+``pipe_file``, ``put_file``, ``exists``, ``makedirs``, ``rm_file``, ``get``), so an object store
 later is an fsspec filesystem passed as ``fs`` plus a worker that syncs its
 folder: no change in the runner.
 """
@@ -33,6 +33,10 @@ class FileSystem(Protocol):
     def exists(self, path: str) -> bool: ...
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None: ...
+
+    def rm_file(self, path: str) -> None: ...
+
+    def get(self, rpath: str, lpath: str, recursive: bool = False) -> None: ...
 
 
 class LocalFileSystem:
@@ -72,6 +76,30 @@ class LocalFileSystem:
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         Path(path).mkdir(parents=True, exist_ok=exist_ok)
+
+    def rm_file(self, path: str) -> None:
+        Path(path).unlink()
+
+    def get(self, rpath: str, lpath: str, recursive: bool = False) -> None:
+        """Copy `rpath` to `lpath` (a folder with `recursive`, replacing `lpath`)."""
+        source, target = Path(rpath), Path(lpath)
+        if source.resolve() == target.resolve():
+            return
+        if not source.is_dir():
+            self.put_file(rpath, lpath)
+            return
+        if not recursive:
+            raise IsADirectoryError(rpath)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def resolve(root: str | os.PathLike[str]) -> tuple[FileSystem, str]:

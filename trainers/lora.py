@@ -55,6 +55,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -74,6 +75,7 @@ log = logging.getLogger("trainers.lora")
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 CHECKPOINTS_DIR = "checkpoints"
+SHARDS_DIR = "shards"  # rank-<k>.json with record_shards
 QLORA_AUTO_PARAMS = 3_000_000_000  # default_qlora: 4-bit above this many parameters on CUDA
 SAVE_TOTAL_LIMIT = 3  # checkpoints kept; an adapter checkpoint is small, optimizer state 2x that
 ERROR_CHARS = 500
@@ -190,6 +192,13 @@ class LoraSpec:
     group_by_length: bool = field(
         default=True, metadata=_help("Batch examples of similar length together (less padding).")
     )
+    record_shards: bool = field(
+        default=False,
+        metadata=_help(
+            "Write shards/rank-<k>.json: the batches each rank trains on per epoch, with a "
+            "digest of every example (checks data-parallel sharding; one extra pass of loading)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("run_id", "model", "train_file", "output_dir"):
@@ -212,7 +221,7 @@ class LoraSpec:
         _check_int("max_length", self.max_length, low=8)
         if self.qlora is not None and not isinstance(self.qlora, bool):
             raise ValueError(f"qlora: must be true, false or null, not {self.qlora!r}")
-        for name in ("merge", "resume", "group_by_length"):
+        for name in ("merge", "resume", "group_by_length", "record_shards"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, not {getattr(self, name)!r}")
         _check_int("seed", self.seed, low=0)
@@ -603,6 +612,8 @@ class StopFlag:
         self.signal: int | None = None
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may (Ray Train runs workers on a thread of an actor)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -929,6 +940,8 @@ def run(spec: LoraSpec, stop: StopFlag, progress: ProgressLog | None) -> dict[st
     )
     # progress.jsonl has every step: keep worker.log for what went wrong
     trainer.remove_callback(PrinterCallback)
+    if spec.record_shards:
+        record_shard(trainer, out / SHARDS_DIR)
     if _agreed(stop.requested):  # asked to stop while loading: there is nothing new to save
         return _cancelled(out, trainer.state.global_step) if rank0 else None
 
@@ -979,6 +992,31 @@ def run(spec: LoraSpec, stop: StopFlag, progress: ProgressLog | None) -> dict[st
         },
         "max_steps": state.max_steps,
     }
+
+
+def record_shard(trainer: Any, folder: Path) -> Path:
+    """Write ``<folder>/rank-<k>.json`` for this rank: {"rank", "world_size", "batches" (per
+    epoch), "examples": sha256 of each example's unpadded input ids, in order}. The
+    dataloader is the one training uses (sharded by the data-parallel sampler)."""
+    import hashlib
+
+    loader = trainer.get_train_dataloader()
+    digests = []
+    batches = 0
+    for batch in loader:
+        batches += 1
+        masks = batch.get("attention_mask")
+        for i, ids in enumerate(batch["input_ids"].tolist()):
+            if masks is not None:
+                ids = [t for t, m in zip(ids, masks[i].tolist(), strict=True) if m]
+            digests.append(hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16])
+    rank = _rank()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{rank}.json"
+    payload = {"rank": rank, "world_size": world, "batches": batches, "examples": digests}
+    atomic_write_json(path, payload)
+    return path
 
 
 def _cancelled(out: Path, step: int) -> dict[str, Any]:

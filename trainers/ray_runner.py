@@ -60,6 +60,7 @@ from trainers.local import (
     PROGRESS,
     RESULT,
     SPEC,
+    complete_checkpoints,
     parse_events,
     parse_result,
     progress_fields,
@@ -76,8 +77,10 @@ META_KEY = "tunebot_key"
 META_RUN = "tunebot_run"
 META_DIR = "tunebot_run_dir"
 META_MODEL = "tunebot_model"
-# Hyperparameters the runner takes for Ray rather than passing to the worker.
-RESOURCE_KEYS = ("num_cpus", "num_gpus")
+# Hyperparameters the runner takes for Ray rather than passing to the worker: what the job
+# reserves (one process), or with num_workers > 1 what each Ray Train worker gets
+# (num_gpus per worker; spread: one worker per node).
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "num_workers", "spread")
 # Set by Ray from num_gpus: the bot's own values must not override them.
 _DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 # Progress events shown as RunEvents (steps are in `metrics`).
@@ -164,25 +167,49 @@ class RayRunner:
 
     # --- the Runner interface --------------------------------------------------------
 
-    def submit(self, spec: TrainingSpec, key: str, *, step: Step | None = None) -> Handle:
+    def submit(
+        self,
+        spec: TrainingSpec,
+        key: str,
+        *,
+        step: Step | None = None,
+        folder_key: str | None = None,
+    ) -> Handle:
+        """Submit `spec` as the job of `key`, or adopt the job `key` already has.
+
+        `folder_key`: the key whose run folder the job uses (default `key`). A
+        resumed run passes its first key here and a new `key` (Ray keeps a
+        stopped job's id for good): the new job finds the checkpoints the
+        stopped one saved and continues from the newest complete one.
+        """
         sid = submission_id(key)
-        run_dir = self.run_dir(sid)
+        run_dir = self.run_dir(submission_id(folder_key or key))
         worker_spec, resources = self._worker_spec(spec, run_dir)  # bad input: before any call
         found = self._handle(sid)
         if found is not None:
             return found
         where = artifacts.uri(self.fs, run_dir)
+        worker_spec["resume"] = bool(self.checkpoints(where))
         self._stage(spec, run_dir, worker_spec)
         if step is not None:
             step("uploaded", where)
         client = self._connect()
+        workers = resources["num_workers"]
+        if workers > 1:  # Ray Train: the entrypoint only drives; the workers hold the resources
+            command = [self.python, "-m", "trainers.ray_train", "--workers", str(workers),
+                       "--gpus-per-worker", f"{resources['num_gpus']:g}"]  # fmt: skip
+            command += ["--spread"] if resources["spread"] else []
+            num_cpus, num_gpus = 0, 0
+        else:
+            command = [self.python, "-m", "trainers.lora"]
+            num_cpus, num_gpus = resources["num_cpus"], resources["num_gpus"]
         try:
             client.submit_job(
-                entrypoint=shlex.join([self.python, "-m", "trainers.lora", f"{run_dir}/{SPEC}"]),
+                entrypoint=shlex.join([*command, f"{run_dir}/{SPEC}"]),
                 submission_id=sid,
                 runtime_env=self._runtime_env(),
-                entrypoint_num_cpus=resources["num_cpus"],
-                entrypoint_num_gpus=resources["num_gpus"],
+                entrypoint_num_cpus=num_cpus,
+                entrypoint_num_gpus=num_gpus,
                 metadata={
                     META_KEY: key,
                     META_RUN: spec.run_id,
@@ -271,6 +298,54 @@ class RayRunner:
         """The run folder of a submission id (a path on `fs`)."""
         return f"{self.root}/{sid}"
 
+    def where(self, key: str) -> str:
+        """The URI of the run folder `submit` uses for `key` (its ``Handle.where``)."""
+        return artifacts.uri(self.fs, self.run_dir(submission_id(key)))
+
+    def checkpoints(self, where: str) -> list[str]:
+        """Names of the complete checkpoints in the run folder at `where`, oldest first
+        (``checkpoint-<step>``); empty when there are none or the folder is not local."""
+        if not isinstance(self.fs, artifacts.LocalFileSystem):
+            return []
+        return [p.name for p in complete_checkpoints(Path(artifacts.path_of(self.fs, where)))]
+
+    def fetch(self, path: str, local_dir: str | os.PathLike[str]) -> Path:
+        """Copy the folder `path` (on `fs`, e.g. ``RunState.output["adapter_dir"]``) to
+        `local_dir` on this machine, replacing what was there; returns `local_dir`.
+        Raises `RunnerError` when it cannot be read."""
+        target = Path(local_dir)
+        try:
+            self.fs.get(artifacts.path_of(self.fs, path), str(target), recursive=True)
+        except OSError as exc:
+            raise RunnerError(f"cannot copy {path} from the artifacts: {exc}") from exc
+        return target
+
+    def resources(self, timeout: float = 10) -> dict[str, tuple[float, float]]:
+        """{resource: (free, total)} across the cluster (``CPU``, ``GPU``, ...), from the
+        dashboard's ``/api/cluster_status`` (the autoscaler's last report, refreshed
+        every few seconds). Raises `RunnerError` when the cluster does not answer."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.address.rstrip('/')}/api/cluster_status", headers=self.headers or {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                body = json.load(resp)
+        except (OSError, ValueError) as exc:
+            raise RunnerError(
+                f"no Ray cluster answers at {self.address}: {exc}", retryable=True
+            ) from exc
+        status = ((body.get("data") or {}).get("clusterStatus")) or {}
+        usage = (status.get("loadMetricsReport") or {}).get("usage") or {}
+        found = {}
+        for name, pair in usage.items():
+            if isinstance(pair, list | tuple) and len(pair) == 2 and not name.startswith("node:"):
+                used, total = (float(x) for x in pair)
+                found[name] = (max(0.0, total - used), total)
+        return found
+
     def logs(self, handle: Handle) -> str:
         """Everything the job printed (Ray keeps it on the head node)."""
         client = self._connect()
@@ -316,12 +391,18 @@ class RayRunner:
         from trainers.lora import LoraSpec  # light: the heavy imports are inside its functions
 
         params = {k: v for k, v in spec.hyperparameters.items() if v is not None}
-        resources = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        resources: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         for name in RESOURCE_KEYS:
             if name in params:
                 resources[name] = params.pop(name)
+        workers = resources.setdefault("num_workers", 1)
+        spread = resources.setdefault("spread", False)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise RunnerError(f"num_workers: a whole number >= 1, not {workers!r}")
+        if not isinstance(spread, bool):
+            raise RunnerError(f"spread: true or false, not {spread!r}")
         try:
-            _check_resources(resources)
+            _check_resources({k: resources[k] for k in ("num_cpus", "num_gpus")})
         except ValueError as exc:
             raise RunnerError(str(exc)) from exc
         if "lr_mult" in params:
@@ -353,6 +434,8 @@ class RayRunner:
         import json
 
         try:
+            if self.fs.exists(f"{run_dir}/{RESULT}"):
+                self.fs.rm_file(f"{run_dir}/{RESULT}")  # a resumed run writes a new one
             self.fs.makedirs(f"{run_dir}/data", exist_ok=True)
             self.fs.put_file(str(spec.train_file), worker_spec["train_file"])
             if spec.eval_file:

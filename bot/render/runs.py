@@ -282,15 +282,21 @@ def local_accepted(run) -> Message:
     return Message(text, [section(text)])
 
 
-def queued(run, position: int, total: int) -> Message:
-    text = f"{run.id} queued for the local GPU: position {position} of {total}."
+def queued(run, position: int, total: int, *, waiting: str | None = None) -> Message:
+    """`waiting`: what the run waits for besides its turn ("waiting for 2 GPUs (…)")."""
+    text = f"{run.id} queued for the local GPU: position {position} of {total}"
+    text += f", {waiting}." if waiting else "."
     return Message(text, [section(text)])
 
 
-def local_progress(run, state) -> Message:
-    """The local run's progress message, edited in place."""
+def local_progress(run, state, *, waiting: str | None = None) -> Message:
+    """The local run's progress message, edited in place; `waiting`: what a job the Ray
+    cluster has not started yet waits for ("waiting for 2 GPUs (…)")."""
     if state is None:
         text = f"{run.id} starting: loading {escape(run.model)}…"
+        return Message(text, [section(text)])
+    if waiting and state.step is None:
+        text = f"{run.id} submitted to the Ray cluster, {waiting}."
         return Message(text, [section(text)])
     parts = _steps(run, state)
     if state.tokens_per_second:
@@ -298,6 +304,21 @@ def local_progress(run, state) -> Message:
     if state.eta_seconds and state.status == "running":
         parts.append(f"ETA {duration(state.eta_seconds / 3600)}")
     text = " · ".join(parts)
+    return Message(text, [section(text)])
+
+
+def ray_unavailable(run, why: str, retry_seconds: float) -> Message:
+    """A local run the Ray cluster could not take: it keeps its place in the queue."""
+    text = (
+        f"{run.id} is waiting for the Ray cluster ({escape(clip(why, 200))}); "
+        f"it is tried again in {retry_seconds:.0f} s and keeps its place in the queue."
+    )
+    return Message(text, [section(text)])
+
+
+def cancelled_before_start(run) -> Message:
+    """A local run cancelled while the Ray cluster still held its job back (no GPUs free)."""
+    text = f"{run.id} cancelled before the Ray cluster started it."
     return Message(text, [section(text)])
 
 

@@ -298,3 +298,30 @@ def test_a_job_ray_forgot_is_judged_by_its_files(runner, tmp_path):
     assert state.status == "succeeded" and state.output["adapter_dir"] == "a"
     with pytest.raises(RunnerError, match="no job"):
         r.cancel(ghost)
+
+
+@needs_cluster
+def test_two_ray_train_workers_each_train_on_half_the_batches(runner, tiny):
+    r = runner()
+    two = spec(tiny, "r6", epochs=1, num_workers=2, record_shards=True)
+    handle = r.submit(two, key("r6"))
+    runner.handles.append(handle)
+    (job,) = ray_jobs(handle.id)
+    assert "trainers.ray_train --workers 2 --gpus-per-worker 0 " in job.entrypoint
+    state = poll_until(r, handle, ("succeeded", "failed", "cancelled"))
+    assert state.status == "succeeded", (state.error, state.log_tail)
+    run_dir = Path(handle.where.removeprefix("file://"))
+    shards = [json.loads((run_dir / "shards" / f"rank-{k}.json").read_text()) for k in (0, 1)]
+    assert [(s["rank"], s["world_size"]) for s in shards] == [(0, 2), (1, 2)]
+    # One process trains the 24 examples in 6 batches of 4 (the end-to-end test above):
+    # each of the two workers gets 3 of them, and no example goes to both.
+    assert [s["batches"] for s in shards] == [3, 3]
+    first, second = (set(s["examples"]) for s in shards)
+    assert len(first) == len(second) == 12 and not first & second
+    assert state.total_steps == 3 and state.step == 3
+    start = json.loads((run_dir / "progress.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["world_size"] == 2
+    # The same layout as a one-process run: the adapter, loadable by PEFT.
+    assert Path(state.output["adapter_dir"]) == run_dir / "adapter"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert not (run_dir / "shards" / "rank-2.json").exists()

@@ -1,0 +1,288 @@
+"""Local runs as Ray jobs (TUNEBOT_LOCAL_RUNNER=ray), driven through signed Slack requests.
+
+The bot is the real Bolt app over HTTP against the Slack fake; the cluster is
+a real one-node Ray cluster (`tests/ray_cluster` starts one for the suite;
+these tests skip, saying how, when none answers at ``TUNEBOT_RAY_ADDRESS``).
+The worker really trains the tiny Llama of tests/trainers/test_lora.py as a
+Ray job, its files under the test's artifacts folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+pytest.importorskip("torch", reason="local training needs the [local] extra")
+pytest.importorskip("trl", reason="local training needs the [local] extra")
+
+from bot import ray_runs
+from bot.plans import TrainingPlan
+from tests.bot.test_runs import request, texts, upload
+from tests.conftest import training_file
+from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
+from tests.trainers.test_ray_runner import ADDRESS, needs_cluster
+from trainers.ray_runner import submission_id
+
+FAST = {"lr": 1e-2, "grad_accum": 1, "max_length": 128, "num_cpus": 1}
+DONE = ("succeeded", "failed", "cancelled")
+
+
+def ray_jobs(prefix: str) -> list:
+    """The cluster's jobs whose submission id starts with `prefix`."""
+    from ray.job_submission import JobSubmissionClient
+
+    return [
+        j for j in JobSubmissionClient(ADDRESS).list_jobs() if j.submission_id.startswith(prefix)
+    ]
+
+
+@pytest.fixture
+def ray_bot(paid_bot, tiny, tmp_path):  # noqa: F811 (tiny)
+    """A bot whose local runs go to the cluster; every job it left running is stopped."""
+    bots = []
+
+    def start(make=paid_bot, **overrides):
+        bot = make(
+            local_base_model=str(tiny.model),
+            model_dirs=(str(tiny.root),),
+            default_provider="local",
+            local_runner="ray",
+            ray_address=ADDRESS,
+            artifacts=(tmp_path / "artifacts").as_uri(),
+            progress_seconds=0.0,
+            **overrides,
+        )
+        bot.workflow.runs.local_overrides.update(FAST)
+        bots.append(bot)
+        return bot
+
+    yield start
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ADDRESS)
+    for bot in bots[:1]:
+        for job in ray_jobs(prefix(bot)):
+            if not job.status.is_terminal():
+                with contextlib.suppress(Exception):
+                    client.stop_job(job.submission_id)
+
+
+def prefix(bot) -> str:
+    """What every Ray job id of this bot's installation starts with."""
+    return submission_id(bot.workflow.runs.key("r")).rsplit("-r-", 1)[0]
+
+
+def tick_until(bot, run_id: str, statuses, timeout: float = 420.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+        run = bot.store.get_run(run_id)
+        if run.status in statuses:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"{run_id} stayed {bot.store.get_run(run_id).status}")
+
+
+def progress_edits(bot, run) -> list[str]:
+    return [
+        c.params.get("text", "")
+        for c in bot.slack.calls_to("chat.update")
+        if c.params.get("ts") == run.progress_ts
+    ]
+
+
+def finals(bot, run_id: str, word: str) -> list[str]:
+    return [t for t in texts(bot) if t.startswith(f"<@UR> {run_id} {word}")]
+
+
+@needs_cluster
+def test_a_run_trains_as_a_ray_job_reports_once_and_is_evaluated(ray_bot):
+    bot = ray_bot()
+    runs = bot.workflow.runs
+    upload(bot, training_file(40))
+    body = request(bot, "train provider=local epochs=2")
+    assert "r1 accepted: it goes to the local GPU queue" in body["text"]
+    run = tick_until(bot, "r1", ("running",), timeout=60)
+    sid = submission_id(runs.key("r1"))
+    deadline = time.monotonic() + 60
+    while run.external_id is None:  # the launch (a job thread) records the Ray job
+        assert time.monotonic() < deadline, "r1 was never submitted"
+        time.sleep(0.2)
+        run = bot.store.get_run("r1")
+    assert run.external_id == sid
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+
+    # The adapter came home: the evaluation and chat load it from TUNEBOT_HOME.
+    home = runs.run_dir("r1") / "adapter"
+    assert (home / "adapter_config.json").is_file()
+    assert run.result_json["adapter_dir"] == str(home)
+    (done,) = finals(bot, "r1", "🎉 succeeded")
+    assert "Adapter:" in done and "Final train loss" in done
+    edits = progress_edits(bot, run)
+    assert any("step" in e for e in edits[:-1]), edits  # edited while it trained
+    assert edits[-1].startswith("r1 succeeded")
+    assert any(u.filename == "loss-r1.png" for u in bot.slack.uploads)
+    bot.wait_idle()  # the evaluation: base vs tuned through the adapter copied home
+    summary = [t for t in texts(bot) if t.startswith("r1 evaluation:")]
+    assert len(summary) == 1 and "5 held-out examples" in summary[0]
+
+    jobs = ray_jobs(prefix(bot))
+    assert [(j.submission_id, str(j.status)) for j in jobs] == [(sid, "SUCCEEDED")]
+    assert jobs[0].metadata["tunebot_run"] == "r1"
+    tick_until(bot, "r1", ("succeeded",))  # more ticks: no second message
+    assert len(finals(bot, "r1", "🎉 succeeded")) == 1
+    audit = {e.action: e.detail_json for e in bot.store.audit_log(run_id="r1")}
+    assert audit["started"]["ray_job"] == sid
+
+
+@needs_cluster
+def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
+    bot = ray_bot()
+    runs = bot.workflow.runs
+    runs.local_overrides.update(save_steps=2)
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=8")  # long enough to cancel mid-way
+    tick_until(bot, "r1", ("running",), timeout=60)
+    key = runs.key("r1")
+    deadline = time.monotonic() + 240
+    while not ray_runs.checkpoints(runs.runner("local"), key):
+        assert time.monotonic() < deadline, "r1 saved no checkpoint"
+        runs.poll_all()
+        assert bot.store.get_run("r1").status == "running", bot.store.get_run("r1").error
+        time.sleep(0.5)
+    _, body = bot.command("cancel r1", user_id="UR")
+    assert "Stopping r1: it saves a checkpoint first" in body["text"]
+    run = tick_until(bot, "r1", DONE, timeout=120)
+    assert run.status == "cancelled", run.error
+    (first,) = ray_jobs(submission_id(key))
+    assert str(first.status) == "STOPPED"
+    kept = ray_runs.checkpoints(runs.runner("local"), key)
+    assert kept, "the cancelled run kept no checkpoint"
+    assert len(finals(bot, "r1", "✋ cancelled")) == 1
+    assert any("A checkpoint was saved: `/finetune resume r1`" in t for t in texts(bot))
+
+    _, body = bot.command("resume r1", user_id="UR")
+    assert f"r1 resumes from {kept[-1]}" in body["text"]
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    # A second Ray job (the first id is Ray's for good) in the same run folder.
+    jobs = {j.submission_id: str(j.status) for j in ray_jobs(prefix(bot))}
+    second = submission_id(ray_runs.attempt_key(key, 2))
+    assert jobs == {first.submission_id: "STOPPED", second: "SUCCEEDED"}
+    assert run.external_id == second
+    assert (runs.run_dir("r1") / "adapter" / "adapter_config.json").is_file()
+    resumed = [e for e in bot.store.audit_log(run_id="r1") if e.action == "resumed"]
+    assert len(resumed) == 1 and resumed[0].detail_json["ray_job"] == second
+    assert len(finals(bot, "r1", "🎉 succeeded")) == 1
+
+
+@needs_cluster
+def test_a_restarted_bot_reattaches_to_its_ray_job(ray_bot, make_bot):
+    bot = ray_bot()
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=3")
+    tick_until(bot, "r1", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while bot.store.get_run("r1").external_id is None:
+        assert time.monotonic() < deadline, "r1 was never submitted"
+        time.sleep(0.2)
+    # The first bot stops ticking (as if killed); a second one on the same home takes over.
+    again = ray_bot(make=make_bot)
+    run = tick_until(again, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    assert len(ray_jobs(prefix(bot))) == 1
+    assert len(finals(again, "r1", "🎉 succeeded")) == 1
+
+
+@needs_cluster
+def test_a_submission_lost_before_it_was_recorded_is_adopted_not_repeated(ray_bot):
+    # The bot dies after Ray took the job but before it recorded the job's id: the
+    # next bot's retry submits with the same id and adopts the job, whatever its state.
+    bot = ray_bot(claim_lease_seconds=1.0)
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    tick_until(bot, "r1", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while bot.store.get_run("r1").external_id is None:
+        assert time.monotonic() < deadline, "r1 was never submitted"
+        time.sleep(0.2)
+    sid = bot.store.get_run("r1").external_id
+    bot.store.update_run("r1", external_id=None)  # the record the dying bot never wrote
+    time.sleep(1.5)  # its lease on the launch lapses
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    assert run.external_id == sid
+    assert [j.submission_id for j in ray_jobs(prefix(bot))] == [sid]
+    starts = sorted((e for e in bot.store.audit_log(run_id="r1") if e.action == "started"),
+                    key=lambda e: e.id)  # fmt: skip
+    assert [e.detail_json["adopted"] for e in starts] == [False, True]
+    assert len(finals(bot, "r1", "🎉 succeeded")) == 1
+
+
+@needs_cluster
+def test_a_run_that_needs_gpus_says_how_many_the_cluster_lacks(ray_bot):
+    bot = ray_bot(local_slots=1)  # the CI cluster has no GPU
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1 gpus=1")
+    request(bot, "train provider=local epochs=1 gpus=2 nodes=2")
+    two = TrainingPlan.from_json(bot.store.get_run("r2").plan_json).hyperparameters()
+    assert (two["num_workers"], two["num_gpus"], two["spread"]) == (2, 1, True)
+    lacks = "waiting for 2 GPUs (the Ray cluster has 0 of 0 free)"
+    assert any(f"r2 queued for the local GPU: position 1 of 1, {lacks}." in t for t in texts(bot))
+    waiting = "waiting for 1 GPU (the Ray cluster has 0 of 0 free)"
+    run = tick_until(bot, "r1", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while not any(waiting in e for e in progress_edits(bot, bot.store.get_run("r1"))):
+        assert time.monotonic() < deadline, progress_edits(bot, bot.store.get_run("r1"))
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+        time.sleep(0.5)
+    assert str(ray_jobs(submission_id(bot.workflow.runs.key("r1")))[0].status) == "PENDING"
+    # Ray would stop a job it never started only once it could start it: the run ends now.
+    _, body = bot.command("cancel r1", user_id="UR")
+    assert "r1 left the Ray cluster's queue and is cancelled." in body["text"]
+    run = bot.store.get_run("r1")
+    assert run.status == "cancelled"
+    bot.wait_idle()
+    assert progress_edits(bot, run)[-1] == "r1 cancelled before the Ray cluster started it."
+    # Its slot went to r2: two Ray Train workers, one GPU each, spread over the nodes.
+    tick_until(bot, "r2", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while not bot.store.get_run("r2").external_id:
+        assert time.monotonic() < deadline, "r2 was never submitted"
+        time.sleep(0.2)
+    (job,) = ray_jobs(bot.store.get_run("r2").external_id)
+    assert "trainers.ray_train --workers 2 --gpus-per-worker 1 --spread " in job.entrypoint
+
+
+def test_gpus_and_nodes_are_refused_without_a_ray_cluster(paid_bot, tiny):  # noqa: F811
+    bot = paid_bot(local_base_model=str(tiny.model), model_dirs=(str(tiny.root),))
+    upload(bot, training_file(40))
+    body = request(bot, "train provider=local gpus=2")
+    assert "`gpus=` and `nodes=` are for a Ray cluster (TUNEBOT_LOCAL_RUNNER=ray)" in body["text"]
+    assert bot.store.runs(limit=None) == []
+
+
+def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_path):  # noqa: F811
+    pytest.importorskip("ray", reason="the Ray runner needs the [ray] extra")
+    bot = paid_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9",  # nothing listens there
+        artifacts=(tmp_path / "artifacts").as_uri(),
+    )  # fmt: skip
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    for _ in range(3):  # polls within the back-off do not try again
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+    run = bot.store.get_run("r1")
+    assert run.status == "queued" and run.error is None and run.external_id is None
+    waits = [t for t in texts(bot) if t.startswith("r1 is waiting for the Ray cluster")]
+    assert len(waits) == 1 and "no Ray cluster answers at http://127.0.0.1:9" in waits[0]
+    assert "tried again in 30 s" in waits[0]
+    actions = [e.action for e in bot.store.audit_log(run_id="r1")]
+    assert "started" not in actions and "failed" not in actions

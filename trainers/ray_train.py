@@ -1,0 +1,97 @@
+"""A LoRA run over several workers: `trainers.lora` under Ray Train, data-parallel.
+
+``python -m trainers.ray_train --workers N [--gpus-per-worker G] [--spread] SPEC.json``
+is the entrypoint `trainers.ray_runner.RayRunner` gives a Ray job whose
+hyperparameters ask for ``num_workers`` > 1. It runs inside the job (so
+``ray.init()`` joins the job's cluster) and starts a Ray Train
+``TorchTrainer`` with a ``ScalingConfig`` of N workers, each with G GPUs (CPU
+when G is 0) and one CPU. Ray Train sets up the torch.distributed process
+group (NCCL on GPUs, gloo on CPU) and ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` on each worker; every worker then runs the same
+`trainers.lora.main` as a single-process run: transformers' Trainer sees
+the process group, wraps the model in DDP and shards the batches with its
+distributed sampler (each of N workers trains on 1/N of each epoch's
+batches). Rank 0 alone writes progress.jsonl, checkpoints, the adapter and
+result.json, in the same run folder and layout as a one-process run.
+``--spread`` spreads the workers over the nodes (``SPREAD``: on as many
+nodes as can take them), for ``nodes=M`` runs.
+
+Exit status: 0 when every worker's run ended (succeeded or cancelled: the
+result says which), 1 when one failed (rank 0's result.json says why), 2 for
+bad arguments.
+
+Not done yet: a cancel (SIGTERM to this driver) stops the workers without
+the checkpoint a one-process run saves; the newest per-epoch or ``save_steps``
+checkpoint is what a resume continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the one-process worker's main, in the worker's process group."""
+    from trainers import lora
+
+    code = lora.main([config["spec"]])
+    if code != 0:
+        raise RuntimeError(f"rank {lora._rank()}: the LoRA worker exited with status {code}")
+
+
+def scaling(workers: int, gpus_per_worker: float, spread: bool) -> Any:
+    """The ScalingConfig for `workers` workers of `gpus_per_worker` GPUs and 1 CPU each."""
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": 1}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=bool(gpus_per_worker),
+        resources_per_worker=resources,
+        placement_strategy="SPREAD" if spread else "PACK",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers.ray_train", description=__doc__)
+    parser.add_argument("--workers", type=int, required=True, help="data-parallel workers (>= 1)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: train on CPU")
+    parser.add_argument("--spread", action="store_true", help="spread workers over nodes")
+    parser.add_argument("spec", help="the run's spec.json (trainers.lora.LoraSpec)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 2 if exc.code else 0
+    if args.workers < 1 or args.gpus_per_worker < 0:
+        print("--workers must be >= 1 and --gpus-per-worker >= 0", file=sys.stderr)
+        return 2
+    spec = str(Path(args.spec).resolve())
+
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(log_to_driver=True)
+    run_dir = Path(spec).parent
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=scaling(args.workers, args.gpus_per_worker, args.spread),
+        run_config=RunConfig(name="ray_train", storage_path=str(run_dir)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:  # a worker failed: rank 0's result.json has the reason
+        print(f"Ray Train: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
