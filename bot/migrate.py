@@ -49,28 +49,32 @@ NOT_TRAINING = ("eval", "distill")  # run kinds that train no model
 
 # Target kind -> {a stored plan's field: the /finetune train option it becomes there,
 # or None when the target has no equivalent (WHY says why)}. A field a source plan
-# does not have, or has as None (auto), is not carried. Targets: "openai" (OpenAI and
-# openai-compatible hosts: n_epochs, batch_size, learning_rate_multiplier), "local"
-# (LoRA: epochs, per-device batch, absolute lr, rank, alpha), "together" (Together's
-# n_epochs, batch_size, absolute learning_rate, lora_r, lora_alpha, suffix; Planner.together
-# takes these short names as well as Together's own).
+# does not have, has as None (auto), or has at its default (DEFAULT) is not carried.
+# Targets: "openai" (OpenAI and openai-compatible hosts: n_epochs, batch_size,
+# learning_rate_multiplier), "local" (LoRA: epochs, per-device batch, absolute lr, rank,
+# alpha), "together" (Together's n_epochs, batch_size, absolute learning_rate, lora_r,
+# lora_alpha, lora_dropout, suffix, and lora=false for training every weight;
+# Planner.together takes these short names as well as Together's own).
 MAPPING: dict[str, dict[str, str | None]] = {
     "openai": {
         "epochs": "epochs", "batch": "batch", "lr_mult": "lr_mult", "suffix": "suffix",
         "lr": None, "r": None, "alpha": None, "targets": None, "max_length": None,
-        "qlora": None, "merge": None,
+        "qlora": None, "merge": None, "lora": None, "dropout": None,
     },
     "local": {
         "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
         "targets": "targets", "max_length": "max_length", "qlora": "qlora", "merge": "merge",
-        "lr_mult": None, "suffix": None,
+        "lr_mult": None, "suffix": None, "lora": None, "dropout": None,
     },
     "together": {
         "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
-        "suffix": "suffix", "lr_mult": None, "targets": None, "max_length": None,
-        "qlora": None, "merge": None,
+        "dropout": "lora_dropout", "lora": "lora", "suffix": "suffix", "lr_mult": None,
+        "targets": None, "max_length": None, "qlora": None, "merge": None,
     },
 }  # fmt: skip
+# A stored plan's field at this value is the default everywhere it exists: not carried.
+DEFAULT: dict[str, Any] = {"lora": True, "qlora": False, "merge": False}
+WHOLE = ("epochs", "batch", "r", "alpha")  # counts: 32.0 (Together's alpha) carries as 32
 WHY: dict[str, str] = {
     "lr_mult": "OpenAI's learning-rate multiplier scales a base rate OpenAI does not "
     "publish, so it has no absolute learning rate to carry",
@@ -82,6 +86,8 @@ WHY: dict[str, str] = {
     "max_length": "the example length limit is the provider's own there",
     "qlora": "4-bit base weights are a local option",
     "merge": "a merged copy is a local option",
+    "lora": "only Together chooses between a LoRA adapter and training every weight",
+    "dropout": "the LoRA dropout is a Together option",
 }
 
 
@@ -108,11 +114,13 @@ def map_hyperparameters(source: Mapping[str, Any], target: str) -> Mapped:
     dropped: list[tuple[str, Any, str]] = []
     for field_name, option in MAPPING[target].items():
         value = source.get(field_name)
-        if value is None or value is False:
+        if value is None or (field_name in DEFAULT and value == DEFAULT[field_name]):
             continue
         if option is None:
             dropped.append((field_name, value, WHY[field_name]))
             continue
+        if field_name in WHOLE and isinstance(value, float) and value.is_integer():
+            value = int(value)
         text = str(value).lower() if isinstance(value, bool) else str(value)
         options[option] = text
         auto = " (its auto choice)" if field_name == "epochs" and source.get("epochs_auto") else ""

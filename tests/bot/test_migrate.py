@@ -149,6 +149,28 @@ def test_openai_hyperparameters_map_to_local_and_together_and_list_what_cannot()
         "r": "8",
         "alpha": "16",
     }
+    # From Together: a full fine-tune stays one there, and says why it cannot elsewhere;
+    # Together's float alpha is a count locally.
+    full = {
+        "provider": "together", "kind": "together", "model": "Qwen/Qwen3-8B", "epochs": 2,
+        "lora": False, "lr": 1e-5, "batch": 8, "r": None, "alpha": None, "dropout": None,
+        "suffix": "support",
+    }  # fmt: skip
+    assert map_hyperparameters(full, "together").options == {
+        "epochs": "2", "batch": "8", "lr": "1e-05", "lora": "false", "suffix": "support",
+    }  # fmt: skip
+    full_local = map_hyperparameters(full, "local")
+    assert [n for n, _, _ in full_local.dropped] == ["suffix", "lora"]
+    assert full_local.dropped[1][2] == (
+        "only Together chooses between a LoRA adapter and training every weight"
+    )
+    adapter = {**full, "lora": True, "r": 16, "alpha": 32.0, "dropout": 0.05}
+    from_together = map_hyperparameters(adapter, "local")
+    assert from_together.options == {
+        "epochs": "2", "batch": "8", "lr": "1e-05", "r": "16", "alpha": "32",
+    }  # fmt: skip
+    assert [n for n, _, _ in from_together.dropped] == ["suffix", "dropout"]  # lora: the default
+    assert map_hyperparameters(adapter, "together").options["lora_dropout"] == "0.05"
     with pytest.raises(ValueError, match="no hyperparameter mapping to 'ray'"):
         map_hyperparameters(local_plan, "ray")
 
