@@ -328,9 +328,9 @@ def local_result(run, state) -> Message:
     lines = [head]
     metrics = state.output.get("metrics") or {}
     if run.status == "succeeded":
-        lines.append(f"Adapter: `{state.output.get('adapter_dir')}`")
+        lines.append(f"Adapter: `{home_path(run, state.output.get('adapter_dir'))}`")
         if state.output.get("merged_dir"):
-            lines.append(f"Merged model: `{state.output['merged_dir']}`")
+            lines.append(f"Merged model: `{home_path(run, state.output['merged_dir'])}`")
         facts = []
         if metrics.get("train_loss") is not None:
             facts.append(f"final train loss {metrics['train_loss']:.4f}")
@@ -359,6 +359,18 @@ def local_result(run, state) -> Message:
         lines.append(f"The last lines of the worker's log are in this thread as {log_name(run)}.")
     text = "\n".join(lines)
     return Message(text, [section(text)])
+
+
+def home_path(run, path: str | None) -> str:
+    """A run's output folder as Slack may see it: from ``runs/<run>/`` on (its place under
+    TUNEBOT_HOME), never the server path before it; another path, its last part."""
+    text = str(path or "")
+    marker = f"/runs/{run.id}/"
+    if marker in text:
+        return "runs/" + text.split(marker, 1)[1].join((f"{run.id}/", ""))
+    if text.endswith(f"/runs/{run.id}"):
+        return f"runs/{run.id}"
+    return short_paths(text)
 
 
 def log_name(run) -> str:

@@ -71,7 +71,8 @@ def test_a_local_run_trains_reports_once_and_is_evaluated(local_bot):
     assert run.status == "succeeded", run.error
     assert (bot.workflow.runs.run_dir("r1") / "adapter" / "adapter_config.json").is_file()
     finals = [t for t in texts(bot) if t.startswith("<@UR> r1 🎉 succeeded")]
-    assert len(finals) == 1 and "Adapter:" in finals[0] and "Final train loss" in finals[0]
+    assert len(finals) == 1 and "Adapter: `runs/r1/adapter`" in finals[0], finals
+    assert "Final train loss" in finals[0] and str(bot.settings.home) not in finals[0]
     progress = next(m for m in bot.slack.messages(channel="C1") if m["ts"] == run.progress_ts)
     assert progress["text"].startswith("r1 succeeded") and "step" in progress["text"]
     assert any(u.filename == "loss-r1.png" for u in bot.slack.uploads)
