@@ -562,7 +562,8 @@ class Runs:
                 dm = self.ctx.client.conversations_open(users=approver)["channel"]["id"]
                 text = (
                     f"<@{run.requested_by}> asks for your approval of {run.id} "
-                    f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
+                    f"({run.provider} {render.escape(run.model)}, about ${run.estimate_usd:,.2f}) "
+                    f"in <#{run.channel}>."
                 )
                 self.ctx.client.chat_postMessage(channel=dm, text=text)
             except Exception as exc:  # Slack refused, or could not be reached

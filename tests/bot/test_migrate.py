@@ -574,3 +574,23 @@ def test_a_migration_to_together_without_an_inference_price_is_refused_up_front(
     )
     bot.wait_idle()
     assert bot.store.find_run("r2") is None and together_fake.calls == []
+
+
+def test_a_model_id_a_provider_sends_pings_nobody_in_the_comparison():
+    """A host's fine-tuned model id is its text, not tunebot's: `<@U…>` or `<!channel>`
+    in it reaches Slack inert."""
+    from types import SimpleNamespace
+
+    from bot.migrate import comparison
+
+    old = SimpleNamespace(id="r1", provider="acme")
+    new = SimpleNamespace(id="r2", provider="together")
+    record = {
+        "kept": 0.9, "win_tie_loss": {"win": 1, "tie": 0, "loss": 0}, "primary": "exact",
+        "new": 0.9, "old": 1.0, "examples": 1, "notes": [],
+        "per_1k_calls_usd": {"old": 1.0, "new": 2.0},
+    }  # fmt: skip
+    message = comparison(new, old, "ft:<@UBOSS>", "x-<!channel>", record)
+    for text in (message.text, json.dumps(message.blocks)):
+        assert "<@UBOSS>" not in text and "<!channel>" not in text
+    assert "`ft:&lt;@UBOSS&gt;`" in message.text and "`x-&lt;!channel&gt;`" in message.text
