@@ -34,17 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 from bot import approvals, egress, render
 from bot.approvals import Policy
+from bot.approvers import Approvers
+from bot.backends import OWN, Backends
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
 from bot.context import Context
 from bot.datasets import Datasets
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.plans import Planner, TrainingPlan
-from bot.priority import ACKS
 from bot.results import RunResult
 from bot.spend import SpendGate
 from storage import Dataset, Run
-from trainers.runner import Handle, Runner, RunnerError, RunState
+from trainers.runner import Handle, RunnerError, RunState
 
 if TYPE_CHECKING:
     from trainers.openai_ft import OpenAIFineTuner
@@ -55,9 +56,6 @@ ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
 PROVIDER_NAMES = render.PROVIDER_NAMES  # as people write them
-OWN = ("local", "distill", "eval")  # providers that are tunebot's own work, not a hosted API
-APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
-APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
 RETRY_MAX_SECONDS = 600.0
 # How far Together's own estimate (asked after the upload, before the job) may exceed the
@@ -85,12 +83,9 @@ class Runs:
         self.store = ctx.store
         self.settings = ctx.settings
         self.clock = clock
-        self._tuner_factory = tuner or self._default_tuner
-        self._tuner: OpenAIFineTuner | None = None
-        self._hosted: dict[str, Runner] = {}  # runners of hosted providers, built once each
-        self._hosted_lock = threading.Lock()
+        self.backends = Backends(ctx, tuner=tuner)  # which runner trains for which provider
+        self.approvers = Approvers(ctx)  # who approves, and the policy they approve under
         self._local_lock = threading.Lock()
-        self._ray: Runner | None = None  # built once: it keeps its client to the cluster
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
@@ -101,12 +96,7 @@ class Runs:
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
         self.lease = dt.timedelta(seconds=self.settings.claim_lease_seconds)
-        self._approvers: tuple[float, frozenset[str]] | None = None
-        self._approvers_lock = threading.Lock()
-        self._approvers_refreshing = False
-        self.gate = SpendGate(
-            self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
-        )
+        self.gate = SpendGate(self.store, self.settings, approvers=self.approvers.ids, clock=clock)
         self.planner = Planner(
             self.settings, self.store, ctx.prices, datasets.find_dataset, clock,
             providers=ctx.providers,
@@ -126,197 +116,17 @@ class Runs:
 
     # --- collaborators -------------------------------------------------------------
 
-    def _default_tuner(self) -> OpenAIFineTuner:
-        from trainers.openai_ft import OpenAIFineTuner
-
-        if not self.settings.openai_api_key:
-            raise UserError("OPENAI_API_KEY is not set, so tunebot cannot reach OpenAI.")
-        return OpenAIFineTuner.from_settings(
-            self.settings.openai_api_key,
-            self.settings.openai_base_url or None,
-            before_request=ACKS.step_aside,
-        )
-
-    def runner(self, provider: str) -> Runner:
-        """The Runner (trainers.runner) that trains for `provider`; the bot drives each
-        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`.
-
-        `provider` is ``local``, ``openai``, ``together`` (TOGETHER_API_KEY,
-        TUNEBOT_TOGETHER_BASE_URL) or a providers-file name (trainers/providers.py:
-        the runner of its kind, at its base URL, with the key from its variable).
-        UserError when the provider is unknown or its key is not set."""
-        if provider == "local" and self.on_ray:
-            if self._ray is None:
-                from bot import ray_runs
-
-                self._ray = ray_runs.make_runner(self.settings)
-            return self._ray
-        if provider == "local":
-            from trainers.local import LocalRunner
-
-            return LocalRunner(
-                self.settings.home / "runs",
-                processes=self.settings.local_processes,
-                accelerate_config=self.settings.accelerate_config or None,
-            )
-        if provider == "openai":
-            from trainers.openai_runner import OpenAIRunner
-
-            return OpenAIRunner(self.tuner)
-        with self._hosted_lock:
-            built = self._hosted.get(provider)
-            if built is None:
-                built = self._hosted[provider] = self._hosted_runner(provider)
-            return built
-
-    def _hosted_runner(self, provider: str) -> Runner:
-        kind, api_key, base_url = self.credentials(provider)
-        if kind == "together":
-            from trainers.together_ft import TogetherRunner
-
-            return TogetherRunner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
-        from trainers.openai_ft import OpenAIFineTuner
-        from trainers.openai_runner import OpenAIRunner
-
-        return OpenAIRunner(
-            OpenAIFineTuner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
-        )
-
-    def credentials(self, provider: str) -> tuple[str, str, str | None]:
-        """(kind, API key, base URL or None for the provider's own) of a hosted provider
-        other than ``openai``; UserError naming the variable when its key is not set."""
-        if provider == "together":
-            if not self.settings.together_api_key:
-                raise UserError("TOGETHER_API_KEY is not set, so tunebot cannot reach Together AI.")
-            return (
-                "together",
-                self.settings.together_api_key,
-                self.settings.together_base_url or None,
-            )
-        configured = self.ctx.providers.get(provider)
-        if configured is None:
-            raise UserError(f"runs on {provider} are not offered by this bot")
-        key = configured.api_key()
-        if not key:
-            raise UserError(
-                f"{configured.api_key_env} is not set, so tunebot cannot reach {provider}."
-            )
-        return configured.kind, key, configured.base_url
-
-    def kind(self, provider: str) -> str:
-        """The runner a provider's runs go through: ``local``, ``openai`` (OpenAI's API, at
-        OpenAI or another host) or ``together``; a provider tunebot does its own work
-        for (distill, eval) is itself."""
-        if provider in ("together", "openai", *OWN):
-            return provider
-        configured = self.ctx.providers.get(provider)
-        if configured is not None and configured.kind == "together":
-            return "together"
-        return "openai"
-
-    @property
-    def on_ray(self) -> bool:
-        """Local runs train as Ray jobs (TUNEBOT_LOCAL_RUNNER=ray; bot/ray_runs.py)."""
-        return self.settings.local_runner == "ray"
-
-    def handle(self, run: Run) -> Handle:
-        """The handle of a run's job, from what the run recorded."""
-        if run.provider == "local" and self.on_ray:
-            from bot import ray_runs
-
-            return ray_runs.handle(self.runner("local"), self.key(run.id), run.external_id or "")
-        where = str(self.run_dir(run.id)) if run.provider == "local" else None
-        return Handle(self.kind(run.provider), run.external_id or "", where=where)
-
-    @property
-    def tuner(self) -> OpenAIFineTuner:
-        if self._tuner is None:
-            self._tuner = self._tuner_factory()
-        return self._tuner
-
     def claim_token(self) -> str:
         """A name for one claim: two threads of this bot never hold the same run."""
         return f"{self.owner}:{uuid.uuid4().hex[:8]}"
 
     def key(self, run_id: str) -> str:
-        """The idempotency key for run `run_id`'s external work: unique to this installation."""
-        return f"{self.store.installation_id}:{run_id}"
+        """The idempotency key for run `run_id`'s external work (`Backends.key`)."""
+        return self.backends.key(run_id)
 
-    def approvers(self) -> frozenset[str]:
-        """Approver user ids, user groups resolved through Slack at most every few minutes.
-
-        Acks ask this, so it never waits on Slack once known: a list older than
-        APPROVERS_TTL_SECONDS (APPROVERS_RETRY_SECONDS when Slack would not list
-        a group) is answered as it is and refreshed on a job thread. Only the
-        very first call resolves in place (the workflow asks for it at start
-        when there are groups, see `warm_approvers`).
-        """
-        with self._approvers_lock:
-            cached = self._approvers  # (when to refresh, the ids), time.monotonic()
-            if cached is None:
-                cached = self._approvers = self._resolved()
-                return cached[1]
-            stale = time.monotonic() > cached[0]
-            refresh = stale and self._has_groups() and not self._approvers_refreshing
-            if refresh:
-                self._approvers_refreshing = True
-        if refresh:
-            try:
-                self.ctx.submit(
-                    "resolving the approvers' user groups", self._refresh_approvers, "", None
-                )
-            except RuntimeError:  # stopping: the pool takes no more work
-                self._approvers_refreshing = False
-        return cached[1]
-
-    def warm_approvers(self) -> None:
-        """Resolve the approvers' user groups on a job thread now, so no ack waits for it."""
-        if self._has_groups():
-            self.ctx.submit("resolving the approvers' user groups", self.approvers, "", None)
-
-    def _has_groups(self) -> bool:
-        return any(ident.startswith("S") for ident in self.settings.approvers)
-
-    def _refresh_approvers(self) -> None:
-        try:
-            resolved = self._resolved()
-            with self._approvers_lock:
-                self._approvers = resolved
-        finally:
-            self._approvers_refreshing = False
-
-    def _resolved(self) -> tuple[float, frozenset[str]]:
-        """(when to ask again, the approver ids), resolved through Slack now."""
-        failed: list[str] = []
-        users = frozenset(self._resolve_approvers(self.settings.approvers, failed))
-        ttl = APPROVERS_RETRY_SECONDS if failed else APPROVERS_TTL_SECONDS
-        return time.monotonic() + ttl, users
-
-    def policy(self) -> Policy:
-        s = self.settings
-        return Policy(
-            approvers=self.approvers(),
-            required=s.required_approvals,
-            two_approvals_above_usd=s.two_approvals_above_usd,
-            max_run_usd=s.max_run_usd,
-            monthly_budget_usd=s.monthly_budget_usd,
-            ttl=dt.timedelta(hours=s.approval_ttl_hours),
-            local_needs_approval=s.local_needs_approval,
-        )
-
-    def _resolve_approvers(self, ids: tuple[str, ...], failed: list[str] | None = None) -> set[str]:
-        users = set()
-        for ident in ids:
-            if ident.startswith("S"):  # a user group: its members approve
-                try:
-                    users.update(self.ctx.client.usergroups_users_list(usergroup=ident)["users"])
-                except Exception as exc:  # Slack refused, or could not be reached
-                    log.error("cannot list user group %s: %s", ident, slack_error(exc))
-                    if failed is not None:
-                        failed.append(ident)
-            else:
-                users.add(ident)
-        return users
+    def run_dir(self, run_id: str) -> Path:
+        """A local run's folder (`Backends.run_dir`)."""
+        return self.backends.run_dir(run_id)
 
     def committed_usd(self) -> float:
         """This calendar month's spend (the ledger: reserved at estimate, settled at actual)."""
@@ -343,7 +153,9 @@ class Runs:
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
         if provider not in ("openai", *OWN) and provider in self.planner.names():
-            self.credentials(provider)  # refused now when its key is not set, not at approval
+            self.backends.credentials(
+                provider
+            )  # refused now when its key is not set, not at approval
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         return self.request_plan(plan, dataset, channel, user)
 
@@ -353,7 +165,7 @@ class Runs:
         then the job records the run and posts its card. Returns the ack's answer.
         `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here."""
         provider = plan["provider"]
-        policy = self.policy()
+        policy = self.approvers.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
         # the run, its reservation and its card are the job's (`request_work`).
@@ -434,7 +246,7 @@ class Runs:
         priced after the ack (distillation)."""
         dataset = self.store.get_dataset(plan["dataset_id"])
         provider = plan["provider"]
-        policy = self.policy()
+        policy = self.approvers.policy()
         estimate_usd = plan["estimate"]["cost_usd"]
         committed = self.committed_usd()
         reasons = approvals.refusals(
@@ -519,7 +331,7 @@ class Runs:
     # --- the card and decisions ---------------------------------------------------------
 
     def card(self, run: Run) -> render.Message:
-        policy = self.policy()
+        policy = self.approvers.policy()
         decisions = [(a.user, a.decision) for a in self.store.approvals(run.id)]
         needed = approvals.quorum(policy, run.estimate_usd or 0.0)
         t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
@@ -542,7 +354,7 @@ class Runs:
         if run.provider != "eval":
             self.evals.prepare(run)  # the held-out split, before anyone approves the plan
             run = self.store.get_run(run_id)
-        if not approvals.needs_approval(self.policy(), run.provider):
+        if not approvals.needs_approval(self.approvers.policy(), run.provider):
             self._approve_without_card(run)
             return
         ts = self.ctx.post(run.channel, run.thread_ts, self.card(run))
@@ -557,7 +369,7 @@ class Runs:
             self.start(run.id)
 
     def _ask_approvers(self, run: Run) -> None:
-        for approver in sorted(self.policy().approvers - {run.requested_by}):
+        for approver in sorted(self.approvers.policy().approvers - {run.requested_by}):
             try:
                 dm = self.ctx.client.conversations_open(users=approver)["channel"]["id"]
                 text = (
@@ -575,7 +387,7 @@ class Runs:
 
     def _refresh_homes(self, run: Run) -> None:
         """A run changed state: the Home tabs of the people it concerns show it."""
-        for user in {run.requested_by, *self.policy().approvers} - {None}:
+        for user in {run.requested_by, *self.approvers.policy().approvers} - {None}:
             self.refresh_home(user)
 
     def refresh_card(self, run_id: str) -> None:
@@ -595,7 +407,7 @@ class Runs:
             return f"there is no run {run_id}"
         expired = run.expires_at is not None and run.expires_at <= self.clock()
         return approvals.click_refusal(
-            self.policy(),
+            self.approvers.policy(),
             user=user,
             requester=run.requested_by or "",
             status=run.status,
@@ -647,7 +459,7 @@ class Runs:
                 )
             return None
         decisions = [(a.user, a.decision) for a in self.store.approvals(run_id)]
-        needed = approvals.quorum(self.policy(), run.estimate_usd or 0.0)
+        needed = approvals.quorum(self.approvers.policy(), run.estimate_usd or 0.0)
         t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
         if t.approved and (why := self._budget_changed(run)):
             if self.store.transition_run(run_id, ["pending_approval"], "rejected", error=why):
@@ -806,8 +618,8 @@ class Runs:
                 self._record_upload(run, value)
             held.check()  # cancelled, or taken over: stop before the next side effect
 
-        runner = self.runner(run.provider)
-        if self.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
+        runner = self.backends.runner(run.provider)
+        if self.backends.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
             self._check_quote(run, runner, spec, held)  # a job made already is adopted as is
         return runner.submit(spec, self.key(run.id), step=step)
 
@@ -893,7 +705,9 @@ class Runs:
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
         run = self.store.get_run(run_id)
         try:
-            self.runner(run.provider).cancel(Handle(self.kind(run.provider), job_id))
+            self.backends.runner(run.provider).cancel(
+                Handle(self.backends.kind(run.provider), job_id)
+            )
         except RunnerError as exc:
             log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
         self.store.update_run(run_id, external_id=job_id)
@@ -902,7 +716,7 @@ class Runs:
 
     def cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
         run = self.store.get_run(run_id)
-        runner = self.runner(run.provider)
+        runner = self.backends.runner(run.provider)
         for attempt in range(attempts):
             try:
                 job = runner.find(self.key(run_id))
@@ -932,7 +746,7 @@ class Runs:
         deleted = 0
         for row in files:
             try:
-                self.runner(row["provider"]).delete_file(row["file_id"])
+                self.backends.runner(row["provider"]).delete_file(row["file_id"])
             except (RunnerError, UserError) as exc:
                 log.error("cannot delete %s: %s", row["file_id"], getattr(exc, "message", exc))
                 continue
@@ -993,8 +807,8 @@ class Runs:
             return
         state_data = RunResult.of(run)
         try:
-            state = self.runner(run.provider).poll(
-                self.handle(run), cursor=state_data.last_event_id
+            state = self.backends.runner(run.provider).poll(
+                self.backends.handle(run), cursor=state_data.last_event_id
             )
         except RunnerError as exc:
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
@@ -1137,9 +951,6 @@ class Runs:
 
     # --- the local runner ------------------------------------------------------------
 
-    def run_dir(self, run_id: str):
-        return self.settings.home / "runs" / run_id
-
     def dispatch_local(self) -> None:
         """Start queued local runs, oldest first, while slots are free (FIFO)."""
         with self._local_lock:
@@ -1181,7 +992,7 @@ class Runs:
             try:
                 self._launch_local(run)
             except RunnerError as exc:
-                if not (exc.retryable and self.on_ray):
+                if not (exc.retryable and self.backends.on_ray):
                     raise
                 # No Ray cluster answers (yet): the run keeps its place and is tried again.
                 log.info("run %s: Ray cluster unavailable (%s); queued again", run_id, exc.message)
@@ -1230,15 +1041,17 @@ class Runs:
             hyperparameters=self._local_hyperparameters(run),
             output_dir=run_dir,
         )
-        if self.on_ray:
+        if self.backends.on_ray:
             from bot import ray_runs
 
             attempt = RunResult.of(run).attempt
-            worker, resume = ray_runs.submit(self.runner("local"), spec, self.key(run.id), attempt)
+            worker, resume = ray_runs.submit(
+                self.backends.runner("local"), spec, self.key(run.id), attempt
+            )
             detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
         else:
             resume = bool(complete_checkpoints(run_dir))
-            worker = self.runner("local").submit(spec, self.key(run.id))
+            worker = self.backends.runner("local").submit(spec, self.key(run.id))
             detail = {"pid": int(worker.id.removeprefix("pid:"))}
         self.store.update_run(run.id, external_id=worker.id)
         self.store.audit(
@@ -1265,11 +1078,11 @@ class Runs:
 
     def _show_queue_position(self, run: Run, position: int, total: int) -> None:
         waiting = None
-        if self.on_ray:
+        if self.backends.on_ray:
             from bot import ray_runs
 
             gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-            waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+            waiting = ray_runs.waiting_for(self.backends.runner("local"), gpus)
         message = render.queued(run, position, total, waiting=waiting)
         if run.progress_ts:
             self._update(run, run.progress_ts, message)
@@ -1295,7 +1108,7 @@ class Runs:
                 self.dispatch_local()
             return
         try:
-            state = self.runner("local").poll(self.handle(run))
+            state = self.backends.runner("local").poll(self.backends.handle(run))
         except RunnerError as exc:  # the cluster did not answer: the next tick asks again
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
             return
@@ -1308,20 +1121,24 @@ class Runs:
         if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
             data = data.with_(progress_edited_at=now)
             waiting = None
-            if self.on_ray and state.step is None:  # Ray (or Ray Train) has not started it yet
+            if (
+                self.backends.on_ray and state.step is None
+            ):  # Ray (or Ray Train) has not started it yet
                 from bot import ray_runs
 
                 gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-                waiting = ray_runs.waiting_for(self.runner("local"), gpus)
+                waiting = ray_runs.waiting_for(self.backends.runner("local"), gpus)
             self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
             self.store.update_run(run.id, result_json=data.to_json())
 
     def _finish_local(self, run: Run, state: RunState) -> None:
-        if self.on_ray and state.status == "succeeded":
+        if self.backends.on_ray and state.status == "succeeded":
             from bot import ray_runs
 
             try:  # the evaluation and /finetune chat load the adapter from this machine
-                home = ray_runs.copy_home(self.runner("local"), state, self.run_dir(run.id))
+                home = ray_runs.copy_home(
+                    self.backends.runner("local"), state, self.run_dir(run.id)
+                )
             except RunnerError as exc:
                 log.error("run %s: adapter not copied home: %s", run.id, exc.message)
                 return  # the next tick tries again
@@ -1378,13 +1195,13 @@ class Runs:
         run = self.find_run(cmd.target, channel)
         if run.provider != "local":
             raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
-        if user != run.requested_by and user not in self.policy().approvers:
+        if user != run.requested_by and user not in self.approvers.policy().approvers:
             raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
         data = RunResult.of(run)
-        if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
+        if self.backends.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
             from bot import ray_runs
 
-            names = ray_runs.checkpoints(self.runner("local"), self.key(run.id))
+            names = ray_runs.checkpoints(self.backends.runner("local"), self.key(run.id))
             data = data.with_(attempt=data.attempt + 1)
         else:
             names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
@@ -1422,7 +1239,12 @@ class Runs:
                 where = "left the queue and " if run.status == "queued" else ""
                 return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
             run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
-        if run.provider == "local" and run.status == "running" and self.on_ray and run.external_id:
+        if (
+            run.provider == "local"
+            and run.status == "running"
+            and self.backends.on_ray
+            and run.external_id
+        ):
             return self._cancel_ray_job(run, user)
         if run.provider == "local" and run.status == "running":
             from trainers import local
@@ -1431,7 +1253,7 @@ class Runs:
                 raise UserError(
                     f"{run.id}'s worker is not running; the next poll will say how it ended."
                 )
-            self.runner("local").cancel(self.handle(run))
+            self.backends.runner("local").cancel(self.backends.handle(run))
             self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
             return render.note(
                 f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
@@ -1451,7 +1273,7 @@ class Runs:
         if run.status in ("submitting", "running") and run.external_id:
             provider = PROVIDER_NAMES.get(run.provider, run.provider)
             try:
-                self.runner(run.provider).cancel(self.handle(run))
+                self.backends.runner(run.provider).cancel(self.backends.handle(run))
             except RunnerError as exc:
                 raise UserError(f"{provider} did not cancel {run.id}: {exc.summary}") from None
             self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
@@ -1465,10 +1287,10 @@ class Runs:
         """Ray's stop_job: SIGTERM, the worker saves a checkpoint, then stops. A job Ray has
         not started (waiting for GPUs) would only stop once it could start, so the run ends
         here and now; the stop request waits at the cluster."""
-        runner = self.runner("local")
+        runner = self.backends.runner("local")
         try:
-            pending = runner.poll(self.handle(run)).status == "queued"
-            runner.cancel(self.handle(run))
+            pending = runner.poll(self.backends.handle(run)).status == "queued"
+            runner.cancel(self.backends.handle(run))
         except RunnerError as exc:
             raise UserError(f"The Ray cluster did not stop {run.id}: {exc.summary}") from None
         self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
@@ -1491,21 +1313,15 @@ class Runs:
         """A run cancelled before it started: its card says so and its uploads go; a job
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
-        if run.provider not in OWN and not run.external_id and self.reachable(run.provider):
+        if (
+            run.provider not in OWN
+            and not run.external_id
+            and self.backends.reachable(run.provider)
+        ):
             self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
-
-    def reachable(self, provider: str) -> bool:
-        """A hosted provider's key is set (so its jobs can be looked up)."""
-        if provider == "openai":
-            return bool(self.settings.openai_api_key)
-        try:
-            self.credentials(provider)
-        except UserError:
-            return False
-        return True
 
     def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:

@@ -78,7 +78,7 @@ class Workflow:
         self.decide_later = self.decisions.decide_later
         self.refresh_home = self.home_tab.refresh_home
 
-        self.runs.warm_approvers()  # so that no ack waits on Slack for them
+        self.runs.approvers.warm()  # so that no ack waits on Slack for them
 
     # --- /finetune ---------------------------------------------------------------
 
