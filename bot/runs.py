@@ -17,18 +17,19 @@ What a run is asked to do is its plan, built and frozen by bot/plans.py
 (`Planner`, `TrainingPlan`) and stored as `plan.to_json()`. The admin
 commands (release, forget, budget, audit) are bot/admin.py's. When a run
 succeeds, the callables in `Runs.on_success` run on a job thread (the
-workflow registers the evaluation there).
+workflow registers the evaluation there). Which runner trains for which
+provider is bot/backends.py's (`Runs.backends`), who approves
+bot/approvers.py's (`Runs.approvers`), and the queue of local runs
+bot/local_queue.py's (`Runs.local`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +63,6 @@ RETRY_MAX_SECONDS = 600.0
 # approved one before the run is stopped: tunebot counts tokens with tiktoken, Together
 # with the model's tokenizer, so the two differ a little for the same file.
 QUOTE_TOLERANCE = 0.10
-RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is tried again after
 
 
 def _now() -> dt.datetime:
@@ -85,7 +85,6 @@ class Runs:
         self.clock = clock
         self.backends = Backends(ctx, tuner=tuner)  # which runner trains for which provider
         self.approvers = Approvers(ctx)  # who approves, and the policy they approve under
-        self._local_lock = threading.Lock()
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
@@ -113,6 +112,9 @@ class Runs:
         from bot.weights import Downloads
 
         self.downloads = Downloads(ctx, self)
+        from bot.local_queue import LocalQueue
+
+        self.local = LocalQueue(self)  # provider=local runs: the queue, launch, poll, resume
 
     # --- collaborators -------------------------------------------------------------
 
@@ -517,7 +519,7 @@ class Runs:
         try:
             if run.provider == "local":
                 if self.store.transition_run(run_id, ["approved"], "queued"):
-                    self.dispatch_local()
+                    self.local.dispatch()
             elif run.provider == "distill":
                 self.distiller.start(run)
             elif run.provider == "eval":
@@ -793,7 +795,7 @@ class Runs:
             if run.status == "approved":
                 self.start(run.id)
             else:
-                self._poll_local(run)
+                self.local.poll(run)
             return
         if run.provider == "distill":
             self.distiller.poll(run)
@@ -949,230 +951,7 @@ class Runs:
                 self.refresh_card(run.id)
                 self._refresh_homes(run)
 
-    # --- the local runner ------------------------------------------------------------
-
-    def dispatch_local(self) -> None:
-        """Start queued local runs, oldest first, while slots are free (FIFO)."""
-        with self._local_lock:
-            running = len(self.store.runs(status="running", limit=None, provider="local"))
-            queued = sorted(
-                self.store.runs(status="queued", limit=None, provider="local"),
-                key=lambda r: r.created_at,
-            )
-            for run in queued[: max(0, self.settings.local_slots - running)]:
-                # Claimed here, launched on a job thread: fetching or converting a
-                # model can take minutes and must not hold this lock or the poller.
-                token = self.claim_token()
-                if self.store.claim_run(
-                    run.id, ["queued"], "running", owner=token, lease=self.lease,
-                    external_id=None,
-                ):  # fmt: skip
-                    try:
-                        self.ctx.submit(
-                            f"starting {run.id}",
-                            lambda run_id=run.id, token=token: self._launch_claimed(run_id, token),
-                            run.channel,
-                            run.thread_ts,
-                            long=True,
-                            on_busy=lambda run_id=run.id, token=token: self.store.release_claim(
-                                run_id, token, from_status="running", to_status="queued"
-                            ),
-                        )
-                    except Busy:  # queued again: a later tick starts it
-                        break
-            for position, run in enumerate(
-                queued[max(0, self.settings.local_slots - running) :], 1
-            ):
-                self._show_queue_position(run, position, len(queued))
-
-    def _launch_claimed(self, run_id: str, token: str) -> None:
-        """Launch a claimed local run; whatever goes wrong ends it, visibly."""
-        with Held(self.store, run_id, token, self.lease, "running"):
-            run = self.store.get_run(run_id)
-            try:
-                self._launch_local(run)
-            except RunnerError as exc:
-                if not (exc.retryable and self.backends.on_ray):
-                    raise
-                # No Ray cluster answers (yet): the run keeps its place and is tried again.
-                log.info("run %s: Ray cluster unavailable (%s); queued again", run_id, exc.message)
-                retry = self.clock() + dt.timedelta(seconds=RAY_RETRY_SECONDS)
-                self.store.release_claim(
-                    run_id, token, from_status="running", to_status="queued", retry_at=retry
-                )
-                message = render.ray_unavailable(run, exc.summary, RAY_RETRY_SECONDS)
-                if run.progress_ts:
-                    self._update(run, run.progress_ts, message)
-                else:
-                    self.store.update_run(
-                        run_id, progress_ts=self.ctx.post(run.channel, run.thread_ts, message)
-                    )
-                return
-            except Exception as exc:
-                log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
-                self._finish(
-                    run, "running", "failed",
-                    error=f"the worker could not start ({describe(exc, self.settings.home)})",
-                )  # fmt: skip
-            finally:
-                self.store.release_claim(run_id, token, from_status="running")
-        self.dispatch_local()  # a failed launch frees its slot
-
-    def _launch_local(self, run: Run) -> None:
-        from bot.local_models import LocalModels
-        from trainers.local import complete_checkpoints
-        from trainers.runner import TrainingSpec
-
-        plan = TrainingPlan.from_json(run.plan_json)
-        run_dir = self.run_dir(run.id)
-        try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
-            model = LocalModels(self.settings, self.store).for_launch(
-                plan.model, run.channel, run_dir
-            )
-        except Exception as exc:
-            self._finish(run, "running", "failed", error=f"cannot get model {plan.model}: {exc}")
-            return
-        data = self._training_files(run)
-        spec = TrainingSpec(
-            run_id=run.id,
-            model=model,
-            train_file=Path(data["train"]),
-            eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters=self._local_hyperparameters(run),
-            output_dir=run_dir,
-        )
-        if self.backends.on_ray:
-            from bot import ray_runs
-
-            attempt = RunResult.of(run).attempt
-            worker, resume = ray_runs.submit(
-                self.backends.runner("local"), spec, self.key(run.id), attempt
-            )
-            detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
-        else:
-            resume = bool(complete_checkpoints(run_dir))
-            worker = self.backends.runner("local").submit(spec, self.key(run.id))
-            detail = {"pid": int(worker.id.removeprefix("pid:"))}
-        self.store.update_run(run.id, external_id=worker.id)
-        self.store.audit(
-            "tunebot", "resumed" if resume else "started", run_id=run.id,
-            plan_hash=run.plan_hash, detail=detail,
-        )  # fmt: skip
-        log.info("run %s: local worker %s%s", run.id, worker.id, " (resuming)" if resume else "")
-        message = render.local_progress(self.store.get_run(run.id), None)
-        if run.progress_ts:
-            self._update(run, run.progress_ts, message)
-        else:
-            ts = self.ctx.post(run.channel, run.thread_ts, message)
-            self.store.update_run(run.id, progress_ts=ts)
-
-    def _local_hyperparameters(self, run: Run) -> dict[str, Any]:
-        return {**TrainingPlan.from_json(run.plan_json).hyperparameters(), **self.local_overrides}
-
-    def _training_files(self, run: Run) -> dict[str, str]:
-        data = self.evals.prepare(run)
-        files = {"train": str(self.ctx.blobs.path(data["train_sha256"]))}
-        if data.get("eval_sha256"):
-            files["eval"] = str(self.ctx.blobs.path(data["eval_sha256"]))
-        return files
-
-    def _show_queue_position(self, run: Run, position: int, total: int) -> None:
-        waiting = None
-        if self.backends.on_ray:
-            from bot import ray_runs
-
-            gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-            waiting = ray_runs.waiting_for(self.backends.runner("local"), gpus)
-        message = render.queued(run, position, total, waiting=waiting)
-        if run.progress_ts:
-            self._update(run, run.progress_ts, message)
-        else:
-            ts = self.ctx.post(run.channel, run.thread_ts, message)
-            self.store.update_run(run.id, progress_ts=ts)
-
-    def _update(self, run: Run, ts: str, message: render.Message) -> None:
-        try:
-            self.ctx.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
-        except Exception as exc:  # Slack refused, or could not be reached
-            log.error("cannot update %s's message: %s", run.id, slack_error(exc))
-
-    def _poll_local(self, run: Run) -> None:
-        if run.status in ("approved", "queued"):
-            self.dispatch_local()
-            return
-        if not run.external_id:  # being launched, or its launcher died
-            if lapsed(run, self.clock()) and self.store.transition_run(
-                run.id, ["running"], "queued", owner=None, lease_expires_at=None
-            ):
-                log.info("run %s: launch interrupted; queued again", run.id)
-                self.dispatch_local()
-            return
-        try:
-            state = self.backends.runner("local").poll(self.backends.handle(run))
-        except RunnerError as exc:  # the cluster did not answer: the next tick asks again
-            log.info("run %s: poll failed (%s); next time", run.id, exc.message)
-            return
-        if state.terminal:
-            self._finish_local(run, state)
-            self.dispatch_local()  # a slot is free
-            return
-        data = RunResult.of(run)
-        now = time.time()
-        if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
-            data = data.with_(progress_edited_at=now)
-            waiting = None
-            if (
-                self.backends.on_ray and state.step is None
-            ):  # Ray (or Ray Train) has not started it yet
-                from bot import ray_runs
-
-                gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-                waiting = ray_runs.waiting_for(self.backends.runner("local"), gpus)
-            self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
-            self.store.update_run(run.id, result_json=data.to_json())
-
-    def _finish_local(self, run: Run, state: RunState) -> None:
-        if self.backends.on_ray and state.status == "succeeded":
-            from bot import ray_runs
-
-            try:  # the evaluation and /finetune chat load the adapter from this machine
-                home = ray_runs.copy_home(
-                    self.backends.runner("local"), state, self.run_dir(run.id)
-                )
-            except RunnerError as exc:
-                log.error("run %s: adapter not copied home: %s", run.id, exc.message)
-                return  # the next tick tries again
-            state = replace(state, output={**state.output, **home})
-        data = RunResult.of(run).with_(
-            adapter_dir=state.output.get("adapter_dir"),
-            merged_dir=state.output.get("merged_dir"),
-            metrics=state.output.get("metrics"),
-            log_tail=state.log_tail,
-        )
-        error = state.error
-        if not self.store.transition_run(
-            run.id,
-            ["running"],
-            state.status,
-            actual_usd=0.0,
-            result_json=data.to_json(),
-            error=error,
-        ):
-            return
-        self.store.audit(
-            "tunebot",
-            state.status,
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"error": error} if error else None,
-        )
-        log.info("run %s: %s", run.id, state.status)
-        done = self.store.get_run(run.id)
-        if done.progress_ts:
-            self._update(done, done.progress_ts, render.local_progress(done, state))
-        self.ctx.post(run.channel, run.thread_ts, render.local_result(done, state))
-        self._refresh_homes(done)
-        self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
+    # --- after a run ends (a local run's end: bot/local_queue.py) -------------------
 
     def _after_end(self, done: Run, metrics, log_tail: str | None = None) -> None:
         """The success hooks (the evaluation), charts and logs, on a job thread: never
@@ -1189,39 +968,7 @@ class Runs:
 
         self.ctx.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
 
-    def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
-        from trainers import local
-
-        run = self.find_run(cmd.target, channel)
-        if run.provider != "local":
-            raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
-        if user != run.requested_by and user not in self.approvers.policy().approvers:
-            raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
-        data = RunResult.of(run)
-        if self.backends.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
-            from bot import ray_runs
-
-            names = ray_runs.checkpoints(self.backends.runner("local"), self.key(run.id))
-            data = data.with_(attempt=data.attempt + 1)
-        else:
-            names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
-        if not names:
-            raise UserError(f"{run.id} has no complete checkpoint to resume from.")
-        if not self.store.transition_run(
-            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data.to_json()
-        ):
-            raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
-        self.store.audit(
-            user,
-            "resume_requested",
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"checkpoint": names[-1]},
-        )
-        self.ctx.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
-        return render.note(f"{run.id} resumes from {names[-1]}.", in_channel=True)
-
-    # --- cancel, resume -------------------------------------------------------
+    # --- cancel (a local run: bot/local_queue.py) -----------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Cancel a run from any state that is not final, whatever its provider."""
@@ -1239,26 +986,8 @@ class Runs:
                 where = "left the queue and " if run.status == "queued" else ""
                 return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
             run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
-        if (
-            run.provider == "local"
-            and run.status == "running"
-            and self.backends.on_ray
-            and run.external_id
-        ):
-            return self._cancel_ray_job(run, user)
         if run.provider == "local" and run.status == "running":
-            from trainers import local
-
-            if not local.alive(local.worker_of(self.run_dir(run.id))):
-                raise UserError(
-                    f"{run.id}'s worker is not running; the next poll will say how it ended."
-                )
-            self.backends.runner("local").cancel(self.backends.handle(run))
-            self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
-            return render.note(
-                f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
-                in_channel=True,
-            )
+            return self.local.cancel(run, user)
         if (
             run.provider in ("distill", "eval")
             and run.status == "running"
@@ -1282,32 +1011,6 @@ class Runs:
                 in_channel=True,
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
-
-    def _cancel_ray_job(self, run: Run, user: str) -> render.Message:
-        """Ray's stop_job: SIGTERM, the worker saves a checkpoint, then stops. A job Ray has
-        not started (waiting for GPUs) would only stop once it could start, so the run ends
-        here and now; the stop request waits at the cluster."""
-        runner = self.backends.runner("local")
-        try:
-            pending = runner.poll(self.backends.handle(run)).status == "queued"
-            runner.cancel(self.backends.handle(run))
-        except RunnerError as exc:
-            raise UserError(f"The Ray cluster did not stop {run.id}: {exc.summary}") from None
-        self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
-        if pending and self.store.transition_run(run.id, ["running"], "cancelled", actual_usd=0.0):
-            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-            done = self.store.get_run(run.id)
-            if done.progress_ts:
-                self._update(done, done.progress_ts, render.cancelled_before_start(done))
-            self._refresh_homes(done)
-            self.ctx.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
-            return render.note(
-                f"{run.id} left the Ray cluster's queue and is cancelled.", in_channel=True
-            )
-        return render.note(
-            f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
-            in_channel=True,
-        )
 
     def _after_cancel(self, run_id: str) -> None:
         """A run cancelled before it started: its card says so and its uploads go; a job

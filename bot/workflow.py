@@ -119,7 +119,7 @@ class Workflow:
             ),
             "budget": lambda cmd, channel, user: admin.budget(channel),
             "providers": lambda cmd, channel, user: render.providers_list(self.ctx.providers),
-            "resume": runs.resume,
+            "resume": runs.local.resume,
             "audit": lambda cmd, channel, user: admin.audit(cmd, channel),
             "release": admin.release,
             "forget": admin.forget,
