@@ -672,24 +672,17 @@ class Evaluations:
         tuned = RunResult.of(run).fine_tuned_model
         if model not in (run.model, tuned):
             return self.ctx.prices
-        from trainers import pricing, together_pricing
+        from trainers import pricing
 
-        configured = self.ctx.providers.get(run.provider)
-        rates = None
-        if configured is not None and (listed := configured.model(run.model)) is not None:
-            rates = (listed.input_per_1m, listed.output_per_1m)
-        elif configured is None:  # provider=together: the price file's table by size
-            size = together_pricing.params_billions(run.model)
-            rate = self.ctx.prices.together.inference(size) if size else None
-            rates = (rate, rate)
-        if rates is None or None in rates:
+        rates = self.host_rates(run.provider, run.model)
+        if rates is None:
             raise UserError(
                 f"{run.model} has no inference price on {render.provider_name(run.provider)} "
                 "in tunebot's price table, so an evaluation of it cannot be checked against "
                 "the budget; add one ("
                 + (
                     "input_per_1m and output_per_1m in the providers file"
-                    if configured is not None
+                    if run.provider in self.ctx.providers
                     else "inference_per_1m in TUNEBOT_PRICES' together.sizes"
                 )
                 + ")."
@@ -710,6 +703,24 @@ class Evaluations:
                 for name in names
             )
         )
+
+    def host_rates(self, provider: str, model: str) -> tuple[float, float] | None:
+        """USD per 1M tokens (in, out) of `model` and the models tuned from it on a host
+        other than OpenAI: a providers-file host's own model list (input_per_1m,
+        output_per_1m), or for provider=together the price file's inference_per_1m for
+        the model's size (TUNEBOT_PRICES' together.sizes; the built-in table, read from
+        together.ai/pricing, has none). None when no price is known."""
+        from trainers import together_pricing
+
+        configured = self.ctx.providers.get(provider)
+        if configured is not None:
+            listed = configured.model(model)
+            rates = (listed.input_per_1m, listed.output_per_1m) if listed else (None, None)
+        else:
+            size = together_pricing.params_billions(model)
+            rate = self.ctx.prices.together.inference(size) if size else None
+            rates = (rate, rate)
+        return None if None in rates else rates  # type: ignore[return-value]
 
     def _openai(self):
         import openai

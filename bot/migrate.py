@@ -15,10 +15,14 @@ from its own evaluation) and posts in the thread how much of the old model's
 quality the new one keeps (its mean primary score as a share of the old
 one's, with win / tie / loss per example) and what 1,000 calls cost on each:
 the held-out set's average prompt and reference-answer tokens (o200k_base) at
-each model's inference price per token (trainers.pricing's table, or the
-providers file's); a local model has no hosted cost. Hosted answers are
-paid: the comparison reserves its estimate through the spend gate first and
-settles at what it spent.
+each model's inference price per token (Evaluations.prices_for: trainers.pricing's
+table for OpenAI, TUNEBOT_PRICES' together.sizes inference_per_1m for Together,
+the providers file's for another host); a local model has no hosted cost. A
+hosted model is asked on its own host (Evaluations.client_for). A migration
+whose models could not be priced there is refused when asked, in one sentence
+naming what to add, not after training. Hosted answers are paid: the
+comparison reserves its estimate through the spend gate first and settles at
+what it spent.
 """
 
 from __future__ import annotations
@@ -45,38 +49,45 @@ NOT_TRAINING = ("eval", "distill")  # run kinds that train no model
 
 # Target kind -> {a stored plan's field: the /finetune train option it becomes there,
 # or None when the target has no equivalent (WHY says why)}. A field a source plan
-# does not have, or has as None (auto), is not carried. Targets: "openai" (OpenAI and
-# openai-compatible hosts: n_epochs, batch_size, learning_rate_multiplier), "local"
-# (LoRA: epochs, per-device batch, absolute lr, rank, alpha), "together" (Together's
-# n_epochs, batch_size, absolute learning_rate, lora_r, lora_alpha).
+# does not have, has as None (auto), or has at its default (DEFAULT) is not carried.
+# Targets: "openai" (OpenAI and openai-compatible hosts: n_epochs, batch_size,
+# learning_rate_multiplier), "local" (LoRA: epochs, per-device batch, absolute lr, rank,
+# alpha), "together" (Together's n_epochs, batch_size, absolute learning_rate, lora_r,
+# lora_alpha, lora_dropout, suffix, and lora=false for training every weight;
+# Planner.together takes these short names as well as Together's own).
 MAPPING: dict[str, dict[str, str | None]] = {
     "openai": {
         "epochs": "epochs", "batch": "batch", "lr_mult": "lr_mult", "suffix": "suffix",
         "lr": None, "r": None, "alpha": None, "targets": None, "max_length": None,
-        "qlora": None, "merge": None,
+        "qlora": None, "merge": None, "lora": None, "dropout": None,
     },
     "local": {
         "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
         "targets": "targets", "max_length": "max_length", "qlora": "qlora", "merge": "merge",
-        "lr_mult": None, "suffix": None,
+        "lr_mult": None, "suffix": None, "lora": None, "dropout": None,
     },
     "together": {
         "epochs": "epochs", "batch": "batch", "lr": "lr", "r": "r", "alpha": "alpha",
-        "lr_mult": None, "suffix": None, "targets": None, "max_length": None,
-        "qlora": None, "merge": None,
+        "dropout": "lora_dropout", "lora": "lora", "suffix": "suffix", "lr_mult": None,
+        "targets": None, "max_length": None, "qlora": None, "merge": None,
     },
 }  # fmt: skip
+# A stored plan's field at this value is the default everywhere it exists: not carried.
+DEFAULT: dict[str, Any] = {"lora": True, "qlora": False, "merge": False}
+WHOLE = ("epochs", "batch", "r", "alpha")  # counts: 32.0 (Together's alpha) carries as 32
 WHY: dict[str, str] = {
     "lr_mult": "OpenAI's learning-rate multiplier scales a base rate OpenAI does not "
     "publish, so it has no absolute learning rate to carry",
     "lr": "OpenAI takes a multiplier of its own base rate, not an absolute learning rate",
-    "suffix": "a suffix names OpenAI's fine-tuned model; elsewhere the run id names it",
+    "suffix": "a suffix names a hosted fine-tuned model; a local adapter is named by its run id",
     "r": "the LoRA rank is not an option there",
     "alpha": "the LoRA alpha is not an option there",
     "targets": "the LoRA target modules are not an option there",
     "max_length": "the example length limit is the provider's own there",
     "qlora": "4-bit base weights are a local option",
     "merge": "a merged copy is a local option",
+    "lora": "only Together chooses between a LoRA adapter and training every weight",
+    "dropout": "the LoRA dropout is a Together option",
 }
 
 
@@ -103,11 +114,13 @@ def map_hyperparameters(source: Mapping[str, Any], target: str) -> Mapped:
     dropped: list[tuple[str, Any, str]] = []
     for field_name, option in MAPPING[target].items():
         value = source.get(field_name)
-        if value is None or value is False:
+        if value is None or (field_name in DEFAULT and value == DEFAULT[field_name]):
             continue
         if option is None:
             dropped.append((field_name, value, WHY[field_name]))
             continue
+        if field_name in WHOLE and isinstance(value, float) and value.is_integer():
+            value = int(value)
         text = str(value).lower() if isinstance(value, bool) else str(value)
         options[option] = text
         auto = " (its auto choice)" if field_name == "epochs" and source.get("epochs_auto") else ""
@@ -125,10 +138,13 @@ def differences(source: Mapping[str, Any], new: Mapping[str, Any], mapped: Mappe
     ]
     for name, value, why in mapped.dropped:
         line = f"{name} {value} not carried: {why}"
+        host = render.provider_name(str(new.get("provider")))
         if name == "lr_mult" and new.get("lr") is not None:
             line += f"; the new run trains at lr={new['lr']:g}"
+        elif name == "lr_mult" and new.get("kind") == "together":
+            line += f"; {host} uses its default learning rate"
         elif name == "lr" and new.get("lr_mult") is None:
-            line += "; OpenAI picks its multiplier (auto)"
+            line += f"; {host} picks its multiplier (auto)"
         out.append(line)
     if source.get("provider") == "openai" and source.get("batch") is None and new.get("batch"):
         out.append(f"batch was OpenAI's auto choice; the new run uses batch={new['batch']}")
@@ -195,9 +211,15 @@ class Migrations:
             opts["eval"] = plan["eval_dataset_id"]
         elif plan.get("split"):
             opts["split"] = repr(plan["split"])
+        unpriced = self.unpriced(source.provider, source.model)
+        if unpriced:
+            raise UserError(unpriced)
         new = self.runs.planner.plan(provider, dataset, report, opts, channel)
         if new.provider != provider:
             raise UserError(f"Runs on {provider} are not offered by this bot yet.")
+        unpriced = self.unpriced(provider, new.model)  # refused now, not after training
+        if unpriced:
+            raise UserError(unpriced)
         stored = new.to_json()
         stored.update(
             migrated_from=source.id,
@@ -208,6 +230,25 @@ class Migrations:
         return render.note(
             f"Migrating {source.id} to {provider}: {answer.text} The plan lists what carries "
             "over and what differs."
+        )
+
+    def unpriced(self, provider: str, model: str) -> str | None:
+        """The sentence refusing a migration whose comparison could not price `model`'s
+        answers on `provider` (a host other than OpenAI with no inference price: see
+        Evaluations.host_rates), or None when they can be priced or cost nothing."""
+        if provider in ("local", "openai", *NOT_TRAINING):
+            return None
+        if self.runs.evals.host_rates(provider, model) is not None:
+            return None
+        where = (
+            "input_per_1m and output_per_1m for it to the providers file"
+            if provider in self.ctx.providers
+            else "inference_per_1m for its size to TUNEBOT_PRICES' together.sizes"
+        )
+        return (
+            f"{render.escape(model)} has no inference price on {render.provider_name(provider)} "
+            f"in tunebot's price table, so the comparison after training cannot be priced; "
+            f"add {where}, then ask again."
         )
 
     # --- the comparison ------------------------------------------------------------------
@@ -277,10 +318,7 @@ class Migrations:
         result = score(examples, old_answers, new_answers, embedder=_embedder())
         summary = result.summary()
         kept = summary.tuned / summary.base if summary.base else None
-        per_1k = {
-            "old": self.per_1k_calls(old, old_model, examples),
-            "new": self.per_1k_calls(new, new_model, examples),
-        }
+        per_1k = {"old": self.per_1k_calls(old, examples), "new": self.per_1k_calls(new, examples)}
         record = {
             "from": old.id,
             "primary": result.primary,
@@ -314,12 +352,23 @@ class Migrations:
         return tuned
 
     def _serving_ends(self, run: Run):
+        """The day OpenAI stops serving the run's model; None off OpenAI's API (local,
+        Together, an openai-compatible host: OpenAI's dates are not theirs)."""
+        from bot.retirement import ELSEWHERE_KINDS
         from trainers.retirement import serving_ends
 
-        return None if run.provider == "local" else serving_ends(self.served_model(run))
+        configured = self.ctx.providers.get(run.provider)
+        if run.provider in ("local", "together") or (
+            configured is not None and configured.kind in ELSEWHERE_KINDS
+        ):
+            return None
+        return serving_ends(self.served_model(run))
 
     def answers(self, run: Run, examples) -> tuple[list, float]:
-        """(the run's model's answers to `examples`, their cost in USD)."""
+        """(the run's model's answers to `examples`, their cost in USD). A hosted model is
+        asked through its host's chat completions (Evaluations.client_for: OpenAI, Together
+        at its /v1, a providers-file host) and priced at that host's inference price
+        (Evaluations.prices_for); only the tuned model is asked."""
         from trainers.evaluate import generate_local, generate_openai, generation_cost
 
         evals = self.runs.evals
@@ -331,14 +380,14 @@ class Migrations:
                 raise UserError(f"{run.id} has no adapter to compare.")
             base = LocalModels(self.settings, self.store).trained_base(run)
             return generate_local(base, adapter, examples)[1], 0.0
-        if run.provider == "openai":
-            model = self.served_model(run)
-            answers = generate_openai(
-                evals._openai(), model, examples, concurrency=self.settings.eval_concurrency
-            )
-            return answers, generation_cost(model, answers, self.ctx.prices) or 0.0
-        _, tuned, cost = evals._generate(run, examples)  # the evaluation's generation
-        return tuned, cost
+        model = RunResult.of(run).fine_tuned_model
+        if not model:
+            raise UserError(f"{run.id} has no fine-tuned model id to compare.")
+        prices = evals.prices_for(run, model)  # before anything is asked: UserError without one
+        answers = generate_openai(
+            evals.client_for(run), model, examples, concurrency=self.settings.eval_concurrency
+        )
+        return answers, generation_cost(model, answers, prices) or 0.0
 
     def _stored_answers(self, run: Run, examples) -> list[str]:
         """The tuned answers of `run`'s latest evaluation, by held-out example."""
@@ -360,20 +409,13 @@ class Migrations:
         """Reserve the hosted answers (every one at its token limit) through the spend
         gate; None when nothing hosted is asked. Raises SpendRefused over the budget."""
         from trainers.evaluate import ANSWER_MAX_TOKENS
-        from trainers.pricing import inference_cost
 
         tokens_in = sum(len(e.prompt_text) for e in examples) // 4 + 1  # ~4 characters a token
         tokens_out = len(examples) * ANSWER_MAX_TOKENS
         usd = 0.0
         for run in ((old,) if ask_old else ()) + (new,):
-            if run.provider == "local":
-                continue
-            try:
-                usd += inference_cost(
-                    self.served_model(run), tokens_in, tokens_out, self.ctx.prices
-                )
-            except ValueError:
-                usd += self._provider_price(run, tokens_in, tokens_out) or 0.0
+            if run.provider != "local":
+                usd += self.price(run, tokens_in, tokens_out) or 0.0
         if usd <= 0:
             return None
         return self.runs.gate.reserve(
@@ -381,11 +423,10 @@ class Migrations:
             run_id=new.id, channel=new.channel,
         )  # fmt: skip
 
-    def per_1k_calls(self, run: Run, model: str, examples) -> float | None:
+    def per_1k_calls(self, run: Run, examples) -> float | None:
         """USD for 1,000 calls of the held-out set's average size (o200k_base tokens of
-        each prompt's text and reference answer) at `model`'s inference price; 0.0 for a
-        local model (no hosted cost); None when no price is known."""
-        from trainers.pricing import inference_cost
+        each prompt's text and reference answer) at the run's model's inference price
+        (`price`); 0.0 for a local model (no hosted cost); None when no price is known."""
         from trainers.tokens import tiktoken_encoding
 
         if run.provider == "local":
@@ -394,19 +435,22 @@ class Migrations:
         n = len(examples)
         tokens_in = sum(len(encoding.encode(e.prompt_text)) for e in examples) / n
         tokens_out = sum(len(encoding.encode(e.reference)) for e in examples) / n
-        calls_in, calls_out = round(tokens_in * 1000), round(tokens_out * 1000)
-        try:
-            return inference_cost(model, calls_in, calls_out, self.ctx.prices)
-        except ValueError:
-            return self._provider_price(run, calls_in, calls_out)
+        return self.price(run, round(tokens_in * 1000), round(tokens_out * 1000))
 
-    def _provider_price(self, run: Run, tokens_in: int, tokens_out: int) -> float | None:
-        """The providers file's inference price for a run's base model, if it has one."""
-        configured = self.ctx.providers.get(run.provider)
-        price = configured.model(run.model) if configured else None
-        if price is None or price.input_per_1m is None or price.output_per_1m is None:
+    def price(self, run: Run, tokens_in: int, tokens_out: int) -> float | None:
+        """USD for `tokens_in` prompt and `tokens_out` answer tokens of a hosted run's tuned
+        model at its host's inference price (Evaluations.prices_for: trainers.pricing's
+        table for OpenAI, the price file's Together rate or the providers file's for
+        another host); None when none is known."""
+        from trainers.pricing import inference_cost
+
+        model = RunResult.of(run).fine_tuned_model or run.model
+        try:
+            return inference_cost(
+                model, tokens_in, tokens_out, self.runs.evals.prices_for(run, model)
+            )
+        except (ValueError, UserError):
             return None
-        return (tokens_in * price.input_per_1m + tokens_out * price.output_per_1m) / 1_000_000
 
 
 def comparison(new: Run, old: Run, old_model: str, new_model: str, record: dict) -> render.Message:

@@ -15,6 +15,7 @@ from bot.evaluation import _embedder
 from bot.migrate import differences, map_hyperparameters
 from bot.retirement import alternatives, cutoff_refusal, local_available
 from tests.bot.test_runs import click, request, texts, upload
+from tests.fakes.together_api import FakeTogether, limits_for
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from tests.trainers.test_providers import GOOD
 from trainers.evaluate import examples_from_file, score, split_file
@@ -104,9 +105,11 @@ def test_openai_hyperparameters_map_to_local_and_together_and_list_what_cannot()
     assert local.options == {"epochs": "3", "batch": "8"}
     assert local.carried == ("epochs 3 (its auto choice) → epochs=3", "batch 8 → batch=8")
     assert [name for name, _, _ in local.dropped] == ["lr_mult", "suffix"]
-    together = map_hyperparameters(openai_plan, "together")
-    assert together.options == {"epochs": "3", "batch": "8"}
-    assert [name for name, _, _ in together.dropped] == ["lr_mult", "suffix"]
+    together = map_hyperparameters(openai_plan, "together")  # Together names its model by it
+    assert together.options == {"epochs": "3", "batch": "8", "suffix": "support"}
+    assert [name for name, _, _ in together.dropped] == ["lr_mult"]
+    on_together = differences(openai_plan, {"provider": "together", "kind": "together"}, together)
+    assert on_together[1].endswith("; Together AI uses its default learning rate")
     again = map_hyperparameters(openai_plan, "openai")
     assert again.options == {"epochs": "3", "batch": "8", "lr_mult": "2.0", "suffix": "support"}
     assert again.dropped == ()
@@ -126,7 +129,7 @@ def test_openai_hyperparameters_map_to_local_and_together_and_list_what_cannot()
         "does not publish, so it has no absolute learning rate to carry; the new run trains "
         "at lr=0.0002"
     )
-    assert lines[2].startswith("suffix support not carried: a suffix names OpenAI's")
+    assert lines[2].startswith("suffix support not carried: a suffix names a hosted fine-tuned")
     assert lines[3] == "trains a LoRA adapter (rank 16, alpha 32) on this machine's GPUs"
 
     local_plan = {
@@ -146,6 +149,28 @@ def test_openai_hyperparameters_map_to_local_and_together_and_list_what_cannot()
         "r": "8",
         "alpha": "16",
     }
+    # From Together: a full fine-tune stays one there, and says why it cannot elsewhere;
+    # Together's float alpha is a count locally.
+    full = {
+        "provider": "together", "kind": "together", "model": "Qwen/Qwen3-8B", "epochs": 2,
+        "lora": False, "lr": 1e-5, "batch": 8, "r": None, "alpha": None, "dropout": None,
+        "suffix": "support",
+    }  # fmt: skip
+    assert map_hyperparameters(full, "together").options == {
+        "epochs": "2", "batch": "8", "lr": "1e-05", "lora": "false", "suffix": "support",
+    }  # fmt: skip
+    full_local = map_hyperparameters(full, "local")
+    assert [n for n, _, _ in full_local.dropped] == ["suffix", "lora"]
+    assert full_local.dropped[1][2] == (
+        "only Together chooses between a LoRA adapter and training every weight"
+    )
+    adapter = {**full, "lora": True, "r": 16, "alpha": 32.0, "dropout": 0.05}
+    from_together = map_hyperparameters(adapter, "local")
+    assert from_together.options == {
+        "epochs": "2", "batch": "8", "lr": "1e-05", "r": "16", "alpha": "32",
+    }  # fmt: skip
+    assert [n for n, _, _ in from_together.dropped] == ["suffix", "dropout"]  # lora: the default
+    assert map_hyperparameters(adapter, "together").options["lora_dropout"] == "0.05"
     with pytest.raises(ValueError, match="no hyperparameter mapping to 'ray'"):
         map_hyperparameters(local_plan, "ray")
 
@@ -396,3 +421,156 @@ def test_a_migration_to_a_paid_model_waits_for_approval_then_is_compared(paid_bo
         f"1,000 calls like these: r1 `{old_tuned}` "
         f"${usd(PriceTable().resolve('gpt-4o-mini')):,.2f}; r2 `{new_tuned}` ${usd(model):,.2f}."
     )
+
+
+TOGETHER_MODEL = "Qwen/Qwen3-8B"
+TOGETHER_PRICES = {
+    "together": {
+        "read": "2026-11-30",
+        "source": "a test's own table",
+        "sizes": [
+            {"up_to_billions": 16, "lora_per_1m": 1.0, "full_per_1m": 2.0, "inference_per_1m": 0.5}
+        ],
+    }
+}
+
+
+@pytest.fixture
+def together_fake():
+    with FakeTogether(api_key="tg-test") as fake:
+        yield fake
+
+
+def test_an_openai_run_migrated_to_together_trains_there_and_is_compared(
+    paid_bot, together_fake, tmp_path
+):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps(TOGETHER_PRICES))
+    bot = paid_bot(
+        judge_model="",
+        together_api_key="tg-test",
+        together_base_url=together_fake.base_url,
+        prices_file=prices,
+    )
+    upload(bot)
+    request(bot, "train provider=openai model=gpt-4o-mini batch=8 lr_mult=2 suffix=support")
+    old = succeeded_run_after(bot, "r1")
+    assert old.status == "succeeded", old.error
+    old_tuned = old.result_json["fine_tuned_model"]
+    openai_chats = len(bot.openai.chat_calls())
+    assert openai_chats == 2 * old.result_json["data"]["split"]["eval"]  # r1's own evaluation
+    assert together_fake.calls == []
+
+    _, body = bot.command(f"migrate r1 provider=together model={TOGETHER_MODEL}", user_id="UR")
+    assert body["text"].startswith("Migrating r1 to together: r2 needs approval"), body
+    bot.wait_idle()
+    new = bot.store.get_run("r2")
+    assert (new.status, new.provider, new.model) == ("pending_approval", "together", TOGETHER_MODEL)
+    assert new.plan_json["migrated_from"] == "r1"
+    assert new.result_json["data"] == old.result_json["data"]  # r1's split and held-out set
+    epochs = old.plan_json["epochs"]
+    card = next(m for m in bot.slack.messages(channel="C1") if m["ts"] == new.card_ts)["text"]
+    assert (
+        f"Carried over: epochs {epochs} (its auto choice) → epochs={epochs}; batch 8 → batch=8; "
+        "suffix support → suffix=support" in card
+    )
+    assert "lr_mult 2.0 not carried" in card and "Together AI uses its default" in card
+    assert together_fake.calls == []  # nothing leaves before the approval
+
+    click(bot, "UA", "approve_run", "r2")
+    bot.wait_idle()
+    new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=120)
+    assert new.status == "succeeded", new.error
+    bot.wait_idle()
+
+    # Together trained r1's recorded training file with the mapped hyperparameters.
+    (create,) = together_fake.calls_to("POST", "/v1/fine-tunes", exact=True)
+    sent = json.loads(create.body)
+    assert (sent["model"], sent["n_epochs"], sent["batch_size"]) == (TOGETHER_MODEL, epochs, 8)
+    assert sent["suffix"] == "support"
+    assert sent["learning_rate"] == 1e-5  # lr_mult was not carried: the together SDK's default
+    rank = limits_for(TOGETHER_MODEL)["lora_training"]["default_rank"]  # no rank was carried
+    lora = sent["training_type"]
+    assert (lora["type"], lora["lora_r"], lora["lora_alpha"]) == ("Lora", rank, 2 * rank)
+    (job,) = together_fake.jobs()
+    blobs = bot.workflow.blobs
+    trained = blobs.path(old.result_json["data"]["train_sha256"]).read_bytes()
+    assert together_fake.contents[sent["training_file"]] == trained
+    assert len(together_fake.calls_to("POST", "/v1/fine-tunes", exact=True)) == 1
+    assert len(bot.openai.calls_to("POST", "/fine_tuning/jobs", exact=True)) == 1
+
+    # The comparison asked r1's model on OpenAI and r2's on Together, each prompt once.
+    new_tuned = new.result_json["fine_tuned_model"]
+    assert new_tuned == job["model_output_name"]
+    examples = examples_from_file(blobs.path(new.result_json["data"]["eval_sha256"]))
+    n = len(examples)
+    prompts = sorted(e.prompt[-1]["content"] for e in examples)
+    asked_openai = [json.loads(c.body) for c in bot.openai.chat_calls()[openai_chats:]]
+    assert len(asked_openai) == n and {a["model"] for a in asked_openai} == {old_tuned}
+    assert sorted(a["messages"][-1]["content"] for a in asked_openai) == prompts
+    asked = [
+        json.loads(c.body)
+        for c in together_fake.calls_to("POST", "/v1/chat/completions", exact=True)
+    ]
+    # r2's own evaluation asks its base and its tuned model; the comparison the tuned once more.
+    assert len(asked) == 3 * n
+    assert sum(a["model"] == TOGETHER_MODEL for a in asked) == n
+    tuned_asked = [a["messages"][-1]["content"] for a in asked if a["model"] == new_tuned]
+    assert sorted(tuned_asked) == sorted(prompts * 2)
+
+    record = bot.store.get_run("r2").result_json["migration"]
+    old_answers = [f"[{old_tuned}] {e.prompt[-1]['content']}" for e in examples]  # the fakes' echo
+    new_answers = [f"[{new_tuned}] {e.prompt[-1]['content']}" for e in examples]
+    assert [r["old"] for r in record["rows"]] == old_answers
+    assert [r["new"] for r in record["rows"]] == new_answers
+
+    # The numbers in the thread, computed again from the fakes' answers and the price files.
+    result = score(examples, old_answers, new_answers, embedder=_embedder())
+    s = result.summary()
+    encoding = tiktoken_encoding("o200k_base")
+    tokens_in = round(sum(len(encoding.encode(e.prompt_text)) for e in examples) / n * 1000)
+    tokens_out = round(sum(len(encoding.encode(e.reference)) for e in examples) / n * 1000)
+    openai_price = PriceTable().resolve("gpt-4o-mini")
+    old_usd = (
+        tokens_in * openai_price.ft_input_per_1m + tokens_out * openai_price.ft_output_per_1m
+    ) / 1e6
+    new_usd = (tokens_in + tokens_out) * 0.5 / 1e6  # inference_per_1m of the 8B size
+    (posted,) = [t for t in texts(bot) if t.startswith("r2 vs r1")]
+    assert posted == (
+        f"r2 vs r1 on the same {n} held-out examples: r2 keeps {s.tuned / s.base:.0%} of r1's "
+        f"quality ({result.primary} {s.tuned:.3f} vs {s.base:.3f}); per example it wins "
+        f"{result.wins}, ties {result.ties}, loses {result.losses}.\n"
+        f"1,000 calls like these: r1 `{old_tuned}` ${old_usd:,.2f}; r2 `{new_tuned}` "
+        f"${new_usd:,.2f}."
+    )
+    assert record["per_1k_calls_usd"] == pytest.approx({"old": old_usd, "new": new_usd})
+
+    # Both models' answers were paid: reserved through the spend gate, settled at their cost.
+    (entry,) = [
+        e
+        for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        if e.ref == "r2:compare"
+    ]
+    assert entry.status == "settled" and entry.actual_usd == pytest.approx(record["cost_usd"])
+    assert record["cost_usd"] > 0
+    shown = "\n".join(texts(bot))
+    assert "Traceback" not in shown and str(tmp_path) not in shown
+
+
+def test_a_migration_to_together_without_an_inference_price_is_refused_up_front(
+    paid_bot, together_fake
+):
+    bot = paid_bot(
+        judge_model="", together_api_key="tg-test", together_base_url=together_fake.base_url
+    )
+    upload(bot)
+    request(bot, "train provider=openai model=gpt-4o-mini")
+    assert succeeded_run_after(bot, "r1").status == "succeeded"
+    _, body = bot.command(f"migrate r1 provider=together model={TOGETHER_MODEL}", user_id="UR")
+    assert body["text"] == (
+        f"⚠️ {TOGETHER_MODEL} has no inference price on Together AI in tunebot's price table, "
+        "so the comparison after training cannot be priced; add inference_per_1m for its "
+        "size to TUNEBOT_PRICES' together.sizes, then ask again."
+    )
+    bot.wait_idle()
+    assert bot.store.find_run("r2") is None and together_fake.calls == []
