@@ -207,6 +207,9 @@ class LocalQueue:
             log.error("cannot update %s's message: %s", run.id, slack_error(exc))
 
     def poll(self, run: Run) -> None:
+        """One scheduler tick for a local run: a queued one is dispatched, a launch
+        whose claim lapsed is queued again, a running worker is polled (its progress
+        message edited every TUNEBOT_PROGRESS_SECONDS) and a finished one ended."""
         if run.status in ("approved", "queued"):
             self.dispatch()
             return
@@ -287,6 +290,10 @@ class LocalQueue:
         )
 
     def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
+        """`/finetune resume <run>`: a failed or cancelled local run queued again, to
+        continue from its newest complete checkpoint (on Ray: a new job, the next
+        attempt). For its requester or an approver; UserError otherwise, or when
+        the run is not local, has no complete checkpoint, or is not failed or cancelled."""
         from trainers import local
 
         run = self.runs.find_run(cmd.target, channel)
