@@ -52,7 +52,7 @@ class Downloads:
         run = self.runs.find_run(cmd.target, channel)
         if user != run.requested_by and not self.runs.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can download {run.id}.")
-        if self.runs.kind(run.provider) != "together":
+        if self.runs.backends.kind(run.provider) != "together":
             raise UserError(
                 f"{run.id} trained on {render.provider_name(run.provider)}; only Together runs "
                 "have weights to download (a local run's adapter is already in tunebot's home)."
@@ -110,8 +110,8 @@ class Downloads:
         dest = self.folder(run)
         into = dest / kind
         try:
-            runner = self.runs.runner(run.provider)
-            archive = runner.download(self.runs.handle(run), dest, kind)
+            runner = self.runs.backends.runner(run.provider)
+            archive = runner.download(self.runs.backends.handle(run), dest, kind)
             if into.exists():
                 shutil.rmtree(into)
             unpack(archive, into)
