@@ -64,6 +64,12 @@ def test_the_refusal_names_each_alternative_and_whether_its_key_is_set(tmp_path)
         "acme (openai-compatible, ACME_API_KEY not set)",
         "tog (together, TOGETHER_API_KEY set)",
     ]
+    built_in = alternatives({}, local=False, together_key=False, environ={})
+    assert built_in == ["together (Together AI, TOGETHER_API_KEY not set)"]
+    assert alternatives({}, local=True, together_key=True, environ={}) == [
+        "local (LoRA on this machine's GPUs)",
+        "together (Together AI, TOGETHER_API_KEY set)",
+    ]
     nowhere = cutoff_refusal(dt.date(2027, 2, 1), {}, local=False, environ={})
     assert nowhere.startswith(
         "OpenAI creates no new fine-tuning jobs since 2027-01-06, and this installation has "
@@ -87,6 +93,7 @@ def test_a_train_after_the_cutoff_is_refused_with_the_alternatives(paid_bot, tmp
     assert text.startswith("⚠️ OpenAI creates no new fine-tuning jobs since 2027-01-06;")
     assert "on local (LoRA on this machine's GPUs), acme (openai-compatible, ACME_API_KEY " in text
     assert "tog (together, TOGETHER_API_KEY " in text
+    assert "together (Together AI, TOGETHER_API_KEY " in text  # the built-in provider
     assert "`/finetune migrate <run> provider=<name>`" in text
     assert bot.store.find_run("r2") is None and len(bot.store.runs(limit=None)) == 1
     assert not [t for t in texts(bot) if "r2" in t]
