@@ -91,9 +91,11 @@ def test_a_train_after_the_cutoff_is_refused_with_the_alternatives(paid_bot, tmp
     assert body["response_type"] == "ephemeral"
     text = html.unescape(body["text"])  # Slack shows &lt; as <
     assert text.startswith("⚠️ OpenAI creates no new fine-tuning jobs since 2027-01-06;")
-    assert "on local (LoRA on this machine's GPUs), acme (openai-compatible, ACME_API_KEY " in text
+    assert (
+        "on local (LoRA on this machine's GPUs), together (Together AI, TOGETHER_API_KEY " in text
+    )
+    assert "acme (openai-compatible, ACME_API_KEY " in text
     assert "tog (together, TOGETHER_API_KEY " in text
-    assert "together (Together AI, TOGETHER_API_KEY " in text  # the built-in provider
     assert "`/finetune migrate <run> provider=<name>`" in text
     assert bot.store.find_run("r2") is None and len(bot.store.runs(limit=None)) == 1
     assert not [t for t in texts(bot) if "r2" in t]
