@@ -1384,7 +1384,21 @@ class Runs:
         if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
             from bot import ray_runs
 
-            names = ray_runs.checkpoints(self.runner("local"), self.key(run.id))
+            runner = self.runner("local")
+            if run.external_id:
+                try:
+                    held = ray_runs.still_held(runner, self.key(run.id), run.external_id)
+                except RunnerError as exc:
+                    raise UserError(
+                        f"The Ray cluster did not answer, so {run.id}'s last job cannot be "
+                        f"checked: {exc.summary.rstrip('.')}. Try again when it answers."
+                    ) from None
+                if held:
+                    raise UserError(
+                        f"{run.id}'s last Ray job is still waiting or stopping on the cluster; "
+                        f"`/finetune resume {run.id}` once it has stopped."
+                    )
+            names = ray_runs.checkpoints(runner, self.key(run.id))
             data = data.with_(attempt=data.attempt + 1)
         else:
             names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]

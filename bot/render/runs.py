@@ -36,6 +36,7 @@ def _plan_lines(run) -> list[str]:
     labels = (
         ("lr_mult", "lr ×"), ("lr", "lr "), ("batch", "batch "), ("suffix", "suffix "),
         ("r", "r "), ("alpha", "alpha "), ("targets", "targets "), ("max_length", "max_length "),
+        ("gpus", "gpus "), ("nodes", "nodes "),  # a Ray run's resources: the card says them
     )  # fmt: skip
     for key, label in labels:
         if plan.get(key) is not None:
