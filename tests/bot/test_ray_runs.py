@@ -325,7 +325,7 @@ def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_
     assert "started" not in actions and "failed" not in actions
 
 
-def test_the_card_says_the_gpus_and_nodes_a_ray_run_asks_for(paid_bot, tiny, tmp_path):  # noqa: F811
+def test_a_ray_runs_card_says_its_gpus_and_nodes_and_no_server_path(paid_bot, tiny, tmp_path):  # noqa: F811
     bot = paid_bot(
         local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
         local_runner="ray", ray_address="http://127.0.0.1:9",  # nothing listens there
@@ -336,3 +336,6 @@ def test_the_card_says_the_gpus_and_nodes_a_ray_run_asks_for(paid_bot, tiny, tmp
     bot.wait_idle()
     cards = [t for t in texts(bot) if "Plan " in t and "r1" in t]
     assert cards and all("epochs 1, " in c and ", gpus 4, nodes 2;" in c for c in cards), cards
+    # A folder model is named by its folder, never by its server path.
+    assert all(f"local {tiny.model.name} on d1" in c for c in cards), cards
+    assert not [t for t in texts(bot) if str(tiny.root) in t]
