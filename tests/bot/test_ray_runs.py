@@ -339,3 +339,16 @@ def test_a_ray_runs_card_says_its_gpus_and_nodes_and_no_server_path(paid_bot, ti
     # A folder model is named by its folder, never by its server path.
     assert all(f"local {tiny.model.name} on d1" in c for c in cards), cards
     assert not [t for t in texts(bot) if str(tiny.root) in t]
+
+
+def test_a_ray_runs_folder_uri_in_an_error_shows_no_server_path(tmp_path):
+    from bot import render
+    from trainers.ray_runner import RayRunner
+
+    runner = RayRunner("http://127.0.0.1:9", tmp_path / "artifacts")  # no call is made
+    where = runner.where("installation:r1")
+    assert where.startswith("file:///")
+    # What RayRunner.poll says when Ray's job ended without the worker's result.json.
+    shown = render.failure_line(f"the worker exited without a result in {where}")
+    assert shown == f"the worker exited without a result in {submission_id('installation:r1')}"
+    assert str(tmp_path) not in shown
