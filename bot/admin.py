@@ -111,7 +111,7 @@ class Admin:
             },
         )
         for run in cancelled:
-            if run.provider not in ("local", "distill", "eval") and self.runs.reachable(
+            if run.provider not in ("local", "distill", "eval") and self.runs.backends.reachable(
                 run.provider
             ):
                 self.runs.cancel_job_by_key(run.id)  # a lost reply may have made one

@@ -644,7 +644,7 @@ class Evaluations:
 
     def hosted(self, run: Run) -> bool:
         """A run whose tuned model answers through a hosted chat-completions API."""
-        return self.runs.kind(run.provider) in ("openai", "together")
+        return self.runs.backends.kind(run.provider) in ("openai", "together")
 
     def client_for(self, run: Run):
         """The OpenAI client that reaches a run's models: OpenAI's for provider=openai;
@@ -654,7 +654,7 @@ class Evaluations:
             return self._openai()
         import openai
 
-        kind, api_key, base_url = self.runs.credentials(run.provider)
+        kind, api_key, base_url = self.runs.backends.credentials(run.provider)
         if kind == "together":
             from trainers.together_ft import DEFAULT_BASE_URL
 

@@ -106,7 +106,7 @@ class Home:
             datasets = self.store.datasets(channel=visible, limit=5)
         else:
             runs, datasets = [], []
-        approvers = self.runs.policy().approvers
+        approvers = self.runs.approvers.policy().approvers
         waiting = [
             r for r in runs
             if r.status == "pending_approval" and user in approvers and r.requested_by != user

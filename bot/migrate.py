@@ -475,8 +475,9 @@ def comparison(new: Run, old: Run, old_model: str, new_model: str, record: dict)
         f"{new.id} vs {old.id} on the same {record['examples']} held-out examples: "
         f"{new.id} keeps {share} of {old.id}'s quality ({scores}); per example it wins "
         f"{wtl['win']}, ties {wtl['tie']}, loses {wtl['loss']}.",
-        f"1,000 calls like these: {old.id} `{old_model}` {price(per_1k['old'], old)}; "
-        f"{new.id} `{new_model}` {price(per_1k['new'], new)}.",
+        f"1,000 calls like these: {old.id} `{render.escape(old_model)}` "
+        f"{price(per_1k['old'], old)}; {new.id} `{render.escape(new_model)}` "
+        f"{price(per_1k['new'], new)}.",
         *(f"Note: {n}." for n in record["notes"]),
     ]
     return render.note(render.short_paths("\n".join(lines)))  # a folder model by its name

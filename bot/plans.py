@@ -515,7 +515,10 @@ class Planner:
         if not model.trainable:
             raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
         refusal = retirement.cutoff_refusal(
-            self.clock().date(), self.providers, local=retirement.local_available()
+            self.clock().date(),
+            self.providers,
+            local=retirement.local_available(),
+            together_key=bool(self.settings.together_api_key),
         )
         if refusal:
             raise UserError(refusal)

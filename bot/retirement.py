@@ -45,15 +45,21 @@ def alternatives(
     providers: Mapping[str, Provider],
     *,
     local: bool,
+    together_key: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Where this installation can train instead of OpenAI, one phrase each, in order:
-    ``local`` when `local` (the [local] extra is installed), then each provider of
+    ``local`` when `local` (the [local] extra is installed), Together AI when
+    `together_key` is not None (the built-in provider; whether TOGETHER_API_KEY
+    is set), then each provider of
     the providers file (trainers.providers) whose kind is together or
     openai-compatible, by name, with its kind and whether its key variable is set
     in `environ` (the process environment by default). Keys are never shown."""
     env = os.environ if environ is None else environ
     out = ["local (LoRA on this machine's GPUs)"] if local else []
+    if together_key is not None:
+        key = "TOGETHER_API_KEY set" if together_key else "TOGETHER_API_KEY not set"
+        out.append(f"together (Together AI, {key})")
     for name, p in sorted(providers.items()):
         if p.kind in ELSEWHERE_KINDS:
             key = f"{p.api_key_env} set" if env.get(p.api_key_env) else f"{p.api_key_env} not set"
@@ -66,6 +72,7 @@ def cutoff_refusal(
     providers: Mapping[str, Provider],
     *,
     local: bool,
+    together_key: bool | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> str | None:
     """The one sentence refusing a new OpenAI fine-tuning run on `today`, or None
@@ -75,7 +82,7 @@ def cutoff_refusal(
     if today < cutoff:
         return None
     head = f"OpenAI creates no new fine-tuning jobs since {cutoff:%Y-%m-%d}"
-    places = alternatives(providers, local=local, environ=environ)
+    places = alternatives(providers, local=local, together_key=together_key, environ=environ)
     if not places:
         return (
             f"{head}, and this installation has nowhere else to train: install the [local] "

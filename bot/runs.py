@@ -17,34 +17,36 @@ What a run is asked to do is its plan, built and frozen by bot/plans.py
 (`Planner`, `TrainingPlan`) and stored as `plan.to_json()`. The admin
 commands (release, forget, budget, audit) are bot/admin.py's. When a run
 succeeds, the callables in `Runs.on_success` run on a job thread (the
-workflow registers the evaluation there).
+workflow registers the evaluation there). Which runner trains for which
+provider is bot/backends.py's (`Runs.backends`), who approves
+bot/approvers.py's (`Runs.approvers`), and the queue of local runs
+bot/local_queue.py's (`Runs.local`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot import approvals, egress, render
 from bot.approvals import Policy
+from bot.approvers import Approvers
+from bot.backends import OWN, Backends
 from bot.claims import ClaimLost, Held, lapsed, new_owner
 from bot.commands import Command
 from bot.context import Context
 from bot.datasets import Datasets
 from bot.errors import Busy, SpendRefused, UserError, describe, slack_error
 from bot.plans import Planner, TrainingPlan
-from bot.priority import ACKS
 from bot.results import RunResult
 from bot.spend import SpendGate
 from storage import Dataset, Run
-from trainers.runner import Handle, Runner, RunnerError, RunState
+from trainers.runner import Handle, RunnerError, RunState
 
 if TYPE_CHECKING:
     from trainers.openai_ft import OpenAIFineTuner
@@ -55,16 +57,12 @@ ACTIVE = ("approved", "queued", "submitting", "running")
 WAITING = ("pending_approval", "approved", "queued", "submitting")  # no external work yet
 FINISHED = ("succeeded", "failed", "cancelled")
 PROVIDER_NAMES = render.PROVIDER_NAMES  # as people write them
-OWN = ("local", "distill", "eval")  # providers that are tunebot's own work, not a hosted API
-APPROVERS_TTL_SECONDS = 300  # user groups are resolved through Slack at most this often
-APPROVERS_RETRY_SECONDS = 10  # ...or this soon again after Slack would not list one
 RETRY_BASE_SECONDS = 5.0  # first back-off after a retryable submission error; doubles
 RETRY_MAX_SECONDS = 600.0
 # How far Together's own estimate (asked after the upload, before the job) may exceed the
 # approved one before the run is stopped: tunebot counts tokens with tiktoken, Together
 # with the model's tokenizer, so the two differ a little for the same file.
 QUOTE_TOLERANCE = 0.10
-RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is tried again after
 
 
 def _now() -> dt.datetime:
@@ -85,12 +83,8 @@ class Runs:
         self.store = ctx.store
         self.settings = ctx.settings
         self.clock = clock
-        self._tuner_factory = tuner or self._default_tuner
-        self._tuner: OpenAIFineTuner | None = None
-        self._hosted: dict[str, Runner] = {}  # runners of hosted providers, built once each
-        self._hosted_lock = threading.Lock()
-        self._local_lock = threading.Lock()
-        self._ray: Runner | None = None  # built once: it keeps its client to the cluster
+        self.backends = Backends(ctx, tuner=tuner)  # which runner trains for which provider
+        self.approvers = Approvers(ctx)  # who approves, and the policy they approve under
         # Called with the run, on a job thread, when a run succeeds; the workflow
         # registers the evaluation here (bot/evaluation.py, Evaluations.after_success).
         self.on_success: list[Callable[[Run], None]] = []
@@ -101,12 +95,7 @@ class Runs:
         self.local_overrides: dict[str, Any] = {}
         self.owner = new_owner()  # this process's name: each claim adds a part of its own
         self.lease = dt.timedelta(seconds=self.settings.claim_lease_seconds)
-        self._approvers: tuple[float, frozenset[str]] | None = None
-        self._approvers_lock = threading.Lock()
-        self._approvers_refreshing = False
-        self.gate = SpendGate(
-            self.store, self.settings, approvers=lambda: self.policy().approvers, clock=clock
-        )
+        self.gate = SpendGate(self.store, self.settings, approvers=self.approvers.ids, clock=clock)
         self.planner = Planner(
             self.settings, self.store, ctx.prices, datasets.find_dataset, clock,
             providers=ctx.providers,
@@ -123,200 +112,23 @@ class Runs:
         from bot.weights import Downloads
 
         self.downloads = Downloads(ctx, self)
+        from bot.local_queue import LocalQueue
+
+        self.local = LocalQueue(self)  # provider=local runs: the queue, launch, poll, resume
 
     # --- collaborators -------------------------------------------------------------
-
-    def _default_tuner(self) -> OpenAIFineTuner:
-        from trainers.openai_ft import OpenAIFineTuner
-
-        if not self.settings.openai_api_key:
-            raise UserError("OPENAI_API_KEY is not set, so tunebot cannot reach OpenAI.")
-        return OpenAIFineTuner.from_settings(
-            self.settings.openai_api_key,
-            self.settings.openai_base_url or None,
-            before_request=ACKS.step_aside,
-        )
-
-    def runner(self, provider: str) -> Runner:
-        """The Runner (trainers.runner) that trains for `provider`; the bot drives each
-        the same way: claim, `find` or `submit` under the claim, `poll`, `cancel`.
-
-        `provider` is ``local``, ``openai``, ``together`` (TOGETHER_API_KEY,
-        TUNEBOT_TOGETHER_BASE_URL) or a providers-file name (trainers/providers.py:
-        the runner of its kind, at its base URL, with the key from its variable).
-        UserError when the provider is unknown or its key is not set."""
-        if provider == "local" and self.on_ray:
-            if self._ray is None:
-                from bot import ray_runs
-
-                self._ray = ray_runs.make_runner(self.settings)
-            return self._ray
-        if provider == "local":
-            from trainers.local import LocalRunner
-
-            return LocalRunner(
-                self.settings.home / "runs",
-                processes=self.settings.local_processes,
-                accelerate_config=self.settings.accelerate_config or None,
-            )
-        if provider == "openai":
-            from trainers.openai_runner import OpenAIRunner
-
-            return OpenAIRunner(self.tuner)
-        with self._hosted_lock:
-            built = self._hosted.get(provider)
-            if built is None:
-                built = self._hosted[provider] = self._hosted_runner(provider)
-            return built
-
-    def _hosted_runner(self, provider: str) -> Runner:
-        kind, api_key, base_url = self.credentials(provider)
-        if kind == "together":
-            from trainers.together_ft import TogetherRunner
-
-            return TogetherRunner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
-        from trainers.openai_ft import OpenAIFineTuner
-        from trainers.openai_runner import OpenAIRunner
-
-        return OpenAIRunner(
-            OpenAIFineTuner.from_settings(api_key, base_url, before_request=ACKS.step_aside)
-        )
-
-    def credentials(self, provider: str) -> tuple[str, str, str | None]:
-        """(kind, API key, base URL or None for the provider's own) of a hosted provider
-        other than ``openai``; UserError naming the variable when its key is not set."""
-        if provider == "together":
-            if not self.settings.together_api_key:
-                raise UserError("TOGETHER_API_KEY is not set, so tunebot cannot reach Together AI.")
-            return (
-                "together",
-                self.settings.together_api_key,
-                self.settings.together_base_url or None,
-            )
-        configured = self.ctx.providers.get(provider)
-        if configured is None:
-            raise UserError(f"runs on {provider} are not offered by this bot")
-        key = configured.api_key()
-        if not key:
-            raise UserError(
-                f"{configured.api_key_env} is not set, so tunebot cannot reach {provider}."
-            )
-        return configured.kind, key, configured.base_url
-
-    def kind(self, provider: str) -> str:
-        """The runner a provider's runs go through: ``local``, ``openai`` (OpenAI's API, at
-        OpenAI or another host) or ``together``; a provider tunebot does its own work
-        for (distill, eval) is itself."""
-        if provider in ("together", "openai", *OWN):
-            return provider
-        configured = self.ctx.providers.get(provider)
-        if configured is not None and configured.kind == "together":
-            return "together"
-        return "openai"
-
-    @property
-    def on_ray(self) -> bool:
-        """Local runs train as Ray jobs (TUNEBOT_LOCAL_RUNNER=ray; bot/ray_runs.py)."""
-        return self.settings.local_runner == "ray"
-
-    def handle(self, run: Run) -> Handle:
-        """The handle of a run's job, from what the run recorded."""
-        if run.provider == "local" and self.on_ray:
-            from bot import ray_runs
-
-            return ray_runs.handle(self.runner("local"), self.key(run.id), run.external_id or "")
-        where = str(self.run_dir(run.id)) if run.provider == "local" else None
-        return Handle(self.kind(run.provider), run.external_id or "", where=where)
-
-    @property
-    def tuner(self) -> OpenAIFineTuner:
-        if self._tuner is None:
-            self._tuner = self._tuner_factory()
-        return self._tuner
 
     def claim_token(self) -> str:
         """A name for one claim: two threads of this bot never hold the same run."""
         return f"{self.owner}:{uuid.uuid4().hex[:8]}"
 
     def key(self, run_id: str) -> str:
-        """The idempotency key for run `run_id`'s external work: unique to this installation."""
-        return f"{self.store.installation_id}:{run_id}"
+        """The idempotency key for run `run_id`'s external work (`Backends.key`)."""
+        return self.backends.key(run_id)
 
-    def approvers(self) -> frozenset[str]:
-        """Approver user ids, user groups resolved through Slack at most every few minutes.
-
-        Acks ask this, so it never waits on Slack once known: a list older than
-        APPROVERS_TTL_SECONDS (APPROVERS_RETRY_SECONDS when Slack would not list
-        a group) is answered as it is and refreshed on a job thread. Only the
-        very first call resolves in place (the workflow asks for it at start
-        when there are groups, see `warm_approvers`).
-        """
-        with self._approvers_lock:
-            cached = self._approvers  # (when to refresh, the ids), time.monotonic()
-            if cached is None:
-                cached = self._approvers = self._resolved()
-                return cached[1]
-            stale = time.monotonic() > cached[0]
-            refresh = stale and self._has_groups() and not self._approvers_refreshing
-            if refresh:
-                self._approvers_refreshing = True
-        if refresh:
-            try:
-                self.ctx.submit(
-                    "resolving the approvers' user groups", self._refresh_approvers, "", None
-                )
-            except RuntimeError:  # stopping: the pool takes no more work
-                self._approvers_refreshing = False
-        return cached[1]
-
-    def warm_approvers(self) -> None:
-        """Resolve the approvers' user groups on a job thread now, so no ack waits for it."""
-        if self._has_groups():
-            self.ctx.submit("resolving the approvers' user groups", self.approvers, "", None)
-
-    def _has_groups(self) -> bool:
-        return any(ident.startswith("S") for ident in self.settings.approvers)
-
-    def _refresh_approvers(self) -> None:
-        try:
-            resolved = self._resolved()
-            with self._approvers_lock:
-                self._approvers = resolved
-        finally:
-            self._approvers_refreshing = False
-
-    def _resolved(self) -> tuple[float, frozenset[str]]:
-        """(when to ask again, the approver ids), resolved through Slack now."""
-        failed: list[str] = []
-        users = frozenset(self._resolve_approvers(self.settings.approvers, failed))
-        ttl = APPROVERS_RETRY_SECONDS if failed else APPROVERS_TTL_SECONDS
-        return time.monotonic() + ttl, users
-
-    def policy(self) -> Policy:
-        s = self.settings
-        return Policy(
-            approvers=self.approvers(),
-            required=s.required_approvals,
-            two_approvals_above_usd=s.two_approvals_above_usd,
-            max_run_usd=s.max_run_usd,
-            monthly_budget_usd=s.monthly_budget_usd,
-            ttl=dt.timedelta(hours=s.approval_ttl_hours),
-            local_needs_approval=s.local_needs_approval,
-        )
-
-    def _resolve_approvers(self, ids: tuple[str, ...], failed: list[str] | None = None) -> set[str]:
-        users = set()
-        for ident in ids:
-            if ident.startswith("S"):  # a user group: its members approve
-                try:
-                    users.update(self.ctx.client.usergroups_users_list(usergroup=ident)["users"])
-                except Exception as exc:  # Slack refused, or could not be reached
-                    log.error("cannot list user group %s: %s", ident, slack_error(exc))
-                    if failed is not None:
-                        failed.append(ident)
-            else:
-                users.add(ident)
-        return users
+    def run_dir(self, run_id: str) -> Path:
+        """A local run's folder (`Backends.run_dir`)."""
+        return self.backends.run_dir(run_id)
 
     def committed_usd(self) -> float:
         """This calendar month's spend (the ledger: reserved at estimate, settled at actual)."""
@@ -343,7 +155,9 @@ class Runs:
         opts = cmd.options
         provider = opts.get("provider", self.settings.default_provider).lower()
         if provider not in ("openai", *OWN) and provider in self.planner.names():
-            self.credentials(provider)  # refused now when its key is not set, not at approval
+            self.backends.credentials(
+                provider
+            )  # refused now when its key is not set, not at approval
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         return self.request_plan(plan, dataset, channel, user)
 
@@ -353,7 +167,7 @@ class Runs:
         then the job records the run and posts its card. Returns the ack's answer.
         `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here."""
         provider = plan["provider"]
-        policy = self.policy()
+        policy = self.approvers.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
         # the run, its reservation and its card are the job's (`request_work`).
@@ -434,7 +248,7 @@ class Runs:
         priced after the ack (distillation)."""
         dataset = self.store.get_dataset(plan["dataset_id"])
         provider = plan["provider"]
-        policy = self.policy()
+        policy = self.approvers.policy()
         estimate_usd = plan["estimate"]["cost_usd"]
         committed = self.committed_usd()
         reasons = approvals.refusals(
@@ -519,7 +333,7 @@ class Runs:
     # --- the card and decisions ---------------------------------------------------------
 
     def card(self, run: Run) -> render.Message:
-        policy = self.policy()
+        policy = self.approvers.policy()
         decisions = [(a.user, a.decision) for a in self.store.approvals(run.id)]
         needed = approvals.quorum(policy, run.estimate_usd or 0.0)
         t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
@@ -542,7 +356,7 @@ class Runs:
         if run.provider != "eval":
             self.evals.prepare(run)  # the held-out split, before anyone approves the plan
             run = self.store.get_run(run_id)
-        if not approvals.needs_approval(self.policy(), run.provider):
+        if not approvals.needs_approval(self.approvers.policy(), run.provider):
             self._approve_without_card(run)
             return
         ts = self.ctx.post(run.channel, run.thread_ts, self.card(run))
@@ -557,12 +371,13 @@ class Runs:
             self.start(run.id)
 
     def _ask_approvers(self, run: Run) -> None:
-        for approver in sorted(self.policy().approvers - {run.requested_by}):
+        for approver in sorted(self.approvers.policy().approvers - {run.requested_by}):
             try:
                 dm = self.ctx.client.conversations_open(users=approver)["channel"]["id"]
                 text = (
                     f"<@{run.requested_by}> asks for your approval of {run.id} "
-                    f"({run.provider} {run.model}, about ${run.estimate_usd:,.2f}) in <#{run.channel}>."
+                    f"({run.provider} {render.escape(run.model)}, about ${run.estimate_usd:,.2f}) "
+                    f"in <#{run.channel}>."
                 )
                 self.ctx.client.chat_postMessage(channel=dm, text=text)
             except Exception as exc:  # Slack refused, or could not be reached
@@ -575,7 +390,7 @@ class Runs:
 
     def _refresh_homes(self, run: Run) -> None:
         """A run changed state: the Home tabs of the people it concerns show it."""
-        for user in {run.requested_by, *self.policy().approvers} - {None}:
+        for user in {run.requested_by, *self.approvers.policy().approvers} - {None}:
             self.refresh_home(user)
 
     def refresh_card(self, run_id: str) -> None:
@@ -595,7 +410,7 @@ class Runs:
             return f"there is no run {run_id}"
         expired = run.expires_at is not None and run.expires_at <= self.clock()
         return approvals.click_refusal(
-            self.policy(),
+            self.approvers.policy(),
             user=user,
             requester=run.requested_by or "",
             status=run.status,
@@ -647,7 +462,7 @@ class Runs:
                 )
             return None
         decisions = [(a.user, a.decision) for a in self.store.approvals(run_id)]
-        needed = approvals.quorum(self.policy(), run.estimate_usd or 0.0)
+        needed = approvals.quorum(self.approvers.policy(), run.estimate_usd or 0.0)
         t = approvals.tally(decisions, needed, secret_hold=run.plan_json.get("secret_hold", False))
         if t.approved and (why := self._budget_changed(run)):
             if self.store.transition_run(run_id, ["pending_approval"], "rejected", error=why):
@@ -705,7 +520,7 @@ class Runs:
         try:
             if run.provider == "local":
                 if self.store.transition_run(run_id, ["approved"], "queued"):
-                    self.dispatch_local()
+                    self.local.dispatch()
             elif run.provider == "distill":
                 self.distiller.start(run)
             elif run.provider == "eval":
@@ -806,8 +621,8 @@ class Runs:
                 self._record_upload(run, value)
             held.check()  # cancelled, or taken over: stop before the next side effect
 
-        runner = self.runner(run.provider)
-        if self.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
+        runner = self.backends.runner(run.provider)
+        if self.backends.kind(run.provider) == "together" and runner.find(self.key(run.id)) is None:
             self._check_quote(run, runner, spec, held)  # a job made already is adopted as is
         return runner.submit(spec, self.key(run.id), step=step)
 
@@ -893,7 +708,9 @@ class Runs:
     def _cancel_orphan_job(self, run_id: str, job_id: str) -> None:
         run = self.store.get_run(run_id)
         try:
-            self.runner(run.provider).cancel(Handle(self.kind(run.provider), job_id))
+            self.backends.runner(run.provider).cancel(
+                Handle(self.backends.kind(run.provider), job_id)
+            )
         except RunnerError as exc:
             log.error("run %s: cannot cancel job %s: %s", run_id, job_id, exc.message)
         self.store.update_run(run_id, external_id=job_id)
@@ -902,7 +719,7 @@ class Runs:
 
     def cancel_job_by_key(self, run_id: str, attempts: int = 3) -> None:
         run = self.store.get_run(run_id)
-        runner = self.runner(run.provider)
+        runner = self.backends.runner(run.provider)
         for attempt in range(attempts):
             try:
                 job = runner.find(self.key(run_id))
@@ -932,7 +749,7 @@ class Runs:
         deleted = 0
         for row in files:
             try:
-                self.runner(row["provider"]).delete_file(row["file_id"])
+                self.backends.runner(row["provider"]).delete_file(row["file_id"])
             except (RunnerError, UserError) as exc:
                 log.error("cannot delete %s: %s", row["file_id"], getattr(exc, "message", exc))
                 continue
@@ -979,7 +796,7 @@ class Runs:
             if run.status == "approved":
                 self.start(run.id)
             else:
-                self._poll_local(run)
+                self.local.poll(run)
             return
         if run.provider == "distill":
             self.distiller.poll(run)
@@ -993,8 +810,8 @@ class Runs:
             return
         state_data = RunResult.of(run)
         try:
-            state = self.runner(run.provider).poll(
-                self.handle(run), cursor=state_data.last_event_id
+            state = self.backends.runner(run.provider).poll(
+                self.backends.handle(run), cursor=state_data.last_event_id
             )
         except RunnerError as exc:
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
@@ -1135,227 +952,7 @@ class Runs:
                 self.refresh_card(run.id)
                 self._refresh_homes(run)
 
-    # --- the local runner ------------------------------------------------------------
-
-    def run_dir(self, run_id: str):
-        return self.settings.home / "runs" / run_id
-
-    def dispatch_local(self) -> None:
-        """Start queued local runs, oldest first, while slots are free (FIFO)."""
-        with self._local_lock:
-            running = len(self.store.runs(status="running", limit=None, provider="local"))
-            queued = sorted(
-                self.store.runs(status="queued", limit=None, provider="local"),
-                key=lambda r: r.created_at,
-            )
-            for run in queued[: max(0, self.settings.local_slots - running)]:
-                # Claimed here, launched on a job thread: fetching or converting a
-                # model can take minutes and must not hold this lock or the poller.
-                token = self.claim_token()
-                if self.store.claim_run(
-                    run.id, ["queued"], "running", owner=token, lease=self.lease,
-                    external_id=None,
-                ):  # fmt: skip
-                    try:
-                        self.ctx.submit(
-                            f"starting {run.id}",
-                            lambda run_id=run.id, token=token: self._launch_claimed(run_id, token),
-                            run.channel,
-                            run.thread_ts,
-                            long=True,
-                            on_busy=lambda run_id=run.id, token=token: self.store.release_claim(
-                                run_id, token, from_status="running", to_status="queued"
-                            ),
-                        )
-                    except Busy:  # queued again: a later tick starts it
-                        break
-            for position, run in enumerate(
-                queued[max(0, self.settings.local_slots - running) :], 1
-            ):
-                self._show_queue_position(run, position, len(queued))
-
-    def _launch_claimed(self, run_id: str, token: str) -> None:
-        """Launch a claimed local run; whatever goes wrong ends it, visibly."""
-        with Held(self.store, run_id, token, self.lease, "running"):
-            run = self.store.get_run(run_id)
-            try:
-                self._launch_local(run)
-            except RunnerError as exc:
-                if not (exc.retryable and self.on_ray):
-                    raise
-                # No Ray cluster answers (yet): the run keeps its place and is tried again.
-                log.info("run %s: Ray cluster unavailable (%s); queued again", run_id, exc.message)
-                retry = self.clock() + dt.timedelta(seconds=RAY_RETRY_SECONDS)
-                self.store.release_claim(
-                    run_id, token, from_status="running", to_status="queued", retry_at=retry
-                )
-                message = render.ray_unavailable(run, exc.summary, RAY_RETRY_SECONDS)
-                if run.progress_ts:
-                    self._update(run, run.progress_ts, message)
-                else:
-                    self.store.update_run(
-                        run_id, progress_ts=self.ctx.post(run.channel, run.thread_ts, message)
-                    )
-                return
-            except Exception as exc:
-                log.error("run %s: launch failed: %s: %s", run_id, type(exc).__name__, exc)
-                self._finish(
-                    run, "running", "failed",
-                    error=f"the worker could not start ({describe(exc, self.settings.home)})",
-                )  # fmt: skip
-            finally:
-                self.store.release_claim(run_id, token, from_status="running")
-        self.dispatch_local()  # a failed launch frees its slot
-
-    def _launch_local(self, run: Run) -> None:
-        from bot.local_models import LocalModels
-        from trainers.local import complete_checkpoints
-        from trainers.runner import TrainingSpec
-
-        plan = TrainingPlan.from_json(run.plan_json)
-        run_dir = self.run_dir(run.id)
-        try:  # allowed when requested; still allowed now? (a link may have moved, a run gone)
-            model = LocalModels(self.settings, self.store).for_launch(
-                plan.model, run.channel, run_dir
-            )
-        except Exception as exc:
-            self._finish(run, "running", "failed", error=f"cannot get model {plan.model}: {exc}")
-            return
-        data = self._training_files(run)
-        spec = TrainingSpec(
-            run_id=run.id,
-            model=model,
-            train_file=Path(data["train"]),
-            eval_file=Path(data["eval"]) if data.get("eval") else None,
-            hyperparameters=self._local_hyperparameters(run),
-            output_dir=run_dir,
-        )
-        if self.on_ray:
-            from bot import ray_runs
-
-            attempt = RunResult.of(run).attempt
-            worker, resume = ray_runs.submit(self.runner("local"), spec, self.key(run.id), attempt)
-            detail: dict[str, Any] = {"ray_job": worker.id, "adopted": worker.reused}
-        else:
-            resume = bool(complete_checkpoints(run_dir))
-            worker = self.runner("local").submit(spec, self.key(run.id))
-            detail = {"pid": int(worker.id.removeprefix("pid:"))}
-        self.store.update_run(run.id, external_id=worker.id)
-        self.store.audit(
-            "tunebot", "resumed" if resume else "started", run_id=run.id,
-            plan_hash=run.plan_hash, detail=detail,
-        )  # fmt: skip
-        log.info("run %s: local worker %s%s", run.id, worker.id, " (resuming)" if resume else "")
-        message = render.local_progress(self.store.get_run(run.id), None)
-        if run.progress_ts:
-            self._update(run, run.progress_ts, message)
-        else:
-            ts = self.ctx.post(run.channel, run.thread_ts, message)
-            self.store.update_run(run.id, progress_ts=ts)
-
-    def _local_hyperparameters(self, run: Run) -> dict[str, Any]:
-        return {**TrainingPlan.from_json(run.plan_json).hyperparameters(), **self.local_overrides}
-
-    def _training_files(self, run: Run) -> dict[str, str]:
-        data = self.evals.prepare(run)
-        files = {"train": str(self.ctx.blobs.path(data["train_sha256"]))}
-        if data.get("eval_sha256"):
-            files["eval"] = str(self.ctx.blobs.path(data["eval_sha256"]))
-        return files
-
-    def _show_queue_position(self, run: Run, position: int, total: int) -> None:
-        waiting = None
-        if self.on_ray:
-            from bot import ray_runs
-
-            gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-            waiting = ray_runs.waiting_for(self.runner("local"), gpus)
-        message = render.queued(run, position, total, waiting=waiting)
-        if run.progress_ts:
-            self._update(run, run.progress_ts, message)
-        else:
-            ts = self.ctx.post(run.channel, run.thread_ts, message)
-            self.store.update_run(run.id, progress_ts=ts)
-
-    def _update(self, run: Run, ts: str, message: render.Message) -> None:
-        try:
-            self.ctx.client.chat_update(channel=run.channel, ts=ts, **message.to_kwargs())
-        except Exception as exc:  # Slack refused, or could not be reached
-            log.error("cannot update %s's message: %s", run.id, slack_error(exc))
-
-    def _poll_local(self, run: Run) -> None:
-        if run.status in ("approved", "queued"):
-            self.dispatch_local()
-            return
-        if not run.external_id:  # being launched, or its launcher died
-            if lapsed(run, self.clock()) and self.store.transition_run(
-                run.id, ["running"], "queued", owner=None, lease_expires_at=None
-            ):
-                log.info("run %s: launch interrupted; queued again", run.id)
-                self.dispatch_local()
-            return
-        try:
-            state = self.runner("local").poll(self.handle(run))
-        except RunnerError as exc:  # the cluster did not answer: the next tick asks again
-            log.info("run %s: poll failed (%s); next time", run.id, exc.message)
-            return
-        if state.terminal:
-            self._finish_local(run, state)
-            self.dispatch_local()  # a slot is free
-            return
-        data = RunResult.of(run)
-        now = time.time()
-        if now - data.progress_edited_at >= self.settings.progress_seconds and run.progress_ts:
-            data = data.with_(progress_edited_at=now)
-            waiting = None
-            if self.on_ray and state.step is None:  # Ray (or Ray Train) has not started it yet
-                from bot import ray_runs
-
-                gpus = ray_runs.gpus_needed(self._local_hyperparameters(run))
-                waiting = ray_runs.waiting_for(self.runner("local"), gpus)
-            self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
-            self.store.update_run(run.id, result_json=data.to_json())
-
-    def _finish_local(self, run: Run, state: RunState) -> None:
-        if self.on_ray and state.status == "succeeded":
-            from bot import ray_runs
-
-            try:  # the evaluation and /finetune chat load the adapter from this machine
-                home = ray_runs.copy_home(self.runner("local"), state, self.run_dir(run.id))
-            except RunnerError as exc:
-                log.error("run %s: adapter not copied home: %s", run.id, exc.message)
-                return  # the next tick tries again
-            state = replace(state, output={**state.output, **home})
-        data = RunResult.of(run).with_(
-            adapter_dir=state.output.get("adapter_dir"),
-            merged_dir=state.output.get("merged_dir"),
-            metrics=state.output.get("metrics"),
-            log_tail=state.log_tail,
-        )
-        error = state.error
-        if not self.store.transition_run(
-            run.id,
-            ["running"],
-            state.status,
-            actual_usd=0.0,
-            result_json=data.to_json(),
-            error=error,
-        ):
-            return
-        self.store.audit(
-            "tunebot",
-            state.status,
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"error": error} if error else None,
-        )
-        log.info("run %s: %s", run.id, state.status)
-        done = self.store.get_run(run.id)
-        if done.progress_ts:
-            self._update(done, done.progress_ts, render.local_progress(done, state))
-        self.ctx.post(run.channel, run.thread_ts, render.local_result(done, state))
-        self._refresh_homes(done)
-        self._after_end(done, state.metrics, state.log_tail if state.status == "failed" else None)
+    # --- after a run ends (a local run's end: bot/local_queue.py) -------------------
 
     def _after_end(self, done: Run, metrics, log_tail: str | None = None) -> None:
         """The success hooks (the evaluation), charts and logs, on a job thread: never
@@ -1372,53 +969,7 @@ class Runs:
 
         self.ctx.submit(f"reporting the end of {done.id}", report, done.channel, done.thread_ts)
 
-    def resume(self, cmd: Command, channel: str, user: str) -> render.Message:
-        from trainers import local
-
-        run = self.find_run(cmd.target, channel)
-        if run.provider != "local":
-            raise UserError(f"{run.id} ran on OpenAI; only local runs resume from a checkpoint.")
-        if user != run.requested_by and user not in self.policy().approvers:
-            raise UserError(f"Only <@{run.requested_by}> or an approver can resume {run.id}.")
-        data = RunResult.of(run)
-        if self.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
-            from bot import ray_runs
-
-            runner = self.runner("local")
-            if run.external_id:
-                try:
-                    held = ray_runs.still_held(runner, self.key(run.id), run.external_id)
-                except RunnerError as exc:
-                    raise UserError(
-                        f"The Ray cluster did not answer, so {run.id}'s last job cannot be "
-                        f"checked: {exc.summary.rstrip('.')}. Try again when it answers."
-                    ) from None
-                if held:
-                    raise UserError(
-                        f"{run.id}'s last Ray job is still waiting or stopping on the cluster; "
-                        f"`/finetune resume {run.id}` once it has stopped."
-                    )
-            names = ray_runs.checkpoints(runner, self.key(run.id))
-            data = data.with_(attempt=data.attempt + 1)
-        else:
-            names = [p.name for p in local.complete_checkpoints(self.run_dir(run.id))]
-        if not names:
-            raise UserError(f"{run.id} has no complete checkpoint to resume from.")
-        if not self.store.transition_run(
-            run.id, ["failed", "cancelled"], "queued", error=None, result_json=data.to_json()
-        ):
-            raise UserError(f"{run.id} is {run.status}; only a failed or cancelled run resumes.")
-        self.store.audit(
-            user,
-            "resume_requested",
-            run_id=run.id,
-            plan_hash=run.plan_hash,
-            detail={"checkpoint": names[-1]},
-        )
-        self.ctx.submit(f"resuming {run.id}", self.dispatch_local, channel, run.thread_ts)
-        return render.note(f"{run.id} resumes from {names[-1]}.", in_channel=True)
-
-    # --- cancel, resume -------------------------------------------------------
+    # --- cancel (a local run: bot/local_queue.py) -----------------------------
 
     def cancel(self, cmd: Command, channel: str, user: str) -> render.Message:
         """Cancel a run from any state that is not final, whatever its provider."""
@@ -1436,21 +987,8 @@ class Runs:
                 where = "left the queue and " if run.status == "queued" else ""
                 return render.note(f"{run.id} {where}is cancelled.", in_channel=True)
             run = self.store.get_run(run.id)  # it moved on meanwhile: act on where it is now
-        if run.provider == "local" and run.status == "running" and self.on_ray and run.external_id:
-            return self._cancel_ray_job(run, user)
         if run.provider == "local" and run.status == "running":
-            from trainers import local
-
-            if not local.alive(local.worker_of(self.run_dir(run.id))):
-                raise UserError(
-                    f"{run.id}'s worker is not running; the next poll will say how it ended."
-                )
-            self.runner("local").cancel(self.handle(run))
-            self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
-            return render.note(
-                f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
-                in_channel=True,
-            )
+            return self.local.cancel(run, user)
         if (
             run.provider in ("distill", "eval")
             and run.status == "running"
@@ -1465,7 +1003,7 @@ class Runs:
         if run.status in ("submitting", "running") and run.external_id:
             provider = PROVIDER_NAMES.get(run.provider, run.provider)
             try:
-                self.runner(run.provider).cancel(self.handle(run))
+                self.backends.runner(run.provider).cancel(self.backends.handle(run))
             except RunnerError as exc:
                 raise UserError(f"{provider} did not cancel {run.id}: {exc.summary}") from None
             self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
@@ -1475,51 +1013,19 @@ class Runs:
             )
         raise UserError(f"{run.id} is {run.status.replace('_', ' ')}: there is nothing to cancel.")
 
-    def _cancel_ray_job(self, run: Run, user: str) -> render.Message:
-        """Ray's stop_job: SIGTERM, the worker saves a checkpoint, then stops. A job Ray has
-        not started (waiting for GPUs) would only stop once it could start, so the run ends
-        here and now; the stop request waits at the cluster."""
-        runner = self.runner("local")
-        try:
-            pending = runner.poll(self.handle(run)).status == "queued"
-            runner.cancel(self.handle(run))
-        except RunnerError as exc:
-            raise UserError(f"The Ray cluster did not stop {run.id}: {exc.summary}") from None
-        self.store.audit(user, "cancel_requested", run_id=run.id, plan_hash=run.plan_hash)
-        if pending and self.store.transition_run(run.id, ["running"], "cancelled", actual_usd=0.0):
-            self.store.audit(user, "cancelled", run_id=run.id, plan_hash=run.plan_hash)
-            done = self.store.get_run(run.id)
-            if done.progress_ts:
-                self._update(done, done.progress_ts, render.cancelled_before_start(done))
-            self._refresh_homes(done)
-            self.ctx.submit(f"updating {run.id}", self.dispatch_local, run.channel, run.thread_ts)
-            return render.note(
-                f"{run.id} left the Ray cluster's queue and is cancelled.", in_channel=True
-            )
-        return render.note(
-            f"Stopping {run.id}: it saves a checkpoint first (`/finetune resume {run.id}` continues).",
-            in_channel=True,
-        )
-
     def _after_cancel(self, run_id: str) -> None:
         """A run cancelled before it started: its card says so and its uploads go; a job
         a lost reply created for it (found by its key) is cancelled too."""
         run = self.store.get_run(run_id)
-        if run.provider not in OWN and not run.external_id and self.reachable(run.provider):
+        if (
+            run.provider not in OWN
+            and not run.external_id
+            and self.backends.reachable(run.provider)
+        ):
             self.cancel_job_by_key(run_id)
         self._cleanup_after_cancel(run_id)
         self.refresh_card(run_id)
         self._refresh_homes(self.store.get_run(run_id))
-
-    def reachable(self, provider: str) -> bool:
-        """A hosted provider's key is set (so its jobs can be looked up)."""
-        if provider == "openai":
-            return bool(self.settings.openai_api_key)
-        try:
-            self.credentials(provider)
-        except UserError:
-            return False
-        return True
 
     def find_run(self, ref: str | None, channel: str) -> Run:
         if ref is None:

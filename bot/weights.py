@@ -52,7 +52,7 @@ class Downloads:
         run = self.runs.find_run(cmd.target, channel)
         if user != run.requested_by and not self.runs.gate.is_approver(user):
             raise UserError(f"Only <@{run.requested_by}> or an approver can download {run.id}.")
-        if self.runs.kind(run.provider) != "together":
+        if self.runs.backends.kind(run.provider) != "together":
             raise UserError(
                 f"{run.id} trained on {render.provider_name(run.provider)}; only Together runs "
                 "have weights to download (a local run's adapter is already in tunebot's home)."
@@ -97,19 +97,26 @@ class Downloads:
             self._busy.discard((run_id, kind))
 
     def _fetch(self, run_id: str, kind: str) -> None:
+        try:
+            self._fetch_and_record(run_id, kind)
+        finally:  # only once the folder is recorded: a request meanwhile finds it done
+            self._done(run_id, kind)
+
+    def _fetch_and_record(self, run_id: str, kind: str) -> None:
         from trainers.together_ft import unpack
 
         run = self.store.get_run(run_id)
         home = self.runs.settings.home
         dest = self.folder(run)
+        into = dest / kind
         try:
-            runner = self.runs.runner(run.provider)
-            archive = runner.download(self.runs.handle(run), dest, kind)
-            into = dest / kind
+            runner = self.runs.backends.runner(run.provider)
+            archive = runner.download(self.runs.backends.handle(run), dest, kind)
             if into.exists():
                 shutil.rmtree(into)
             unpack(archive, into)
         except (RunnerError, UserError, OSError) as exc:  # OSError: a full disk, say
+            shutil.rmtree(into, ignore_errors=True)  # a part-unpacked archive is not kept
             why = (
                 exc.summary
                 if isinstance(exc, UserError)
@@ -127,14 +134,12 @@ class Downloads:
                 ),
             )
             return
-        finally:
-            self._done(run_id, kind)
         where = str(into.relative_to(home))
         size = sum(p.stat().st_size for p in into.rglob("*") if p.is_file())
-        fresh = self.store.get_run(run_id)
-        record = RunResult.of(fresh)
-        record = record.with_(downloads={**(record.downloads or {}), kind: where})
-        self.store.update_run(run_id, result_json=record.to_json())
+        with self.store.transaction():  # what else the run recorded meanwhile stays
+            record = RunResult.of(self.store.get_run(run_id))
+            record = record.with_(downloads={**(record.downloads or {}), kind: where})
+            self.store.update_run(run_id, result_json=record.to_json())
         self.store.audit("tunebot", "downloaded", run_id=run_id, detail={"kind": kind})
         log.info("run %s: %s downloaded to %s", run_id, kind, into)
         self.ctx.post(

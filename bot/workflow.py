@@ -78,7 +78,7 @@ class Workflow:
         self.decide_later = self.decisions.decide_later
         self.refresh_home = self.home_tab.refresh_home
 
-        self.runs.warm_approvers()  # so that no ack waits on Slack for them
+        self.runs.approvers.warm()  # so that no ack waits on Slack for them
 
     # --- /finetune ---------------------------------------------------------------
 
@@ -119,7 +119,7 @@ class Workflow:
             ),
             "budget": lambda cmd, channel, user: admin.budget(channel),
             "providers": lambda cmd, channel, user: render.providers_list(self.ctx.providers),
-            "resume": runs.resume,
+            "resume": runs.local.resume,
             "audit": lambda cmd, channel, user: admin.audit(cmd, channel),
             "release": admin.release,
             "forget": admin.forget,

@@ -42,6 +42,17 @@ KINDS = ("openai", "openai-compatible", "together")
 RESERVED = ("local", "distill", "eval", "openai", "together")
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _ENV = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
+_NOT_A_PROVIDER_KEY = ("SLACK_",)  # tunebot's own Slack token and signing secret
+
+
+def _secret_in_url(url: str) -> bool:
+    """True when a URL carries a user or password, a query or a fragment."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return bool(
+        parts.username or parts.password or "@" in parts.netloc or parts.query or parts.fragment
+    )
 
 
 class ProvidersFileError(TrainerError, ValueError):
@@ -114,11 +125,22 @@ def _provider(where: str, name: str, entry: Any) -> Provider:
         isinstance(base_url, str) and re.match(r"https?://[^\s/]+", base_url)
     ):
         raise ProvidersFileError(f"{at}.base_url must be an http(s) URL")
+    if base_url is not None and _secret_in_url(base_url):
+        # `/finetune providers` shows the URL in Slack: a secret in it would be posted
+        raise ProvidersFileError(
+            f"{at}.base_url must not carry a user, password, query or fragment: the key "
+            "goes in the variable api_key_env names"
+        )
     env = entry.get("api_key_env")
     if not isinstance(env, str) or not _ENV.fullmatch(env):
         raise ProvidersFileError(
             f"{at}.api_key_env must name an environment variable (e.g. ACME_API_KEY), "
             "never hold the key itself"
+        )
+    if env.startswith(_NOT_A_PROVIDER_KEY):
+        raise ProvidersFileError(
+            f"{at}.api_key_env names one of tunebot's own Slack secrets ({env}); the provider "
+            "would be sent it as its key"
         )
     read = entry.get("prices_read")
     if read is not None and not isinstance(read, dt.date):

@@ -78,6 +78,10 @@ FILE_READY_TIMEOUT = 120.0  # seconds `submit` waits for an upload to be validat
 FILE_READY_POLL = 1.0
 METRIC_POINTS = 1_000  # at most this many (step, loss) points per poll
 DOWNLOAD_KINDS = {"adapter": "adapter", "merged": "merged", "model": "model_output_path"}
+# A download or an unpack stops before the disk holds less than this free (bytes), and
+# an archive of more entries than this is refused: a decompression bomb fills nothing.
+UNPACK_HEADROOM_BYTES = 1 << 30
+UNPACK_MAX_MEMBERS = 100_000
 
 # Together's job statuses (together.lib.types.fine_tuning.FinetuneJobStatus) as RunState's.
 STATUSES: Mapping[str, str] = {
@@ -372,7 +376,14 @@ class TogetherRunner:
             files=tuple(files),
         )
 
-    def download(self, handle: Handle, dest: str | Path, kind: str = "adapter") -> Path:
+    def download(
+        self,
+        handle: Handle,
+        dest: str | Path,
+        kind: str = "adapter",
+        *,
+        max_bytes: int | None = None,
+    ) -> Path:
         """Download a completed job's weights into directory ``dest``; returns the archive.
 
         ``kind``: ``adapter`` (the LoRA adapter), ``merged`` (base model with
@@ -380,8 +391,11 @@ class TogetherRunner:
         ``model`` (a full fine-tune's weights). The archive is written to a
         temporary file in ``dest`` and renamed when whole, as
         ``<output name>-<kind>.tar.zst`` (or ``.tar.gz`` / ``.tar``, by its
-        first bytes); `unpack` opens it. Raises `RunnerError` for a job that
-        has not completed or a kind it does not have.
+        first bytes); `unpack` opens it. An archive longer than ``max_bytes``
+        (default: the free space of ``dest``'s disk less ``UNPACK_HEADROOM_BYTES``)
+        is abandoned part-way and its temporary file removed. Raises `RunnerError`
+        for a job that has not completed, a kind it does not have, or an archive
+        over ``max_bytes``.
         """
         _check_handle(handle)
         if kind not in DOWNLOAD_KINDS:
@@ -398,9 +412,12 @@ class TogetherRunner:
         if full != (kind == "model"):
             have = "model" if full else "adapter or merged"
             raise RunnerError(f"Together job {handle.id} has {have} weights, not {kind!r}")
+        if max_bytes is None:
+            max_bytes = max(shutil.disk_usage(dest).free - UNPACK_HEADROOM_BYTES, 0)
         fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=".together-download-")
         tmp = Path(tmp_name)
         head = b""
+        written = 0
         try:
             with os.fdopen(fd, "wb") as out, _translated():
                 content = self._client.fine_tuning.with_streaming_response.content
@@ -408,6 +425,13 @@ class TogetherRunner:
                     for chunk in response.iter_bytes():
                         if len(head) < 8:
                             head += chunk[: 8 - len(head)]
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise RunnerError(
+                                f"Together's archive for job {handle.id} is over "
+                                f"{max_bytes / 1e9:,.1f} GB, more than there is room for; "
+                                "not downloaded"
+                            )
                         out.write(chunk)
             if not head:
                 raise RunnerError(f"Together sent an empty archive for job {handle.id}")
@@ -667,16 +691,45 @@ def file_name(key: str, part: str = "train") -> str:
     return f"tunebot-{_safe(key)}-{digest}-{part}.jsonl"
 
 
-def unpack(archive: str | Path, into: str | Path) -> Path:
+def unpack(
+    archive: str | Path,
+    into: str | Path,
+    *,
+    max_bytes: int | None = None,
+    max_members: int = UNPACK_MAX_MEMBERS,
+) -> Path:
     """Extract a downloaded archive into directory ``into``; returns ``into``.
 
     ``.tar.gz`` and ``.tar`` use the standard library; ``.tar.zst`` (what
     Together usually sends) needs the ``zstandard`` package. Members that
     would land outside ``into`` (absolute paths, ``..``, links out) are
-    refused (tarfile's ``data`` filter). Raises `RunnerError`.
+    refused (tarfile's ``data`` filter). An archive that unpacks to more than
+    ``max_bytes`` bytes (default: the free space of ``into``'s disk less
+    ``UNPACK_HEADROOM_BYTES``, so a decompression bomb cannot fill the disk)
+    or holds more than ``max_members`` entries is refused as it is read: what
+    was written stays in ``into`` (the caller removes it). Raises `RunnerError`.
     """
     archive, into = Path(archive), Path(into)
     into.mkdir(parents=True, exist_ok=True)
+    if max_bytes is None:
+        max_bytes = max(shutil.disk_usage(into).free - UNPACK_HEADROOM_BYTES, 0)
+    seen = {"bytes": 0, "members": 0}
+
+    def guard(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        checked = tarfile.data_filter(member, path)
+        seen["members"] += 1
+        seen["bytes"] += checked.size if checked.isfile() else 0
+        if seen["members"] > max_members:
+            raise RunnerError(
+                f"{archive.name} holds more than {max_members:,} entries; not unpacked"
+            )
+        if seen["bytes"] > max_bytes:
+            raise RunnerError(
+                f"{archive.name} unpacks to more than {max_bytes / 1e9:,.1f} GB, more than "
+                "there is room for; not unpacked"
+            )
+        return checked
+
     try:
         if archive.name.endswith(".tar.zst"):
             try:
@@ -690,10 +743,10 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                 zstandard.ZstdDecompressor().stream_reader(raw) as stream,
                 tarfile.open(fileobj=stream, mode="r|") as tar,
             ):
-                tar.extractall(into, filter="data")
+                tar.extractall(into, filter=guard)
         else:
             with tarfile.open(archive) as tar:
-                tar.extractall(into, filter="data")
+                tar.extractall(into, filter=guard)
     except (tarfile.TarError, OSError) as err:
         raise RunnerError(f"could not unpack {archive.name}: {err}") from err
     return into

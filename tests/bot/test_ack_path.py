@@ -84,7 +84,7 @@ def test_a_train_ack_calls_no_slack_api_even_with_a_user_group_to_resolve(paid_b
 
     # A stale list is answered as it is and refreshed after the ack, off the ack path.
     runs = bot.workflow.runs
-    runs._approvers = (time.monotonic() - 10_000, runs._approvers[1])
+    runs.approvers._cached = (time.monotonic() - 10_000, runs.approvers._cached[1])
     (status, body), during = calls_during(bot, lambda: bot.command("train", user_id="UR"))
     assert status == 200 and "r2 needs approval" in body["text"] and during == []
     bot.wait_idle()

@@ -180,6 +180,7 @@ def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):
     def set_budget(usd):
         changed = dataclasses.replace(runs.settings, monthly_budget_usd=usd)
         runs.settings = runs.evals.settings = runs.gate.settings = changed
+        runs.ctx.settings = changed
 
     set_budget(runs.committed_usd() + 0.01)
     calls_before = len(bot.openai.chat_calls())

@@ -64,6 +64,12 @@ def test_the_refusal_names_each_alternative_and_whether_its_key_is_set(tmp_path)
         "acme (openai-compatible, ACME_API_KEY not set)",
         "tog (together, TOGETHER_API_KEY set)",
     ]
+    built_in = alternatives({}, local=False, together_key=False, environ={})
+    assert built_in == ["together (Together AI, TOGETHER_API_KEY not set)"]
+    assert alternatives({}, local=True, together_key=True, environ={}) == [
+        "local (LoRA on this machine's GPUs)",
+        "together (Together AI, TOGETHER_API_KEY set)",
+    ]
     nowhere = cutoff_refusal(dt.date(2027, 2, 1), {}, local=False, environ={})
     assert nowhere.startswith(
         "OpenAI creates no new fine-tuning jobs since 2027-01-06, and this installation has "
@@ -87,6 +93,7 @@ def test_a_train_after_the_cutoff_is_refused_with_the_alternatives(paid_bot, tmp
     assert text.startswith("⚠️ OpenAI creates no new fine-tuning jobs since 2027-01-06;")
     assert "on local (LoRA on this machine's GPUs), acme (openai-compatible, ACME_API_KEY " in text
     assert "tog (together, TOGETHER_API_KEY " in text
+    assert "together (Together AI, TOGETHER_API_KEY " in text  # the built-in provider
     assert "`/finetune migrate <run> provider=<name>`" in text
     assert bot.store.find_run("r2") is None and len(bot.store.runs(limit=None)) == 1
     assert not [t for t in texts(bot) if "r2" in t]
@@ -574,3 +581,23 @@ def test_a_migration_to_together_without_an_inference_price_is_refused_up_front(
     )
     bot.wait_idle()
     assert bot.store.find_run("r2") is None and together_fake.calls == []
+
+
+def test_a_model_id_a_provider_sends_pings_nobody_in_the_comparison():
+    """A host's fine-tuned model id is its text, not tunebot's: `<@U…>` or `<!channel>`
+    in it reaches Slack inert."""
+    from types import SimpleNamespace
+
+    from bot.migrate import comparison
+
+    old = SimpleNamespace(id="r1", provider="acme")
+    new = SimpleNamespace(id="r2", provider="together")
+    record = {
+        "kept": 0.9, "win_tie_loss": {"win": 1, "tie": 0, "loss": 0}, "primary": "exact",
+        "new": 0.9, "old": 1.0, "examples": 1, "notes": [],
+        "per_1k_calls_usd": {"old": 1.0, "new": 2.0},
+    }  # fmt: skip
+    message = comparison(new, old, "ft:<@UBOSS>", "x-<!channel>", record)
+    for text in (message.text, json.dumps(message.blocks)):
+        assert "<@UBOSS>" not in text and "<!channel>" not in text
+    assert "`ft:&lt;@UBOSS&gt;`" in message.text and "`x-&lt;!channel&gt;`" in message.text

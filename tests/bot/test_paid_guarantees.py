@@ -69,7 +69,7 @@ def set_settings(bot, **changes) -> None:
     runs = bot.workflow.runs
     changed = dataclasses.replace(runs.settings, **changes)
     runs.settings = runs.evals.settings = runs.gate.settings = changed
-    runs.distiller.settings = changed
+    runs.distiller.settings = runs.ctx.settings = changed
 
 
 def finish_jobs(bot) -> None:

@@ -150,7 +150,7 @@ def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
     tick_until(bot, "r1", ("running",), timeout=60)
     key = runs.key("r1")
     deadline = time.monotonic() + 240
-    while not ray_runs.checkpoints(runs.runner("local"), key):
+    while not ray_runs.checkpoints(runs.backends.runner("local"), key):
         assert time.monotonic() < deadline, "r1 saved no checkpoint"
         runs.poll_all()
         assert bot.store.get_run("r1").status == "running", bot.store.get_run("r1").error
@@ -161,7 +161,7 @@ def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
     assert run.status == "cancelled", run.error
     (first,) = ray_jobs(submission_id(key))
     assert str(first.status) == "STOPPED"
-    kept = ray_runs.checkpoints(runs.runner("local"), key)
+    kept = ray_runs.checkpoints(runs.backends.runner("local"), key)
     assert kept, "the cancelled run kept no checkpoint"
     assert len(finals(bot, "r1", "✋ cancelled")) == 1
     assert any("A checkpoint was saved: `/finetune resume r1`" in t for t in texts(bot))

@@ -295,6 +295,7 @@ class FakeTogether(LocalHTTPServer):
         self.advance_on_get = advance_on_get
         self.fail_next_job: str | None = None  # a job_error message for the next job
         self.upload_delay = 0.0  # seconds each PUT is held after its bytes are stored
+        self.download_delay = 0.0  # seconds each archive (``/blobs/<name>``) is held
         self.credit_limit_usd = 100.0  # estimate-price's user_limit
         self.calls: list[Call] = []
         self.files: dict[str, dict[str, Any]] = {}
@@ -528,7 +529,7 @@ class FakeTogether(LocalHTTPServer):
                 if name not in self._blobs:
                     raise ApiError(404, "No such object")
                 content, kind = self._blobs[name]
-                return _Reply(200, content, kind)
+                return _Reply(200, content, kind, delay=self.download_delay)
         raise ApiError(404, f"Invalid URL ({method} {path})")
 
     # -- files (called with the lock held) -------------------------------------

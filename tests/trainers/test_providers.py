@@ -60,6 +60,20 @@ def test_a_good_file_reads_into_providers_with_priced_models(tmp_path):
         ('[providers.a]\nkind = "openai-compatible"\napi_key_env = "K"', "base_url is needed"),
         ('[providers.a]\nkind = "openai"\nbase_url = "ftp://x"\napi_key_env = "K"', "http(s) URL"),
         ('[providers.a]\nkind = "openai"\napi_key_env = "sk-live-123"', "never hold the key"),
+        (
+            '[providers.a]\nkind = "openai"\nbase_url = "https://u:sk-1@h.example/v1"\n'
+            'api_key_env = "K"',
+            "must not carry a user, password, query or fragment",
+        ),
+        (
+            '[providers.a]\nkind = "openai"\nbase_url = "https://h.example/v1?key=sk-1"\n'
+            'api_key_env = "K"',
+            "must not carry a user, password, query or fragment",
+        ),
+        (
+            '[providers.a]\nkind = "openai"\napi_key_env = "SLACK_BOT_TOKEN"',
+            "names one of tunebot's own Slack secrets (SLACK_BOT_TOKEN)",
+        ),
         ('[providers.a]\nkind = "openai"\napi_key_env = "K"\nkey = "x"', "unknown field 'key'"),
         (
             '[providers.a]\nkind = "openai"\napi_key_env = "K"\n[providers.a.models.m]\ncontext = 8',
@@ -76,6 +90,7 @@ def test_each_mistake_is_named_with_its_place(tmp_path, text, says):
     with pytest.raises(ProvidersFileError, match=None) as caught:
         load(write(tmp_path, text))
     assert says in str(caught.value) and "providers.toml" in str(caught.value)
+    assert "sk-1" not in str(caught.value)  # a secret in the URL is not repeated
 
 
 def test_a_missing_file_is_one_clear_error(tmp_path):
