@@ -276,12 +276,12 @@ def test_a_resume_waits_for_the_cancelled_job_ray_still_holds(ray_bot):
     _, body = bot.command("cancel r1", user_id="UR")
     assert "r1 left the Ray cluster's queue and is cancelled." in body["text"]
     # A checkpoint in the run's folder (as an earlier attempt would have left).
-    folder = Path(runs.runner("local").run_dir(submission_id(runs.key("r1"))))
+    folder = Path(runs.backends.runner("local").run_dir(submission_id(runs.key("r1"))))
     checkpoint = folder / "checkpoints" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     (checkpoint / "adapter_model.safetensors").write_bytes(b"")
-    assert ray_runs.checkpoints(runs.runner("local"), runs.key("r1")) == ["checkpoint-2"]
+    assert ray_runs.checkpoints(runs.backends.runner("local"), runs.key("r1")) == ["checkpoint-2"]
 
     _, body = bot.command("resume r1", user_id="UR")
     assert "r1's last Ray job is still waiting or stopping on the cluster" in body["text"]
