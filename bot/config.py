@@ -340,8 +340,21 @@ def _parse(name: str, env: str, raw: str) -> object:
             raise ConfigError(f"{env} must be one of {', '.join(_CHOICES[name])}, not {raw!r}")
         return raw.lower()
     if name == "artifacts":
+        from urllib.parse import urlparse
+
         from trainers.artifacts import resolve
 
+        scheme = urlparse(raw).scheme
+        if scheme not in ("", "file"):
+            raise ConfigError(
+                f"{env}: {scheme}:// is not supported; give a folder or file:/// URI that "
+                "every node of the Ray cluster sees (a shared mount)"
+            )
+        if not scheme and not raw.startswith("/"):  # ~ and relative: another folder per machine
+            raise ConfigError(
+                f"{env} must be an absolute folder (or a file:/// URI) that every node of the "
+                f"Ray cluster sees, not {raw!r}"
+            )
         try:
             resolve(raw)
         except ValueError as exc:

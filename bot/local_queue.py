@@ -293,7 +293,9 @@ class LocalQueue:
         """`/finetune resume <run>`: a failed or cancelled local run queued again, to
         continue from its newest complete checkpoint (on Ray: a new job, the next
         attempt). For its requester or an approver; UserError otherwise, or when
-        the run is not local, has no complete checkpoint, or is not failed or cancelled."""
+        the run is not local, has no complete checkpoint, or is not failed or cancelled, and
+        on Ray while the run's last job is still waiting or stopping on the cluster (a
+        second job would share its folder) or the cluster does not answer."""
         from trainers import local
 
         run = self.runs.find_run(cmd.target, channel)
@@ -305,7 +307,21 @@ class LocalQueue:
         if self.backends.on_ray:  # the checkpoints are in the run's artifacts folder; a new Ray job
             from bot import ray_runs
 
-            names = ray_runs.checkpoints(self.backends.runner("local"), self.backends.key(run.id))
+            runner = self.backends.runner("local")
+            if run.external_id:
+                try:
+                    held = ray_runs.still_held(runner, self.backends.key(run.id), run.external_id)
+                except RunnerError as exc:
+                    raise UserError(
+                        f"The Ray cluster did not answer, so {run.id}'s last job cannot be "
+                        f"checked: {exc.summary.rstrip('.')}. Try again when it answers."
+                    ) from None
+                if held:
+                    raise UserError(
+                        f"{run.id}'s last Ray job is still waiting or stopping on the cluster; "
+                        f"`/finetune resume {run.id}` once it has stopped."
+                    )
+            names = ray_runs.checkpoints(runner, self.backends.key(run.id))
             data = data.with_(attempt=data.attempt + 1)
         else:
             names = [p.name for p in local.complete_checkpoints(self.backends.run_dir(run.id))]

@@ -59,6 +59,17 @@ def submit(runner: RayRunner, spec: TrainingSpec, key: str, attempt: int) -> tup
     return job, resume
 
 
+def still_held(runner: RayRunner, key: str, job_id: str) -> bool:
+    """Whether the run's last Ray job (`job_id`) is still waiting or running on the cluster.
+
+    A job cancelled while Ray held it back (waiting for GPUs) keeps its place at
+    the cluster until Ray can start it, and a stopped worker has up to its grace
+    time to save a checkpoint: a resume then would start a second job in the
+    same run folder. Raises `RunnerError` when the cluster does not answer.
+    """
+    return runner.poll(handle(runner, key, job_id)).status in ("queued", "running")
+
+
 def checkpoints(runner: RayRunner, key: str) -> list[str]:
     """The run's complete checkpoints in its artifacts folder, oldest first."""
     return runner.checkpoints(runner.where(key))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from bot.render.text import Message, clip, escape, money, section
+from bot.render.text import Message, clip, escape, money, section, short_paths
 
 
 def eval_summary(
@@ -19,9 +19,9 @@ def eval_summary(
     n = len(result.rows)
     teacher = result.teacher_model
     contenders = (
-        f"teacher `{escape(teacher)}` vs base `{escape(run.model)}` vs tuned student"
+        f"teacher `{escape(teacher)}` vs base `{escape(short_paths(run.model))}` vs tuned student"
         if teacher
-        else f"base `{escape(run.model)}` vs tuned"
+        else f"base `{escape(short_paths(run.model))}` vs tuned"
     )
     lines = [f"{run.id} evaluation: {contenders} on {n:,} held-out examples"]
     header = f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"
@@ -112,7 +112,7 @@ def _prices_line(prices: Mapping[str, Mapping]) -> str:
 def side_by_side(run, prompt: str, base: str, tuned: str) -> Message:
     text = (
         f"{run.id} — prompt: {escape(clip(prompt, 300))}\n"
-        f"*Base* ({escape(run.model)}):\n{escape(clip(base, 1200))}\n"
+        f"*Base* ({escape(short_paths(run.model))}):\n{escape(clip(base, 1200))}\n"
         f"*Tuned*:\n{escape(clip(tuned, 1200))}"
     )
     return Message(text, [section(text)])

@@ -36,6 +36,7 @@ def _plan_lines(run) -> list[str]:
     labels = (
         ("lr_mult", "lr ×"), ("lr", "lr "), ("batch", "batch "), ("suffix", "suffix "),
         ("r", "r "), ("alpha", "alpha "), ("targets", "targets "), ("max_length", "max_length "),
+        ("gpus", "gpus "), ("nodes", "nodes "),  # a Ray run's resources: the card says them
     )  # fmt: skip
     for key, label in labels:
         if plan.get(key) is not None:
@@ -90,7 +91,7 @@ def _plan_lines(run) -> list[str]:
                 f"{escape(plan['prices_source'])}, read {escape(plan.get('prices_read') or 'on an unknown day')})"
             )
     lines = [
-        f"Plan {run.plan_hash}: {run.provider} {escape(run.model)} on {run.dataset_id} — {', '.join(hyper)}; {held}",
+        f"Plan {run.plan_hash}: {run.provider} {escape(short_paths(run.model))} on {run.dataset_id} — {', '.join(hyper)}; {held}",
         cost,
     ]
     if plan.get("migrated_from"):  # bot/migrate.py
@@ -269,7 +270,7 @@ def run_result(run) -> Message:
 
 def run_status(run) -> Message:
     text = (
-        f"{run.id}: {run.status} — {run.provider} {escape(run.model)} on {run.dataset_id}, "
+        f"{run.id}: {run.status} — {run.provider} {escape(short_paths(run.model))} on {run.dataset_id}, "
         f"requested by <@{run.requested_by}> at {run.created_at:%Y-%m-%d %H:%M} UTC"
     )
     if run.error:
@@ -293,7 +294,7 @@ def local_progress(run, state, *, waiting: str | None = None) -> Message:
     """The local run's progress message, edited in place; `waiting`: what a job the Ray
     cluster has not started yet waits for ("waiting for 2 GPUs (…)")."""
     if state is None:
-        text = f"{run.id} starting: loading {escape(run.model)}…"
+        text = f"{run.id} starting: loading {escape(short_paths(run.model))}…"
         return Message(text, [section(text)])
     if waiting and state.step is None:
         text = f"{run.id} submitted to the Ray cluster, {waiting}."

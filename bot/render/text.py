@@ -27,6 +27,7 @@ _BARE_AMPERSAND = re.compile(r"&(?!(?:amp|lt|gt);)")
 _OWN_MENTION = re.compile(r"<[@#][A-Z0-9]+>")
 # An absolute (or ~/) path of two parts or more; a URL's slashes never start one.
 _SERVER_PATH = re.compile(r"(?<![\w:/.~\\-])~?(?:/[\w.+@-]+)+/([\w.+@-]+)")
+_FILE_URI = re.compile(r"\bfile://(?=/)")  # file:///srv/x: its path is a server path
 _TRACEBACK = "Traceback (most recent call last)"
 
 
@@ -52,8 +53,9 @@ def _inert(text: str) -> str:
 
 
 def short_paths(text: str) -> str:
-    """Server paths cut to their last part: `/srv/tunebot/runs/r1/spec.json` -> `spec.json`."""
-    return _SERVER_PATH.sub(r"\1", text)
+    """Server paths cut to their last part: `/srv/tunebot/runs/r1/spec.json` -> `spec.json`;
+    a ``file:///`` URI (a Ray run's folder) too."""
+    return _SERVER_PATH.sub(r"\1", _FILE_URI.sub("", text))
 
 
 def failure_line(error: str | None, log: str | None = None) -> str:

@@ -45,6 +45,26 @@ def test_bad_numbers_name_the_variable(value):
         Settings.from_env({"TUNEBOT_MAX_FILE_MB": value})
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("artifacts", "must be an absolute folder"),
+        ("~/artifacts", "must be an absolute folder"),
+        ("s3://bucket/runs", "s3:// is not supported; give a folder or file:/// URI"),
+        ("file://otherhost/runs", "names another host"),
+    ],
+)
+def test_an_artifacts_root_other_nodes_cannot_see_is_refused_at_start(value, says):
+    with pytest.raises(ConfigError, match="TUNEBOT_ARTIFACTS") as info:
+        Settings.from_env({"TUNEBOT_ARTIFACTS": value})
+    assert says in str(info.value)
+
+
+def test_an_artifacts_root_with_a_space_is_kept_as_given():
+    for value in ("/srv/shared tunebot", "file:///srv/shared%20tunebot"):
+        assert Settings.from_env({"TUNEBOT_ARTIFACTS": value}).artifacts == value
+
+
 def test_readme_documents_every_setting():
     readme = README.read_text()
     for env, _, _ in Settings.documented():

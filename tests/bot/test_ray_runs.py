@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 
@@ -259,6 +260,42 @@ def test_a_run_that_needs_gpus_says_how_many_the_cluster_lacks(ray_bot):
     assert "trainers.ray_train --workers 2 --gpus-per-worker 1 --spread " in job.entrypoint
 
 
+@needs_cluster
+def test_a_resume_waits_for_the_cancelled_job_ray_still_holds(ray_bot):
+    """A job cancelled while Ray held it back stays PENDING at the cluster (its stop waits
+    until Ray can start it): a resume now would start a second job in the same folder."""
+    bot = ray_bot()
+    runs = bot.workflow.runs
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1 gpus=1")  # the CI cluster has no GPU
+    tick_until(bot, "r1", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while not bot.store.get_run("r1").external_id:
+        assert time.monotonic() < deadline, "r1 was never submitted"
+        time.sleep(0.2)
+    _, body = bot.command("cancel r1", user_id="UR")
+    assert "r1 left the Ray cluster's queue and is cancelled." in body["text"]
+    # A checkpoint in the run's folder (as an earlier attempt would have left).
+    folder = Path(runs.backends.runner("local").run_dir(submission_id(runs.key("r1"))))
+    checkpoint = folder / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    assert ray_runs.checkpoints(runs.backends.runner("local"), runs.key("r1")) == ["checkpoint-2"]
+
+    _, body = bot.command("resume r1", user_id="UR")
+    assert "r1's last Ray job is still waiting or stopping on the cluster" in body["text"]
+    run = bot.store.get_run("r1")
+    assert run.status == "cancelled"
+    for _ in range(3):  # the scheduler's ticks start nothing either
+        runs.poll_all()
+        bot.wait_idle()
+    jobs = ray_jobs(prefix(bot))
+    assert [j.submission_id for j in jobs] == [run.external_id]
+    assert str(jobs[0].status) == "PENDING"
+    assert [e for e in bot.store.audit_log(run_id="r1") if e.action == "resume_requested"] == []
+
+
 def test_gpus_and_nodes_are_refused_without_a_ray_cluster(paid_bot, tiny):  # noqa: F811
     bot = paid_bot(local_base_model=str(tiny.model), model_dirs=(str(tiny.root),))
     upload(bot, training_file(40))
@@ -286,3 +323,32 @@ def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_
     assert "tried again in 30 s" in waits[0]
     actions = [e.action for e in bot.store.audit_log(run_id="r1")]
     assert "started" not in actions and "failed" not in actions
+
+
+def test_a_ray_runs_card_says_its_gpus_and_nodes_and_no_server_path(paid_bot, tiny, tmp_path):  # noqa: F811
+    bot = paid_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9",  # nothing listens there
+        artifacts=(tmp_path / "artifacts").as_uri(),
+    )  # fmt: skip
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1 gpus=4 nodes=2")
+    bot.wait_idle()
+    cards = [t for t in texts(bot) if "Plan " in t and "r1" in t]
+    assert cards and all("epochs 1, " in c and ", gpus 4, nodes 2;" in c for c in cards), cards
+    # A folder model is named by its folder, never by its server path.
+    assert all(f"local {tiny.model.name} on d1" in c for c in cards), cards
+    assert not [t for t in texts(bot) if str(tiny.root) in t]
+
+
+def test_a_ray_runs_folder_uri_in_an_error_shows_no_server_path(tmp_path):
+    from bot import render
+    from trainers.ray_runner import RayRunner
+
+    runner = RayRunner("http://127.0.0.1:9", tmp_path / "artifacts")  # no call is made
+    where = runner.where("installation:r1")
+    assert where.startswith("file:///")
+    # What RayRunner.poll says when Ray's job ended without the worker's result.json.
+    shown = render.failure_line(f"the worker exited without a result in {where}")
+    assert shown == f"the worker exited without a result in {submission_id('installation:r1')}"
+    assert str(tmp_path) not in shown

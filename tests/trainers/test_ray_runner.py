@@ -158,6 +158,22 @@ def test_an_artifacts_root_is_a_folder_or_a_file_uri(tmp_path):
             artifacts.resolve(bad)
 
 
+def test_the_jobs_environment_holds_none_of_the_bots_secrets(tmp_path):
+    """What `submit` sends as the job's runtime_env env vars: an allow-list of the bot's."""
+    secrets = {
+        "SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "SLACK_SIGNING_SECRET": "sig-1",
+        "OPENAI_API_KEY": "sk-1", "TOGETHER_API_KEY": "tg-1", "HF_TOKEN": "hf_1",
+        "TUNEBOT_PRICES": "/srv/prices.json", "AWS_SECRET_ACCESS_KEY": "aws-1",
+        "HTTPS_PROXY": "http://user:pw@proxy:3128", "TORCH_HUB_TOKEN": "th-1", "RAY_ADDRESS": "ray://x",
+    }  # fmt: skip
+    kept = {"PATH": "/usr/bin", "HF_HOME": "/cache/hf", "NCCL_IB_PKEY": "1"}
+    devices = {"CUDA_VISIBLE_DEVICES": "0"}  # Ray sets it from num_gpus
+    r = RayRunner("http://127.0.0.1:9", tmp_path, env={**secrets, **kept, **devices})
+    env_vars = r._runtime_env()["env_vars"]
+    assert env_vars == {**kept, "RAY_JOB_STOP_WAIT_TIME_S": "120", "PYTHONUNBUFFERED": "1"}
+    assert not [v for v in secrets.values() if v in str(r._runtime_env())]
+
+
 def test_no_cluster_is_a_retryable_error(tmp_path):
     if find_spec("ray") is None:
         pytest.skip("ray is not installed")
