@@ -483,6 +483,16 @@ class Planner:
         self.clock = clock
         self.providers = dict(providers or {})
 
+    def _cutoff_refusal(self) -> str | None:
+        """The sentence refusing a new run on OpenAI's fine-tuning API after its cutoff
+        (bot.retirement.cutoff_refusal: it names where else this installation trains)."""
+        return retirement.cutoff_refusal(
+            self.clock().date(),
+            self.providers,
+            local=retirement.local_available(),
+            together_key=bool(self.settings.together_api_key),
+        )
+
     def names(self) -> tuple[str, ...]:
         """Every provider name `plan` takes: the built-in ones, then the providers file's."""
         return ("openai", "local", "together", *sorted(set(self.providers) - set(PLANS)))
@@ -514,12 +524,7 @@ class Planner:
             raise UserError(str(exc)) from None
         if not model.trainable:
             raise UserError(model.retired or f"{model.name} cannot be fine-tuned.")
-        refusal = retirement.cutoff_refusal(
-            self.clock().date(),
-            self.providers,
-            local=retirement.local_available(),
-            together_key=bool(self.settings.together_api_key),
-        )
+        refusal = self._cutoff_refusal()
         if refusal:
             raise UserError(refusal)
         lr_mult = positive(opts, "lr_mult", float, most=10.0)
@@ -737,8 +742,8 @@ class Planner:
         model = configured.model(opts.get("model") or "")
         if model is None:
             raise UserError(_unlisted(configured, opts.get("model") or ""))
-        if configured.kind == "openai" and self.clock().date() >= pricing.OPENAI_FINE_TUNING_CUTOFF:
-            raise UserError(pricing.openai_notices(self.clock().date())[0])
+        if configured.kind == "openai" and (refusal := self._cutoff_refusal()):
+            raise UserError(refusal)
         try:
             epochs = pricing.parse_epochs(opts.get("epochs"))
         except ValueError as exc:

@@ -358,11 +358,12 @@ def openai_notices(today: dt.date) -> list[str]:
         return [
             f"OpenAI stops accepting new fine-tuning jobs on {OPENAI_FINE_TUNING_CUTOFF} "
             f"({days} day{'s' if days != 1 else ''} from today); "
-            "provider=local trains open models on your own GPU."
+            "provider=local (your own GPUs) or provider=together (Together AI) trains open "
+            "models instead."
         ]
     return [
         f"OpenAI no longer accepts new fine-tuning jobs (since {OPENAI_FINE_TUNING_CUTOFF}); "
-        "use provider=local."
+        "train with provider=local or provider=together instead."
     ]
 
 

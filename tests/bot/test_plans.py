@@ -202,3 +202,36 @@ def test_a_compatible_plan_is_read_back_by_its_kind():
 def test_a_bad_together_field_is_named(changes, named):
     with pytest.raises(ValueError, match=named.replace("[", r"\[").replace(")", r"\)")):
         _together(**changes)
+
+
+def test_a_providers_file_host_of_openais_api_is_refused_after_the_cutoff(tmp_path):
+    """A providers-file host of kind openai (OpenAI under another key) gets the same
+    refusal as provider=openai after the cutoff, naming the alternatives."""
+    import datetime as dt
+
+    from bot.config import Settings
+    from bot.errors import UserError
+    from bot.plans import Planner
+    from trainers.providers import load
+
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        '[providers.team2]\nkind = "openai"\nbase_url = "https://api.openai.com/v1"\n'
+        'api_key_env = "TEAM2_OPENAI_KEY"\nprices_read = 2026-11-30\n'
+        'prices_source = "https://openai.com/api/pricing"\n'
+        '[providers.team2.models."gpt-4.1-mini-2025-04-14"]\n'
+        "training_per_1m = 5.0\ninput_per_1m = 0.8\noutput_per_1m = 3.2\ncontext = 65536\n"
+    )
+    providers = load(path)
+
+    def on(day: dt.date) -> Planner:
+        noon = dt.datetime.combine(day, dt.time(12), tzinfo=dt.UTC)
+        return Planner(Settings(), None, None, None, lambda: noon, providers=providers)
+
+    opts = {"model": "gpt-4.1-mini-2025-04-14"}
+    with pytest.raises(UserError) as refused:
+        on(dt.date(2027, 1, 6)).compatible(providers["team2"], None, None, opts, "C1")
+    text = refused.value.summary
+    assert text.startswith("OpenAI creates no new fine-tuning jobs since 2027-01-06;"), text
+    assert "together (Together AI, TOGETHER_API_KEY not set)" in text
+    assert "`/finetune migrate <run> provider=<name>`" in text
