@@ -40,6 +40,12 @@ SPLIT_DEFAULT = 0.1  # the held-out share when neither eval= nor split= is given
 SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
+def _known(cls: type, d: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The items of a stored dict that are fields of the dataclass `cls` (others left out)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (d or {}).items() if k in names}
+
+
 def _bad(owner: object, name: str, why: str, value: object) -> ValueError:
     return ValueError(f"{type(owner).__name__}.{name} {why}, not {value!r}")
 
@@ -115,8 +121,7 @@ class Estimate:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> Estimate:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return cls(**_known(cls, d))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,8 +214,7 @@ class TrainingPlan:
         kind = cls
         if cls is TrainingPlan:  # a providers-file name: its plan says which kind it is
             kind = PLANS.get(d.get("provider")) or KINDS.get(d.get("kind"), TrainingPlan)  # type: ignore[arg-type]
-        names = {f.name for f in fields(kind)}
-        args = {k: v for k, v in d.items() if k in names}
+        args = _known(kind, d)
         args["estimate"] = Estimate.from_json(d.get("estimate"))
         return kind(**args)
 
@@ -981,8 +985,7 @@ class DistillEstimate:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> DistillEstimate:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return cls(**_known(cls, d))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1046,8 +1049,7 @@ class DistillPlan:
     def from_json(cls, d: Mapping[str, Any]) -> DistillPlan:
         """A stored distillation plan, versioned or not; unknown keys left out."""
         d = _read_version(cls, d)
-        names = {f.name for f in fields(cls)}
-        args = {k: v for k, v in d.items() if k in names}
+        args = _known(cls, d)
         args["skipped_lines"] = tuple(d.get("skipped_lines") or ())
         args["estimate"] = DistillEstimate.from_json(d.get("estimate"))
         return cls(**args)
@@ -1082,8 +1084,7 @@ class EvalEstimate:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any] | None) -> EvalEstimate:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return cls(**_known(cls, d))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1150,7 +1151,6 @@ class EvalPlan:
     def from_json(cls, d: Mapping[str, Any]) -> EvalPlan:
         """A stored evaluation plan, versioned or not; unknown keys left out."""
         d = _read_version(cls, d)
-        names = {f.name for f in fields(cls)}
-        args = {k: v for k, v in d.items() if k in names}
+        args = _known(cls, d)
         args["estimate"] = EvalEstimate.from_json(d.get("estimate"))
         return cls(**args)
