@@ -360,6 +360,18 @@ def _parse(name: str, env: str, raw: str) -> object:
         except ValueError as exc:
             raise ConfigError(f"{env}: {exc}".replace("artifacts: ", "")) from None
         return raw
+    if name == "ray_address":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            # The address shows in queue messages and errors: it must carry no secret.
+            raise ConfigError(
+                f"{env} must be the dashboard's address alone (http://host:8265), without a "
+                "user, password, query or fragment; put credentials in the cluster's proxy "
+                "or network rules instead"
+            )
+        return raw
     if name == "slack_api_url" and not raw.endswith("/"):
         return raw + "/"
     return raw

@@ -65,6 +65,15 @@ def test_an_artifacts_root_with_a_space_is_kept_as_given():
         assert Settings.from_env({"TUNEBOT_ARTIFACTS": value}).artifacts == value
 
 
+def test_a_ray_address_with_credentials_is_refused_and_not_repeated():
+    for value in ("http://admin:hunter2@10.0.0.5:8265", "http://10.0.0.5:8265/?token=hunter2"):
+        with pytest.raises(ConfigError, match="TUNEBOT_RAY_ADDRESS") as info:
+            Settings.from_env({"TUNEBOT_RAY_ADDRESS": value})
+        assert "hunter2" not in str(info.value)
+    for value in ("http://10.0.0.5:8265", "127.0.0.1:8265", "https://ray.internal"):
+        assert Settings.from_env({"TUNEBOT_RAY_ADDRESS": value}).ray_address == value
+
+
 def test_readme_documents_every_setting():
     readme = README.read_text()
     for env, _, _ in Settings.documented():
