@@ -34,7 +34,8 @@ from bot.plans import DistillEstimate, DistillPlan
 from bot.results import RunResult
 
 if TYPE_CHECKING:
-    from bot.runs import Runs  # which builds this and imports this module
+    from bot.evaluation import Evaluations
+    from bot.run_service import RunService
     from storage import Dataset, Run
 
 log = logging.getLogger("tunebot")
@@ -43,11 +44,14 @@ MARGIN = 0.10  # spend may exceed the approved estimate by at most this share (i
 
 
 class Distiller:
-    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+    def __init__(
+        self, ctx: Context, datasets: Datasets, runs: RunService, evals: Evaluations
+    ) -> None:
         self.ctx = ctx
         self.datasets = datasets
         self.runs = runs  # which builds this
-        self.store = runs.store
+        self.evals = evals
+        self.store = ctx.store
         self.settings = runs.settings
         from trainers.chat_worker import ChatWorker
 
@@ -252,7 +256,7 @@ class Distiller:
             others = gate.ledger.committed(gate.since(), besides=reservation.id)
             cap = min(cap, max(budget - others, 0.0))
         result = distill(
-            self.runs.evals._openai(),
+            self.evals._openai(),
             run.model,
             prompts.items,
             concurrency=self.settings.eval_concurrency,
@@ -349,9 +353,7 @@ class Distiller:
             raise UserError(
                 f'Give a prompt: `/finetune chat {run.id} "How do I reset my password?"`'
             )
-        if run.status != "succeeded" or not (
-            run.provider == "local" or self.runs.evals.hosted(run)
-        ):
+        if run.status != "succeeded" or not (run.provider == "local" or self.evals.hosted(run)):
             raise UserError(
                 f"{run.id} is not a finished training run, so there is no tuned model to ask."
             )
@@ -397,9 +399,7 @@ class Distiller:
         tuned = RunResult.of(run).fine_tuned_model or run.model
         try:
             return sum(
-                inference_cost(
-                    model, tokens_in, CHAT_MAX_TOKENS, self.runs.evals.prices_for(run, model)
-                )
+                inference_cost(model, tokens_in, CHAT_MAX_TOKENS, self.evals.prices_for(run, model))
                 for model in (run.model, tuned)
             )
         except ValueError:
@@ -435,8 +435,8 @@ class Distiller:
         else:
             spent = 0.0
             try:
-                client = self.runs.evals.client_for(run)  # the run's host
-                prices = self.runs.evals.prices_for(run, run.model)
+                client = self.evals.client_for(run)  # the run's host
+                prices = self.evals.prices_for(run, run.model)
                 tuned_model = RunResult.of(run).fine_tuned_model
                 base = generate_openai(client, run.model, [example], max_tokens=CHAT_MAX_TOKENS)[0]
                 spent += generation_cost(run.model, [base], prices) or 0.0

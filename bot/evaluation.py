@@ -38,7 +38,7 @@ from bot.plans import EvalEstimate, EvalPlan
 from bot.results import RunResult
 
 if TYPE_CHECKING:
-    from bot.runs import Runs  # which builds this and imports this module
+    from bot.run_service import RunService
     from storage import Run
 
 log = logging.getLogger("tunebot")
@@ -67,7 +67,7 @@ class EvalCost:
 
 
 class Evaluations:
-    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+    def __init__(self, ctx: Context, datasets: Datasets, runs: RunService) -> None:
         self.ctx = ctx
         self.datasets = datasets
         self.runs = runs  # which builds this

@@ -35,7 +35,9 @@ from storage import Run
 from trainers.runner import RunnerError, RunState
 
 if TYPE_CHECKING:
-    from bot.runs import Runs  # which builds this
+    from bot.context import Context
+    from bot.evaluation import Evaluations
+    from bot.run_service import RunService
 
 log = logging.getLogger("tunebot")
 
@@ -45,10 +47,11 @@ RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is trie
 class LocalQueue:
     """The local runs of one installation; `runs` is the run service that builds it."""
 
-    def __init__(self, runs: Runs) -> None:
-        self.runs = runs
-        self.ctx = runs.ctx
-        self.store = runs.store
+    def __init__(self, ctx: Context, runs: RunService, evals: Evaluations) -> None:
+        self.runs = runs  # which builds this
+        self.evals = evals
+        self.ctx = ctx
+        self.store = ctx.store
         self.backends = runs.backends
         self._lock = threading.Lock()  # one dispatch at a time: slots are counted, then taken
 
@@ -180,7 +183,7 @@ class LocalQueue:
         }
 
     def _training_files(self, run: Run) -> dict[str, str]:
-        data = self.runs.evals.prepare(run)
+        data = self.evals.prepare(run)
         files = {"train": str(self.ctx.blobs.path(data["train_sha256"]))}
         if data.get("eval_sha256"):
             files["eval"] = str(self.ctx.blobs.path(data["eval_sha256"]))

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from bot.commands import Command
     from bot.context import Context
     from bot.datasets import Datasets
-    from bot.runs import Runs
+    from bot.evaluation import Evaluations
+    from bot.run_service import RunService
     from storage import Run
 
 log = logging.getLogger("tunebot")
@@ -160,10 +161,13 @@ class Migrations:
     """`request` answers /finetune migrate; `after_success` (a Runs.on_success hook)
     posts the comparison when a migrated run succeeds."""
 
-    def __init__(self, ctx: Context, datasets: Datasets, runs: Runs) -> None:
+    def __init__(
+        self, ctx: Context, datasets: Datasets, runs: RunService, evals: Evaluations
+    ) -> None:
         self.ctx = ctx
         self.datasets = datasets
         self.runs = runs
+        self.evals = evals
         self.store = ctx.store
         self.settings = ctx.settings
 
@@ -238,7 +242,7 @@ class Migrations:
         Evaluations.host_rates), or None when they can be priced or cost nothing."""
         if provider in ("local", "openai", *NOT_TRAINING):
             return None
-        if self.runs.evals.host_rates(provider, model) is not None:
+        if self.evals.host_rates(provider, model) is not None:
             return None
         where = (
             "input_per_1m and output_per_1m for it to the providers file"
@@ -371,7 +375,7 @@ class Migrations:
         (Evaluations.prices_for); only the tuned model is asked."""
         from trainers.evaluate import generate_local, generate_openai, generation_cost
 
-        evals = self.runs.evals
+        evals = self.evals
         if run.provider == "local":
             from bot.local_models import LocalModels
 
@@ -446,9 +450,7 @@ class Migrations:
 
         model = RunResult.of(run).fine_tuned_model or run.model
         try:
-            return inference_cost(
-                model, tokens_in, tokens_out, self.runs.evals.prices_for(run, model)
-            )
+            return inference_cost(model, tokens_in, tokens_out, self.evals.prices_for(run, model))
         except (ValueError, UserError):
             return None
 

@@ -105,16 +105,18 @@ class Runs:
         self.evals = Evaluations(ctx, datasets, self)
         from bot.distillation import Distiller
 
-        self.distiller = Distiller(ctx, datasets, self)
+        self.distiller = Distiller(ctx, datasets, self, self.evals)
         from bot.migrate import Migrations
 
-        self.migrations = Migrations(ctx, datasets, self)
+        self.migrations = Migrations(ctx, datasets, self, self.evals)
         from bot.weights import Downloads
 
         self.downloads = Downloads(ctx, self)
         from bot.local_queue import LocalQueue
 
-        self.local = LocalQueue(self)  # provider=local runs: the queue, launch, poll, resume
+        self.local = LocalQueue(
+            ctx, self, self.evals
+        )  # provider=local runs: the queue, launch, poll, resume
 
     # --- collaborators -------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from trainers.runner import RunnerError
 
 if TYPE_CHECKING:
     from bot.context import Context
-    from bot.runs import Runs
+    from bot.run_service import RunService
 
 log = logging.getLogger("tunebot")
 
@@ -36,7 +36,7 @@ KINDS = ("adapter", "merged")  # what `download` takes after the run; a full run
 
 
 class Downloads:
-    def __init__(self, ctx: Context, runs: Runs) -> None:
+    def __init__(self, ctx: Context, runs: RunService) -> None:
         self.ctx = ctx
         self.runs = runs
         self.store = ctx.store

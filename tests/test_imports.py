@@ -1,7 +1,7 @@
 """The house's import rules, walked from the source (no module is imported).
 
 - No import circle anywhere in bot/, trainers/ or storage/, counting imports
-  made inside functions too (only `if TYPE_CHECKING:` blocks are left out).
+  made inside functions and in `if TYPE_CHECKING:` blocks too.
 - storage/ and trainers/ know nothing of Slack or of bot/; storage/ nothing
   of trainers/.
 - torch, transformers, peft, trl, datasets, bitsandbytes and accelerate are
@@ -27,17 +27,19 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, modules: set[str]) -> tuple[set[str], set[str], set[str]]:
-    """(project modules imported anywhere, top-level packages imported anywhere,
-    top-level packages imported at module level), TYPE_CHECKING blocks left out."""
+    """(project modules imported anywhere, TYPE_CHECKING blocks included; top-level
+    packages imported anywhere, and at module level, TYPE_CHECKING blocks left out)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     ours: set[str] = set()
     anywhere: set[str] = set()
     top: set[str] = set()
 
-    def visit(node: ast.AST, at_top: bool) -> None:
+    def visit(node: ast.AST, at_top: bool, typing: bool = False) -> None:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:  # only for the circle: a type is an import too
+                visit(child, at_top, typing=True)
             for child in node.orelse:
-                visit(child, at_top)
+                visit(child, at_top, typing)
             return
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -45,14 +47,16 @@ def _imports(path: Path, modules: set[str]) -> tuple[set[str], set[str], set[str
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
+            if name in modules:
+                ours.add(name)
+            if typing:
+                continue
             anywhere.add(name.split(".")[0])
             if at_top:
                 top.add(name.split(".")[0])
-            if name in modules:
-                ours.add(name)
         inner = at_top and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
         for child in ast.iter_child_nodes(node):
-            visit(child, inner)
+            visit(child, inner, typing)
 
     visit(tree, True)
     return ours, anywhere, top
