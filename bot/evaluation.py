@@ -158,25 +158,36 @@ class Evaluations:
 
     # --- asking for one ----------------------------------------------------------------
 
-    def after_success(self, run: Run) -> None:
-        """A run succeeded: evaluate it on its held-out data, through the gate."""
-        data = RunResult.of(run).data or {}
-        if not data.get("eval_sha256"):
-            note = data.get("note") or "no held-out data"
-            self.ctx.post(
-                run.channel,
-                run.thread_ts,
-                render.note(
-                    f"{run.id}: not evaluated ({note}). `/finetune eval {run.id} eval=<dataset>` evaluates it on another dataset."
-                ),
-            )
-            return
+    def after_success(self, run: Run, then: Callable[[], None] | None = None) -> None:
+        """A run succeeded: evaluate it on its held-out data, through the gate.
+
+        `then()` (e.g. the migration comparison, which reuses the evaluation's answers)
+        runs once the evaluation has ended, on its job, whatever the outcome; or right
+        away, on this thread, when no evaluation was started (no held-out data, refused,
+        waiting for an approval, busy)."""
+        started = False
         try:
-            message = self._ask(run, data["eval_sha256"], None, user=None)
-        except UserError as exc:
-            message = render.note(f"{run.id}: not evaluated: {exc.summary}")
-        if message is not None:
-            self.ctx.post(run.channel, run.thread_ts, message)
+            data = RunResult.of(run).data or {}
+            if not data.get("eval_sha256"):
+                note = data.get("note") or "no held-out data"
+                self.ctx.post(
+                    run.channel,
+                    run.thread_ts,
+                    render.note(
+                        f"{run.id}: not evaluated ({note}). `/finetune eval {run.id} eval=<dataset>` evaluates it on another dataset."
+                    ),
+                )
+                return
+            try:
+                message = self._ask(run, data["eval_sha256"], None, user=None, then=then)
+                started = message is None
+            except UserError as exc:
+                message = render.note(f"{run.id}: not evaluated: {exc.summary}")
+            if message is not None:
+                self.ctx.post(run.channel, run.thread_ts, message)
+        finally:
+            if then is not None and not started:
+                then()
 
     def request(
         self, run_ref: str | None, channel: str, eval_ref: str | None, user: str
@@ -206,12 +217,19 @@ class Evaluations:
         return message or render.note(f"Evaluating {run.id}; the results go to its thread.")
 
     def _ask(
-        self, run: Run, eval_sha: str, eval_dataset_id: str | None, *, user: str | None
+        self,
+        run: Run,
+        eval_sha: str,
+        eval_dataset_id: str | None,
+        *,
+        user: str | None,
+        then: Callable[[], None] | None = None,
     ) -> render.Message | None:
         """Estimate, check who and how much, then reserve and start, or ask for approval.
 
         `user` None is tunebot itself, after a run it was approved to make.
-        Returns the answer for the asker (None: started, nothing to add).
+        Returns the answer for the asker (None: started, nothing to add; `then()`
+        runs on the evaluation's job after it).
         """
         from trainers.evaluate import examples_from_file
 
@@ -270,7 +288,7 @@ class Evaluations:
             self.ctx.post(run.channel, run.thread_ts, render.note(f"{run.id}: {left_out}"))
         self.ctx.submit(
             f"evaluating {run.id}",
-            lambda: self._reserved(run.id, eval_sha, eval_dataset_id, cost, reservation.id),
+            lambda: self._reserved(run.id, eval_sha, eval_dataset_id, cost, reservation.id, then),
             run.channel,
             run.thread_ts,
             long=True,
@@ -453,8 +471,10 @@ class Evaluations:
         eval_dataset_id: str | None,
         cost: EvalCost,
         reservation_id: int,
+        then: Callable[[], None] | None = None,
     ) -> None:
-        """Run an evaluation whose estimate is reserved; settle at what it spent, whatever happens."""
+        """Run an evaluation whose estimate is reserved; settle at what it spent, whatever
+        happens; then `then()`, whatever happened."""
         spent = [0.0]
         ledger = self.runs.gate.ledger
 
@@ -466,6 +486,8 @@ class Evaluations:
             self.evaluate(run_id, eval_sha, eval_dataset_id, cost=cost, on_spend=on_spend)
         finally:
             ledger.settle(reservation_id, spent[0])
+            if then is not None:
+                then()
 
     def evaluate(
         self,

@@ -9,9 +9,14 @@ judged on the same examples. The hyperparameters are carried by `MAPPING`,
 one row per target kind; what has no equivalent there is listed on the
 card with the reason (`WHY`).
 
-When the new run succeeds, `Migrations.after_success` asks both models the
-held-out prompts (the old one while it still serves, else its stored answers
-from its own evaluation) and posts in the thread how much of the old model's
+When the new run succeeds and its own evaluation has ended (the comparison is
+Evaluations.after_success's `then`), `Migrations.after_success` compares both
+models on the held-out prompts: the new model's answers are the ones its
+evaluation just got when that evaluation was made on exactly these examples
+(same lines, same order, same prompts and references: `stored_evaluation`),
+else (not evaluated, failed answers, another set: said in the thread) it is
+asked again; the old model is asked while it still serves, else its stored
+answers from its own evaluation stand in. It posts in the thread how much of the old model's
 quality the new one keeps (its mean primary score as a share of the old
 one's, with win / tie / loss per example) and what 1,000 calls cost on each:
 the held-out set's average prompt and reference-answer tokens (o200k_base) at
@@ -21,8 +26,8 @@ the providers file's for another host); a local model has no hosted cost. A
 hosted model is asked on its own host (Evaluations.client_for). A migration
 whose models could not be priced there is refused when asked, in one sentence
 naming what to add, not after training. Hosted answers are paid: the
-comparison reserves its estimate through the spend gate first and settles at
-what it spent.
+comparison reserves the estimate of what it will ask (reused answers cost
+nothing) through the spend gate first and settles at what it spent.
 """
 
 from __future__ import annotations
@@ -296,8 +301,17 @@ class Migrations:
                 f"{old.id}'s model stopped serving on {ends:%Y-%m-%d}, so its answers are "
                 "the ones stored by its own evaluation"
             )
+        if not ask_old:
+            old_answers = self._stored_answers(old, examples)  # UserError: nothing to compare
+        # r2's own evaluation (it ends before this runs: Evaluations.after_success's `then`)
+        # asked its tuned model the same held-out examples: those answers are reused.
+        new_answers, why_not = self.evaluated_answers(new, examples)
+        if new_answers is None and why_not:
+            notes.append(f"{why_not}, so its model was asked again")
         try:
-            reservation = self._reserve(new, old, examples, ask_old=ask_old)
+            reservation = self._reserve(
+                new, old, examples, ask_old=ask_old, ask_new=new_answers is None
+            )
         except SpendRefused as exc:
             self.ctx.post(
                 new.channel,
@@ -310,10 +324,12 @@ class Migrations:
             if ask_old:
                 old_answers, cost = self.answers(old, examples)
                 spent += cost
+            if new_answers is None:
+                new_answers, cost = self.answers(new, examples)
+                spent += cost
+                answered = "asked"
             else:
-                old_answers = self._stored_answers(old, examples)
-            new_answers, cost = self.answers(new, examples)
-            spent += cost
+                answered = "its evaluation"
         finally:
             if reservation is not None:
                 self.runs.gate.ledger.settle(reservation.id, spent)
@@ -333,6 +349,7 @@ class Migrations:
             "examples": len(examples),
             "per_1k_calls_usd": per_1k,
             "cost_usd": spent,
+            "answers_from": {"old": "asked" if ask_old else "its evaluation", "new": answered},
             "notes": notes,
             "rows": [{"index": r.index, "old": r.base, "new": r.tuned} for r in result.rows],
         }
@@ -393,31 +410,65 @@ class Migrations:
         )
         return answers, generation_cost(model, answers, prices) or 0.0
 
-    def _stored_answers(self, run: Run, examples) -> list[str]:
-        """The tuned answers of `run`'s latest evaluation, by held-out example."""
+    def stored_evaluation(self, run: Run, examples):
+        """The rows (trainers.evaluate.Row) of `run`'s latest stored evaluation made on
+        exactly `examples`: the same held-out examples in the same order, each row's
+        index (line number), prompt text and reference answer equal to the example's.
+        None when no stored evaluation of it is (another split, another eval set, an
+        evaluation from before a change of the data, unreadable rows)."""
         from trainers.evaluate import EvalResult
 
+        wanted = [(e.index, e.prompt_text, e.reference) for e in examples]
         for stored in reversed(self.store.evals(run.id)):
             try:
-                rows = {r.index: r.tuned for r in EvalResult.from_dict(stored.rows_json).rows}
+                rows = EvalResult.from_dict(stored.rows_json).rows
             except ValueError:
                 continue
-            if all(e.index in rows for e in examples):
-                return [rows[e.index] for e in examples]
-        raise UserError(
-            f"{run.id}'s model no longer serves and no stored evaluation of it covers the "
-            "held-out set, so there is nothing to compare with."
-        )
+            if [(r.index, r.prompt, r.reference) for r in rows] == wanted:
+                return rows
+        return None
 
-    def _reserve(self, new: Run, old: Run, examples, *, ask_old: bool):
-        """Reserve the hosted answers (every one at its token limit) through the spend
-        gate; None when nothing hosted is asked. Raises SpendRefused over the budget."""
+    def evaluated_answers(self, run: Run, examples) -> tuple[list | None, str | None]:
+        """(the tuned answers (trainers.evaluate.Generation) of `run`'s own evaluation on
+        `examples`, None) when one stored evaluation has them all (`stored_evaluation`);
+        else (None, why not: a phrase for the thread, or None when `run` was simply
+        never evaluated or its evaluation did not end)."""
+        from trainers.evaluate import Generation
+
+        rows = self.stored_evaluation(run, examples)
+        if rows is None:
+            if self.store.evals(run.id):
+                return None, f"{run.id}'s own evaluation was not on these held-out examples"
+            return None, None
+        failed = sum(1 for r in rows if r.tuned_error)
+        if failed:
+            return None, f"{failed} of {run.id}'s answers in its own evaluation failed"
+        return [Generation(r.tuned) for r in rows], None
+
+    def _stored_answers(self, run: Run, examples) -> list:
+        """The tuned answers of `run`'s latest evaluation on exactly `examples`
+        (`stored_evaluation`), a failed one as its error. UserError when none covers them."""
+        from trainers.evaluate import Generation
+
+        rows = self.stored_evaluation(run, examples)
+        if rows is None:
+            raise UserError(
+                f"{run.id}'s model no longer serves and no stored evaluation of it was made "
+                "on this held-out set, so there is nothing to compare with."
+            )
+        return [Generation(r.tuned, r.tuned_error) for r in rows]
+
+    def _reserve(self, new: Run, old: Run, examples, *, ask_old: bool, ask_new: bool = True):
+        """Reserve what will be asked of hosted models (every answer at its token limit)
+        through the spend gate: the old model when `ask_old`, the new one when `ask_new`
+        (not when its evaluation's answers are reused). None when nothing hosted is
+        asked. Raises SpendRefused over the budget."""
         from trainers.evaluate import ANSWER_MAX_TOKENS
 
         tokens_in = sum(len(e.prompt_text) for e in examples) // 4 + 1  # ~4 characters a token
         tokens_out = len(examples) * ANSWER_MAX_TOKENS
         usd = 0.0
-        for run in ((old,) if ask_old else ()) + (new,):
+        for run in ((old,) if ask_old else ()) + ((new,) if ask_new else ()):
             if run.provider != "local":
                 usd += self.price(run, tokens_in, tokens_out) or 0.0
         if usd <= 0:

@@ -53,8 +53,12 @@ class Workflow:
         self.runs.refresh_home = self.home_tab.refresh_home  # a run changed: its people's tabs
         self.admin = Admin(ctx, self.datasets, self.runs)  # release, forget, budget, audit
         self.decisions = Decisions(ctx, self.runs)  # Approve / Reject clicks
-        self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
-        self.runs.on_success.append(self.runs.migrations.after_success)  # old vs new model
+        # Evaluate what succeeded; then (once the evaluation has ended, its answers stored
+        # for reuse) compare a migrated run's model with the one it migrates.
+        evals, migrations = self.runs.evals, self.runs.migrations
+        self.runs.on_success.append(
+            lambda run: evals.after_success(run, then=lambda: migrations.after_success(run))
+        )
         # What each kind of acked work runs (Context.start_work); args from pending_work.
         ctx.on_work("ingest", self.datasets.ingest_work)
         ctx.on_work("decide", self.decisions.decide_work)

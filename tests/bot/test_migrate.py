@@ -11,14 +11,16 @@ import time
 
 import pytest
 
+from bot.errors import UserError
 from bot.evaluation import _embedder
 from bot.migrate import differences, map_hyperparameters
 from bot.retirement import alternatives, cutoff_refusal, local_available
 from tests.bot.test_runs import click, request, texts, upload
+from tests.fakes.openai_api import MESSAGE_OVERHEAD
 from tests.fakes.together_api import FakeTogether, limits_for
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from tests.trainers.test_providers import GOOD
-from trainers.evaluate import examples_from_file, score, split_file
+from trainers.evaluate import ANSWER_MAX_TOKENS, examples_from_file, score, split_file
 from trainers.pricing import PriceTable
 from trainers.providers import load
 from trainers.tokens import tiktoken_encoding
@@ -300,6 +302,10 @@ def test_an_openai_run_migrated_to_local_trains_on_the_same_split_and_is_compare
     record = bot.store.get_run("r2").result_json["migration"]
     assert [r["old"] for r in record["rows"]] == old_answers
     new_answers = [r["new"] for r in record["rows"]]
+    # r2's adapter answered once, in its own evaluation; the comparison took those answers.
+    (evaluated,) = bot.store.evals("r2")
+    assert new_answers == [r["tuned"] for r in evaluated.rows_json["rows"]]
+    assert record["answers_from"] == {"old": "asked", "new": "its evaluation"}
 
     # The numbers in the thread, computed again from the answers.
     result = score(examples, old_answers, new_answers, embedder=_embedder())
@@ -336,6 +342,7 @@ def test_an_openai_run_migrated_to_local_trains_on_the_same_split_and_is_compare
     bot.workflow.runs.migrations.compare("r2")
     assert len(bot.openai.chat_calls()) == chats  # nothing asked of a retired model
     again = bot.store.get_run("r2").result_json["migration"]
+    assert again["answers_from"] == {"old": "its evaluation", "new": "its evaluation"}
     assert [r["old"] for r in again["rows"]] == old_answers  # r1's evaluation stored them
     assert again["notes"] == [
         "r1's model stopped serving on 2027-01-14, so its answers are the ones stored by "
@@ -521,11 +528,14 @@ def test_an_openai_run_migrated_to_together_trains_there_and_is_compared(
         json.loads(c.body)
         for c in together_fake.calls_to("POST", "/v1/chat/completions", exact=True)
     ]
-    # r2's own evaluation asks its base and its tuned model; the comparison the tuned once more.
-    assert len(asked) == 3 * n
+    # r2's own evaluation asks its base and its tuned model; the comparison reuses the tuned
+    # answers it got (same held-out lines, same order) instead of paying for them again.
+    assert n == 5 and len(asked_openai) == 5 and len(asked) == 10 == 2 * n
     assert sum(a["model"] == TOGETHER_MODEL for a in asked) == n
     tuned_asked = [a["messages"][-1]["content"] for a in asked if a["model"] == new_tuned]
-    assert sorted(tuned_asked) == sorted(prompts * 2)
+    assert sorted(tuned_asked) == prompts
+    (evaluated,) = bot.store.evals("r2")
+    assert evaluated.summary_json["examples"] == n
 
     record = bot.store.get_run("r2").result_json["migration"]
     old_answers = [f"[{old_tuned}] {e.prompt[-1]['content']}" for e in examples]  # the fakes' echo
@@ -554,14 +564,83 @@ def test_an_openai_run_migrated_to_together_trains_there_and_is_compared(
     )
     assert record["per_1k_calls_usd"] == pytest.approx({"old": old_usd, "new": new_usd})
 
-    # Both models' answers were paid: reserved through the spend gate, settled at their cost.
-    (entry,) = [
-        e
-        for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
-        if e.ref == "r2:compare"
-    ]
+    assert record["answers_from"] == {"old": "asked", "new": "its evaluation"}
+    assert record["notes"] == []
+
+    # Only r1's answers were paid by the comparison: reserved through the spend gate (every
+    # answer at its token limit, r1's model alone), settled at their cost.
+    def reserved(entries):
+        return [e for e in entries if e.ref == "r2:compare"]
+
+    ledger = bot.workflow.runs.gate.ledger
+    (entry,) = reserved(ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
+    tokens_in_max = sum(len(e.prompt_text) for e in examples) // 4 + 1
+    tokens_out_max = n * ANSWER_MAX_TOKENS
+    assert entry.estimate_usd == pytest.approx(
+        (
+            tokens_in_max * openai_price.ft_input_per_1m
+            + tokens_out_max * openai_price.ft_output_per_1m
+        )
+        / 1e6
+    )
+    paid = sum(  # the OpenAI fake counts words: MESSAGE_OVERHEAD + each message's, its echo's
+        sum(MESSAGE_OVERHEAD + len(m["content"].split()) for m in a["messages"])
+        * openai_price.ft_input_per_1m
+        + len(f"[{old_tuned}] {a['messages'][-1]['content']}".split())
+        * openai_price.ft_output_per_1m
+        for a in asked_openai
+    )
     assert entry.status == "settled" and entry.actual_usd == pytest.approx(record["cost_usd"])
-    assert record["cost_usd"] > 0
+    assert record["cost_usd"] == pytest.approx(paid / 1e6) and record["cost_usd"] > 0
+
+    # r2's data now names another held-out file (as if re-split): its evaluation's answers
+    # are not for these examples, so the comparison asks r2's model again and says so.
+    blobs = bot.workflow.blobs
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    split_file(
+        blobs.path(new.plan_json["dataset_sha256"]), train, held,
+        fraction=new.plan_json["split"], seed=7,
+    )  # fmt: skip
+    other = {**new.result_json["data"], "eval_sha256": blobs.put_file(held)}
+    bot.store.update_run("r2", result_json={**bot.store.get_run("r2").result_json, "data": other})
+    resplit = examples_from_file(held)
+    # The same line numbers (an index is a line of the held-out file), other examples.
+    assert [e.index for e in resplit] == [e.index for e in examples]
+    assert [e.prompt for e in resplit] != [e.prompt for e in examples]
+    bot.workflow.runs.migrations.compare("r2")
+    chats = together_fake.calls_to("POST", "/v1/chat/completions", exact=True)
+    assert len(chats) == 10 + len(resplit)
+    again = [json.loads(c.body) for c in chats[10:]]
+    assert {a["model"] for a in again} == {new_tuned}
+    assert sorted(a["messages"][-1]["content"] for a in again) == sorted(
+        e.prompt[-1]["content"] for e in resplit
+    )
+    assert len(bot.openai.chat_calls()) == openai_chats + n + len(resplit)
+    record = bot.store.get_run("r2").result_json["migration"]
+    assert record["answers_from"] == {"old": "asked", "new": "asked"}
+    assert record["notes"] == [
+        "r2's own evaluation was not on these held-out examples, so its model was asked again"
+    ]
+    later = [t for t in texts(bot) if t.startswith("r2 vs r1")]
+    assert len(later) == 2 and later[1].endswith(
+        "Note: r2's own evaluation was not on these held-out examples, so its model was "
+        "asked again."
+    )
+    second = reserved(ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))
+    assert len(second) == 2 and second[1].estimate_usd > second[0].estimate_usd  # both asked
+
+    # Once r1's model no longer serves, its stored answers stand in only for the examples
+    # they answered: line numbers 1-5 of another held-out file are other examples.
+    bot.workflow.runs.clock = Clock(dt.date(2027, 1, 20))
+    with pytest.raises(UserError) as refused:
+        bot.workflow.runs.migrations.compare("r2")
+    assert refused.value.summary == (
+        "r1's model no longer serves and no stored evaluation of it was made on this held-out "
+        "set, so there is nothing to compare with."
+    )
+    assert len(together_fake.calls_to("POST", "/v1/chat/completions", exact=True)) == 15
+    assert len(bot.openai.chat_calls()) == openai_chats + 10
+    assert len(reserved(ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC)))) == 2
     shown = "\n".join(texts(bot))
     assert "Traceback" not in shown and str(tmp_path) not in shown
 
