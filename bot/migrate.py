@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunebot")
 
 NOT_TRAINING = ("eval", "distill")  # run kinds that train no model
+OPEN = ("pending_approval", "approved", "queued", "submitting", "running")  # not ended yet
 
 # Target kind -> {a stored plan's field: the /finetune train option it becomes there,
 # or None when the target has no equivalent (WHY says why)}. A field a source plan
@@ -235,11 +236,48 @@ class Migrations:
             carried=list(mapped.carried),
             differences=differences(plan, stored, mapped),
         )
-        answer = self.runs.request_plan(stored, dataset, channel, user)
+        answer = self.runs.request_plan(
+            stored, dataset, channel, user,
+            unique=lambda: self._refuse_second(source.id, provider, new.model),
+        )  # fmt: skip
         return render.note(
             f"Migrating {source.id} to {provider}: {answer.text} The plan lists what carries "
             "over and what differs."
         )
+
+    def open_migration(self, source_id: str, provider: str, model: str) -> tuple[str, str] | None:
+        """(run id, status) of a migration of `source_id` to `provider`'s `model` that has
+        not ended: a run pending approval, queued or running, or a request recorded
+        whose run is not written yet ("being recorded"); None when there is none."""
+        for run in self.store.runs(status=list(OPEN), limit=None):
+            plan = run.plan_json or {}
+            if plan.get("migrated_from") == source_id and (run.provider, run.model) == (
+                provider,
+                model,
+            ):
+                return run.id, run.status.replace("_", " ")
+        for work in self.store.pending_work("request"):
+            args = (work.payload_json or {}).get("args") or {}
+            plan = args.get("plan") or {}
+            if (plan.get("migrated_from"), plan.get("provider"), plan.get("model")) == (
+                source_id,
+                provider,
+                model,
+            ) and self.store.find_run(args.get("run_id") or "") is None:
+                return args.get("run_id") or "?", "being recorded"
+        return None
+
+    def _refuse_second(self, source_id: str, provider: str, model: str) -> None:
+        """Raise UserError when `open_migration` finds one (called in the transaction
+        that records the request, so of simultaneous asks one is recorded)."""
+        found = self.open_migration(source_id, provider, model)
+        if found is not None:
+            run_id, status = found
+            raise UserError(
+                f"{source_id} is already being migrated to {provider} "
+                f"(`{render.escape(model)}`) as {run_id} ({status}); `/finetune cancel "
+                f"{run_id}` first to ask again."
+            )
 
     def unpriced(self, provider: str, model: str) -> str | None:
         """The sentence refusing a migration whose comparison could not price `model`'s

@@ -42,7 +42,13 @@ class RunService(Protocol):
     def claim_token(self) -> str: ...
 
     def request_plan(
-        self, plan: dict, dataset: Dataset, channel: str, user: str
+        self,
+        plan: dict,
+        dataset: Dataset,
+        channel: str,
+        user: str,
+        *,
+        unique: Callable[[], None] | None = None,
     ) -> render.Message: ...
 
     def _put_to_approvers(

@@ -163,17 +163,30 @@ class Runs:
         plan = self.planner.plan(provider, dataset, report, opts, channel).to_json()
         return self.request_plan(plan, dataset, channel, user)
 
-    def request_plan(self, plan: dict, dataset: Dataset, channel: str, user: str) -> render.Message:
+    def request_plan(
+        self,
+        plan: dict,
+        dataset: Dataset,
+        channel: str,
+        user: str,
+        *,
+        unique: Callable[[], None] | None = None,
+    ) -> render.Message:
         """Ask for a run of a frozen `plan` (its `to_json()`, extra keys allowed) on
         `dataset`: the policy checked read-only, the request recorded under its run id,
         then the job records the run and posts its card. Returns the ack's answer.
-        `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here."""
+        `/finetune train` and `/finetune migrate` (bot/migrate.py) both end here.
+        `unique()` runs inside the write transaction that records the request (one
+        writer at a time, every process): raising UserError there refuses it with
+        nothing recorded (one migration of a run to one place at a time)."""
         provider = plan["provider"]
         policy = self.approvers.policy()
         self._refuse(plan, policy, user)  # read-only; the job checks again, in its transaction
         # One small write before the ack (the request, under the id it will have);
         # the run, its reservation and its card are the job's (`request_work`).
         with self.store.transaction():
+            if unique is not None:
+                unique()
             run_id = self.store.new_run_id()
             start = self.ctx.record_work(
                 "request", f"request:{run_id}",
