@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.errors import UserError
+from bot.render.text import escape
 from bot.results import RunResult
 
 if TYPE_CHECKING:
@@ -135,11 +136,15 @@ class LocalModels:
         except _Why as why:
             if from_setting:
                 raise ModelRefused(
-                    f"TUNEBOT_LOCAL_BASE_MODEL is `{raw}`, which a local run cannot use: {why}.",
+                    f"TUNEBOT_LOCAL_BASE_MODEL is `{escape(raw)}`, which a local run cannot use: "
+                    f"{why}.",
                     "Ask whoever runs tunebot to fix the setting, or name the model: "
                     + self.allowed(),
                 ) from None
-            raise ModelRefused(f"`model={raw}` is not allowed: {why}.", self.allowed()) from None
+            # What a member typed goes back to Slack inert: `<@U…>` or `<!channel>` pings nobody.
+            raise ModelRefused(
+                f"`model={escape(raw)}` is not allowed: {why}.", self.allowed()
+            ) from None
 
     def _check(self, raw: str, channel: str, from_setting: bool) -> LocalModel:
         from trainers.models import KNOWN

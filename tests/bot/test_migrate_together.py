@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -254,3 +255,116 @@ def test_a_together_run_migrated_to_local_trains_on_the_same_split_and_is_compar
         "`model + LoRA r2` $0 hosted cost (it runs on your own GPUs)."
     )
     assert str(tiny.root) not in posted
+
+
+# --- a hostile channel ------------------------------------------------------------------
+
+
+def test_twenty_simultaneous_migrations_make_one_run(together_paid_bot):
+    bot = together_paid_bot()
+    fake = bot.together
+    together_r1(bot)
+    calls_before = len(fake.calls)
+    ask = f"migrate r1 provider=together model={LLAMA}"
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: bot.command(ask, user_id="UR"), range(20)))
+    bot.wait_idle()
+    assert [code for code, _ in answers] == [200] * 20
+    said = [body["text"] for _, body in answers]
+    accepted = [t for t in said if t.startswith("Migrating r1 to together: r2 needs approval")]
+    assert len(accepted) == 1, said
+    refused = [t for t in said if t not in accepted]
+    assert len(refused) == 19
+    for text in refused:
+        assert text in {
+            f"⚠️ r1 is already being migrated to together (`{LLAMA}`) as r2 ({status}); "
+            "`/finetune cancel r2` first to ask again."
+            for status in ("being recorded", "pending approval")
+        }, text
+    assert [r.id for r in bot.store.runs(limit=None)] in (["r1", "r2"], ["r2", "r1"])
+    assert len([t for t in texts(bot) if t.startswith("*r2* requested by")]) == 1
+    assert len(fake.calls) == calls_before  # nothing reached Together before an approval
+
+    # Another member may not migrate UR's run; an approver may, but not approve it.
+    _, body = bot.command(f"migrate r1 provider=together model={QWEN}", user_id="UX")
+    assert body["text"] == (
+        "⚠️ Only <@UR> or an approver can migrate r1: it is paid for from the team's budget."
+    )
+    # Once r2 is cancelled, r1 may be migrated there again: r3.
+    _, body = bot.command("cancel r2", user_id="UR")
+    bot.wait_idle()
+    assert bot.store.get_run("r2").status == "cancelled"
+    _, body = bot.command(ask, user_id="UA")
+    assert body["text"].startswith("Migrating r1 to together: r3 needs approval"), body
+    bot.wait_idle()
+    assert bot.store.get_run("r3").requested_by == "UA"
+    assert click(bot, "UA", "approve_run", "r3") == 200  # one's own request: refused
+    bot.wait_idle()
+    assert bot.store.get_run("r3").status == "pending_approval"
+    # Nothing was uploaded or trained for r2 or r3 (r2's cancel may look for its uploads).
+    assert [(c.method, c.path) for c in fake.calls if c.method == "POST"] == [
+        (c.method, c.path) for c in fake.calls[:calls_before] if c.method == "POST"
+    ]
+
+
+def test_only_a_succeeded_run_of_this_channel_migrates(together_paid_bot):
+    bot = together_paid_bot(channels=("C1", "C2"))
+    fake = bot.together
+    upload(bot)
+    request(bot, TRAIN)  # r1: cancelled before its approval
+    assert bot.command("cancel r1", user_id="UR")[0] == 200
+    request(bot, TRAIN)  # r2: Together fails it
+    fake.fail_next_job = "the training data could not be tokenized"
+    click(bot, "UA", "approve_run", "r2")
+    bot.wait_idle()
+    assert tick_until(bot, "r2", ("failed",), timeout=60).status == "failed"
+    request(bot, TRAIN)  # r3: running on Together
+    click(bot, "UA", "approve_run", "r3")
+    bot.wait_idle()
+    assert tick_until(bot, "r3", ("running",), timeout=60).status == "running"
+    posts = [(c.method, c.path) for c in fake.calls if c.method == "POST"]
+    assert posts.count(("POST", "/v1/fine-tunes")) == 2  # r2 and r3; r1 never left
+    for run_id, status in (("r1", "cancelled"), ("r2", "failed"), ("r3", "running")):
+        _, body = bot.command(f"migrate {run_id} provider=local", user_id="UR")
+        assert body["text"] == (
+            f"⚠️ {run_id} is {status}: only a succeeded run can be migrated (its model is "
+            "what the new one is compared with)."
+        )
+        _, body = bot.command(f"migrate {run_id} provider=local", user_id="UR", channel_id="C2")
+        assert f"No run `{run_id}` in this channel" in body["text"]
+    bot.wait_idle()
+    assert len(bot.store.runs(limit=None)) == 3  # no migration was recorded
+    assert [(c.method, c.path) for c in fake.calls if c.method == "POST"] == posts
+
+
+@pytest.mark.parametrize(
+    ("ask", "recorded"),
+    [
+        ("migrate r1 provider=together model=<@UBOSS>-8B", True),  # an 8B name: a card
+        ("migrate r1 provider=together model=<!channel>", False),
+        ("migrate r1 provider=<!here> model=x", False),
+        ("migrate r1 provider=together model=<https://evil.example|Qwen3-8B>", True),
+        ("migrate r1 provider=local model=<@UBOSS>", False),
+    ],
+)
+def test_markup_in_a_migration_reaches_slack_inert(together_paid_bot, ask, recorded):
+    bot = together_paid_bot()
+    together_r1(bot)
+    posts = len(bot.slack.calls_to("chat.postMessage"))
+    updates = len(bot.slack.calls_to("chat.update"))
+    calls = len(bot.together.calls)
+    _, body = bot.command(ask, user_id="UR")
+    bot.wait_idle()
+    text = body["text"]
+    assert "Traceback" not in text, text
+    assert text.startswith("Migrating r1" if recorded else "⚠️ "), text
+    assert (bot.store.find_run("r2") is not None) == recorded
+    shown = [json.dumps(body)] + [
+        json.dumps(c.params)
+        for c in bot.slack.calls_to("chat.postMessage")[posts:]
+        + bot.slack.calls_to("chat.update")[updates:]
+    ]
+    assert len(shown) == (4 if recorded else 1)  # the ack; the card and 2 approvers' DMs
+    for markup in ("<@UBOSS>", "<!channel>", "<!here>", "<https://evil"):
+        assert not [s for s in shown if markup in s], markup
+    assert len(bot.together.calls) == calls  # nothing left for Together
