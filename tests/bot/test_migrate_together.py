@@ -368,3 +368,49 @@ def test_markup_in_a_migration_reaches_slack_inert(together_paid_bot, ask, recor
     for markup in ("<@UBOSS>", "<!channel>", "<!here>", "<https://evil"):
         assert not [s for s in shown if markup in s], markup
     assert len(bot.together.calls) == calls  # nothing left for Together
+
+
+def test_without_its_own_evaluation_the_new_model_is_asked_by_the_comparison(
+    together_paid_bot,
+):
+    # Every evaluation above $0 needs an approval: after a run, none starts by itself.
+    bot = together_paid_bot(eval_approval_above_usd=0.0)
+    fake = bot.together
+    old = together_r1(bot)
+    assert chats(fake) == [] and bot.store.evals("r1") == []
+    (note,) = [t for t in texts(bot) if t.startswith("r1: its evaluation would cost about")]
+    _, body = bot.command(f"migrate r1 provider=together model={LLAMA}", user_id="UR")
+    assert body["text"].startswith("Migrating r1 to together: r2 needs approval"), body
+    bot.wait_idle()
+    assert click(bot, "UA", "approve_run", "r2") == 200
+    bot.wait_idle()
+    new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=120)
+    assert new.status == "succeeded", new.error
+    bot.wait_idle()
+    assert bot.store.evals("r2") == []
+    # The comparison asked both tuned models itself, each held-out prompt once.
+    n = new.result_json["data"]["split"]["eval"]
+    asked = chats(fake)
+    old_tuned, new_tuned = old.result_json["fine_tuned_model"], new.result_json["fine_tuned_model"]
+    assert len(asked) == 2 * n
+    assert sum(a["model"] == old_tuned for a in asked) == n
+    assert sum(a["model"] == new_tuned for a in asked) == n
+    record = bot.store.get_run("r2").result_json["migration"]
+    assert record["answers_from"] == {"old": "asked", "new": "asked"}
+    assert record["notes"] == []  # nothing to explain: r2 was never evaluated
+    (posted,) = [t for t in texts(bot) if t.startswith("r2 vs r1")]
+    assert f"on the same {n} held-out examples" in posted and "Note:" not in posted
+    # Both were reserved (each answer at its token limit) and settled at what they cost.
+    (entry,) = [
+        e
+        for e in bot.workflow.runs.gate.ledger.entries(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        if e.ref == "r2:compare"
+    ]
+    assert entry.status == "settled" and entry.actual_usd == pytest.approx(record["cost_usd"])
+    words = sum(
+        sum(3 + len(m["content"].split()) for m in a["messages"])
+        + len(f"[{a['model']}] {a['messages'][-1]['content']}".split())
+        for a in asked
+    )
+    assert record["cost_usd"] == pytest.approx(words * 0.5 / 1e6)
+    assert note
