@@ -414,3 +414,42 @@ def test_without_its_own_evaluation_the_new_model_is_asked_by_the_comparison(
     )
     assert record["cost_usd"] == pytest.approx(words * 0.5 / 1e6)
     assert note
+
+
+def test_failed_answers_in_its_evaluation_are_asked_again_and_said(together_paid_bot):
+    bot = together_paid_bot()
+    fake = bot.together
+    old = together_r1(bot)
+    n = old.result_json["data"]["split"]["eval"]
+    assert len(chats(fake)) == 2 * n
+    bot.command(f"migrate r1 provider=together model={LLAMA}", user_id="UR")
+    bot.wait_idle()
+    # r2's evaluation asks its base model first, then its tuned one: the next n + 1 chat
+    # calls are refused (400 is not retried), so one tuned answer of its evaluation fails.
+    fake.inject("POST", CHAT, 400, times=n + 1, exact=True)
+    assert click(bot, "UA", "approve_run", "r2") == 200
+    bot.wait_idle()
+    new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=120)
+    assert new.status == "succeeded", new.error
+    bot.wait_idle()
+    (evaluated,) = bot.store.evals("r2")
+    assert sum(1 for r in evaluated.rows_json["rows"] if r["tuned_error"]) == 1
+    new_tuned = new.result_json["fine_tuned_model"]
+    asked = chats(fake)[2 * n :]
+    assert len(asked) == 2 * n + 2 * n  # its evaluation; then r1 and r2 in the comparison
+    compared = asked[2 * n :]
+    assert sum(a["model"] == new_tuned for a in compared) == n
+    assert sum(a["model"] == old.result_json["fine_tuned_model"] for a in compared) == n
+    record = bot.store.get_run("r2").result_json["migration"]
+    assert record["answers_from"] == {"old": "asked", "new": "asked"}
+    assert record["notes"] == [
+        "1 of r2's answers in its own evaluation failed, so its model was asked again"
+    ]
+    examples = examples_from_file(bot.workflow.blobs.path(new.result_json["data"]["eval_sha256"]))
+    assert [r["new"] for r in record["rows"]] == [
+        f"[{new_tuned}] {e.prompt[-1]['content']}" for e in examples
+    ]
+    (posted,) = [t for t in texts(bot) if t.startswith("r2 vs r1")]
+    assert posted.endswith(
+        "Note: 1 of r2's answers in its own evaluation failed, so its model was asked again."
+    )
