@@ -240,7 +240,9 @@ class RayRunner:
         progress.jsonl / result.json; when this machine cannot read the run folder
         (not mounted here, missing, unreadable), from the worker's progress lines
         in the last ``LOG_PROGRESS_LINES`` lines of the job's log
-        (`trainers.local.parse_log`). Raises `RunnerError` when Ray does not answer."""
+        (`trainers.local.parse_log`); then ``output["unreachable"]`` is true: the
+        folders it names cannot be fetched from here. Raises `RunnerError` when Ray
+        does not answer."""
         info = self._info(handle.id)
         run_dir = (
             artifacts.path_of(self.fs, handle.where) if handle.where else self.run_dir(handle.id)
@@ -295,6 +297,8 @@ class RayRunner:
             )
         if result is not None:
             state["output"] = _output(result, handle.where)
+            if folder is None:  # its folders are on the cluster, out of this machine's reach
+                state["output"]["unreachable"] = True
             total = (result.get("metrics") or {}).get("steps")
             if status == "succeeded" and total is not None:
                 state["step"] = total
