@@ -8,6 +8,9 @@ files in the run's ``output_dir``:
 - ``progress.jsonl``: one JSON object a line, flushed as it is written: a
   ``start`` event, a ``step`` event per optimizer step (loss, learning rate,
   tokens per second, ETA), ``eval`` and ``checkpoint`` events.
+- stdout: each of those records, and the result at the end, also as one line
+  ``tunebot-progress <run id> <JSON>`` (`trainers.local.log_line`), for a
+  runner that reads the job's log instead of the folder.
 - ``result.json``: written once, atomically, at the end: ``succeeded`` (with
   the adapter folder and metrics), ``cancelled`` (with the checkpoint saved on
   the way out) or ``failed`` (one-line error and the tail of ``worker.log``).
@@ -17,7 +20,8 @@ files in the run's ``output_dir``:
 
 Only rank 0 writes these files. SIGTERM or SIGINT asks for a clean stop: the
 ranks agree on it at the next optimizer step, save a checkpoint and finish
-with ``cancelled``. A signal never kills the process by itself; SIGKILL does.
+with ``cancelled``; so does a stop file (``main(stop_file=…)``) for workers no
+signal reaches (Ray Train's). A signal never kills the process by itself; SIGKILL does.
 
 Data. The training file is OpenAI chat JSONL. Content given as text parts is
 joined with newlines (other part types are dropped: these are text models).

@@ -10,7 +10,9 @@ imports ray inside its methods only.
 The run folder is ``<artifacts root>/<submission id>``: the runner stages
 ``spec.json`` and the data there, the worker writes ``progress.jsonl``,
 checkpoints, ``adapter/`` and ``result.json`` there, and `poll` reads them
-back (parsed by `trainers.local`, the same code as a local run). The root is
+back (parsed by `trainers.local`, the same code as a local run); where this
+machine cannot read the folder, `poll` reads the worker's progress lines from
+the tail of the job's log instead (`trainers.local.parse_log`). The root is
 a folder every node of the cluster sees (a local path or ``file://`` URI;
 a shared mount on a real cluster). See `trainers.artifacts` for the seam an
 object store goes through later.
@@ -27,7 +29,8 @@ run it forgot is reported failed (or what its ``result.json`` says).
 Cancelling is Ray's ``stop_job``: SIGTERM to the worker and its children,
 then SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S`` (Ray's default: 3 s). The
 worker saves a checkpoint at its next optimizer step when it gets SIGTERM,
-so the runner sets that wait to ``stop_grace_s`` for its jobs.
+so the runner sets that wait to ``stop_grace_s`` for its jobs. A Ray Train
+job's driver passes the stop on to its workers (`trainers.ray_train`).
 
 The worker's environment: Ray starts the entrypoint with the environment of
 the cluster's own processes (whoever ran ``ray start``), plus the job's
