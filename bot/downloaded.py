@@ -234,7 +234,7 @@ def _base_folder(models: LocalModels, name: str, run_id: str, *, from_option: bo
         found = inside(Path(name), roots) if roots else None
         if found is None or not (found / "config.json").is_file():
             raise UserError(
-                f"{whose} is not a model folder inside TUNEBOT_MODEL_DIRS "
+                "The folder `base=` names is not a model folder inside TUNEBOT_MODEL_DIRS "
                 "(after resolving links and `..`)."
             )
         return found
@@ -251,10 +251,10 @@ def _base_folder(models: LocalModels, name: str, run_id: str, *, from_option: bo
             f"No local copy of {whose}: TUNEBOT_MODEL_DIRS is not set, so tunebot has nowhere "
             "to look; ask whoever runs tunebot to set it and put the model's folder there."
         )
-    dirs = " or ".join(f"`…/{r.name}/{name}`" for r in roots)
+    dirs = ", ".join(f"…/{r.name}" for r in roots)
     raise UserError(
-        f"No local copy of {whose}: put its folder at {dirs} (inside TUNEBOT_MODEL_DIRS), "
-        f"or pass `base=<a model name or full path inside TUNEBOT_MODEL_DIRS>`."
+        f"No local copy of {whose}: put its folder under TUNEBOT_MODEL_DIRS ({dirs}) as "
+        f"`{name}`, or pass `base=` naming a model folder there."
     )
 
 
