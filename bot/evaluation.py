@@ -579,7 +579,12 @@ class Evaluations:
             run.channel,
             run.thread_ts,
             render.eval_summary(
-                run, result, cost_usd=cost, prices_per_1k=prices, local=local and local.label
+                run,
+                result,
+                cost_usd=cost,
+                prices_per_1k=prices,
+                local=local and local.label,
+                base_name=local and local.base_name,
             ),
         )
         self._upload(run, result)

@@ -15,20 +15,23 @@ def eval_summary(
     cost_usd: float,
     prices_per_1k: Mapping[str, Mapping] | None = None,
     local: str | None = None,
+    base_name: str | None = None,
 ) -> Message:
     """Base vs tuned on held-out data: scores, win/tie/loss, the five worst examples.
 
     With a teacher (a distilled dataset's), its column, the share of its
     score the tuned student kept, and the price of 1,000 calls to each model.
     `local`: a hosted run evaluated here from its downloaded adapter; the line
-    that says so (bot/downloaded.py `LocalCopy.label`).
+    that says so (bot/downloaded.py `LocalCopy.label`); `base_name` the base
+    model that answered when it is not the run's `model`.
     """
     n = len(result.rows)
     teacher = result.teacher_model
+    base = escape(short_paths(base_name or run.model))
     contenders = (
-        f"teacher `{escape(teacher)}` vs base `{escape(short_paths(run.model))}` vs tuned student"
+        f"teacher `{escape(teacher)}` vs base `{base}` vs tuned student"
         if teacher
-        else f"base `{escape(short_paths(run.model))}` vs tuned"
+        else f"base `{base}` vs tuned"
     )
     lines = [f"{run.id} evaluation: {contenders} on {n:,} held-out examples"]
     if local:

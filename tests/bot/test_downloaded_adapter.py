@@ -121,7 +121,9 @@ def test_a_downloaded_adapter_is_evaluated_here_at_no_hosted_cost(finished):
     run = bot.store.get_run("r1")
     held_out = run.result_json["data"]["split"]["eval"]
     (summary,) = posted(bot, "r1 evaluation:")
-    assert f"on {held_out} held-out examples (run locally)" in summary, summary
+    assert summary.startswith(
+        f"r1 evaluation: base `{BASE}` vs tuned on {held_out} held-out examples (run locally)"
+    ), summary
     assert f"run locally from the downloaded adapter `{ADAPTER}` on the base `{BASE}`" in summary
     assert "evaluation cost $0.00 (offline scorers)" in summary
     clean(summary, bot)
