@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -68,8 +69,8 @@ def finished(together_bot, adapter_files, models_dir):
     """A bot with r1, a succeeded Together LoRA run whose archive is the real adapter."""
     bots = []
 
-    def start(*, files=None, model_dirs=None):
-        bot = together_bot(model_dirs=model_dirs or (str(models_dir),))
+    def start(*, files=None, model_dirs=None, **overrides):
+        bot = together_bot(model_dirs=model_dirs or (str(models_dir),), **overrides)
         bot.together.adapter_files = adapter_files if files is None else files
         bots.append(bot)
         upload(bot)
@@ -144,6 +145,28 @@ def test_a_downloaded_adapter_is_evaluated_here_at_no_hosted_cost(finished):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_simultaneous_local_evaluations_of_a_run_make_one(finished):
+    """Ten members ask at once while the one job thread is held by a download (the
+    fake holds the archive): one evaluation is queued, the others are told it is
+    going; one summary is posted."""
+    bot = finished(job_threads=1, job_queue=5)
+    download(bot)
+    bot.together.download_delay = 2.0
+    _, body = bot.command("download r1 merged", user_id="UR")
+    assert body["text"].startswith("Fetching r1's merged"), body
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: ask(bot, "eval r1 local"), range(10)))
+    going = "r1 is being evaluated from its downloaded adapter; its thread gets the results."
+    assert sum(a.startswith("Evaluating r1 here") for a in answers) == 1, answers
+    assert answers.count(going) == 9, answers
+    bot.wait_idle()
+    assert len(posted(bot, "r1 evaluation:")) == 1 and len(bot.store.evals("r1")) == 1
+    assert together_chats(bot) == 0
+    assert ask(bot, "eval r1 local").startswith("Evaluating r1 here")  # free again
+    bot.wait_idle()
+    assert len(posted(bot, "r1 evaluation:")) == 2
 
 
 def test_a_downloaded_adapter_answers_a_chat_here(finished):
