@@ -12,7 +12,9 @@ The archive came from a provider, so the folder is untrusted input:
 - ``adapter_config.json`` must be a file of at most `CONFIG_MAX_BYTES` bytes
   holding a JSON object with ``peft_type`` ``LORA``, a LoRA rank ``r`` and a
   ``lora_alpha`` that are whole numbers from 1 to `MAX_RANK` and
-  `MAX_ALPHA`; its ``base_model_name_or_path`` may not be an absolute path,
+  `MAX_ALPHA`, ``target_modules`` a list of plain module names (PEFT would
+  read a string as a regular expression) and the other fields of `KEPT`
+  valid; its ``base_model_name_or_path`` may not be an absolute path,
   contain ``..``, or be a URL.
 - Weights are read from ``adapter_model.safetensors`` only (its header is
   checked: a JSON object of LoRA tensors); an ``adapter_model.bin`` (a pickle,
@@ -35,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -57,17 +60,40 @@ HEADER_MAX_BYTES = 16 << 20  # a safetensors header (tensor names, shapes, offse
 MAX_RANK = 1024
 MAX_ALPHA = 65536
 MAX_DEPTH = 3  # how deep in the unpacked archive the adapter's folder may be
-# The LoRA fields the checked config keeps, with the JSON types each may have.
-KEPT: dict[str, tuple[type, ...]] = {
-    "lora_dropout": (int, float),
-    "target_modules": (list, str),
-    "bias": (str,),
-    "fan_in_fan_out": (bool,),
-    "use_rslora": (bool,),
-    "layers_to_transform": (list, int),
-    "layers_pattern": (list, str),
-    "rank_pattern": (dict,),
-    "alpha_pattern": (dict,),
+_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")  # a module name: q_proj, model.layers.0.mlp
+
+
+def _names(value: Any) -> bool:
+    """A list of module names (PEFT reads a string, or a dict's keys, as a regular
+    expression: only plain names are kept, so no pattern from the archive runs)."""
+    return isinstance(value, list) and all(isinstance(v, str) and _NAME.fullmatch(v) for v in value)
+
+
+def _by_name(value: Any, top: int) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _NAME.fullmatch(k) and _whole(v, top) for k, v in value.items()
+    )
+
+
+def _whole(value: Any, top: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
+
+
+# The LoRA fields the checked config keeps, each with the test its value must pass
+# (null is PEFT's default); a value that fails refuses the adapter. Other fields are
+# never loaded.
+KEPT: dict[str, Any] = {
+    "lora_dropout": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+    "target_modules": lambda v: v == "all-linear" or _names(v),
+    "bias": lambda v: v in ("none", "all", "lora_only"),
+    "fan_in_fan_out": lambda v: isinstance(v, bool),
+    "use_rslora": lambda v: isinstance(v, bool),
+    "layers_to_transform": lambda v: (
+        _whole(v, 10_000) or (isinstance(v, list) and all(_whole(i, 10_000) for i in v))
+    ),
+    "layers_pattern": _names,
+    "rank_pattern": lambda v: _by_name(v, MAX_RANK),
+    "alpha_pattern": lambda v: _by_name(v, MAX_ALPHA),
 }
 
 
@@ -166,6 +192,11 @@ def read_config(path: Path, run_id: str = "the run") -> dict[str, Any]:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
             raise refuse(f"its `{key}` is not a whole number from 1 to {top:,}")
         config[key] = value
+    if config.get("target_modules") is None:
+        raise refuse("its target_modules is missing")
+    for key, valid in KEPT.items():
+        if config.get(key) is not None and not valid(config[key]):
+            raise refuse(f"its `{key}` is not valid")
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         raise refuse("its base_model_name_or_path is missing")
@@ -269,8 +300,8 @@ def _checked(into: Path, config: dict[str, Any], weights: Path, base: Path) -> P
         "base_model_name_or_path": str(base),
         "inference_mode": True,
     }
-    for key, types in KEPT.items():
-        if isinstance(config.get(key), types):
+    for key in KEPT:
+        if config.get(key) is not None:
             clean[key] = config[key]
     text = json.dumps(clean, indent=2, sort_keys=True)
     stat = weights.stat()

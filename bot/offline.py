@@ -88,6 +88,8 @@ class Offline:
                     "`base=` is not taken."
                 )
             return run, None
+        if run.provider in ("distill", "eval"):
+            raise UserError(f"{run.id} is not a training run, so it has no adapter.")
         kind = self.runs.backends.kind(run.provider)
         if kind != "together":
             raise UserError(

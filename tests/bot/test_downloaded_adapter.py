@@ -265,6 +265,10 @@ HOSTILE = [
         "its base_model_name_or_path is a URL",
     ),
     ({"base_model_name_or_path": "hf://x/y"}, "its base_model_name_or_path is a URL"),
+    ({"target_modules": "(a+)+$"}, "its `target_modules` is not valid"),
+    ({"target_modules": None}, "its target_modules is missing"),
+    ({"rank_pattern": {".*": 8}}, "its `rank_pattern` is not valid"),
+    ({"lora_dropout": 7}, "its `lora_dropout` is not valid"),
 ]
 
 
