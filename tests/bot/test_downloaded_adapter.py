@@ -89,6 +89,11 @@ def download(bot) -> None:
     assert body["text"] == "Fetching r1's adapter from Together; its thread says when.", body
     bot.wait_idle()
     assert bot.store.get_run("r1").result_json["downloads"] == {"adapter": ADAPTER}
+    (told,) = posted(bot, "r1's adapter is in tunebot's home")
+    assert told.endswith(
+        '`/finetune eval r1 local` and `/finetune chat r1 local "…"` run it on this machine, '
+        "with no call to Together."
+    ), told
 
 
 def ask(bot, command: str) -> str:
