@@ -312,3 +312,17 @@ def test_hostile_adapter_configs_are_refused_in_one_sentence(finished, adapter_f
     assert together_chats(bot) == 0
     for text in texts(bot):
         clean(text, bot)
+
+
+def test_a_full_fine_tune_is_told_local_takes_an_adapter(together_bot):
+    bot = together_bot()
+    upload(bot)
+    request(bot, TRAIN + " lora=false")
+    succeed(bot)
+    bot.wait_idle()
+    for command in ("eval r1 local", 'chat r1 local "hi"'):
+        assert ask(bot, command) == (
+            "r1 was a full fine-tune: tunebot runs a downloaded LoRA adapter locally, not full "
+            "weights."
+        )
+    assert together_chats(bot) == 0
