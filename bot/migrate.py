@@ -453,11 +453,15 @@ class Migrations:
         exactly `examples`: the same held-out examples in the same order, each row's
         index (line number), prompt text and reference answer equal to the example's.
         None when no stored evaluation of it is (another split, another eval set, an
-        evaluation from before a change of the data, unreadable rows)."""
+        evaluation from before a change of the data, unreadable rows). A local evaluation
+        of a downloaded Together adapter (summary "local") is not the hosted model the
+        comparison names and prices, so it is never taken."""
         from trainers.evaluate import EvalResult
 
         wanted = [(e.index, e.prompt_text, e.reference) for e in examples]
         for stored in reversed(self.store.evals(run.id)):
+            if (stored.summary_json or {}).get("local"):
+                continue  # a downloaded adapter answered here (bot/offline.py), not the model
             try:
                 rows = EvalResult.from_dict(stored.rows_json).rows
             except ValueError:
