@@ -414,6 +414,12 @@ class RayRunner:
             raise RunnerError(f"num_workers: a whole number >= 1, not {workers!r}")
         if not isinstance(spread, bool):
             raise RunnerError(f"spread: true or false, not {spread!r}")
+        if spread and not artifacts.is_local(self.fs):
+            # The Ray Train workers share the driver's scratch folder: one node only.
+            raise RunnerError(
+                "spread: runs over several nodes need an artifacts folder every node sees, "
+                f"not an {self.fs.protocol}:// store"
+            )
         try:
             _check_resources({k: resources[k] for k in ("num_cpus", "num_gpus")})
         except ValueError as exc:

@@ -51,7 +51,7 @@ def ray_bot(paid_bot, tiny, tmp_path):  # noqa: F811 (tiny)
             default_provider="local",
             local_runner="ray",
             ray_address=ADDRESS,
-            artifacts=(tmp_path / "artifacts").as_uri(),
+            artifacts=overrides.pop("artifacts", (tmp_path / "artifacts").as_uri()),
             progress_seconds=0.0,
             **overrides,
         )
@@ -138,6 +138,44 @@ def test_a_run_trains_as_a_ray_job_reports_once_and_is_evaluated(ray_bot):
     assert len(finals(bot, "r1", "🎉 succeeded")) == 1
     audit = {e.action: e.detail_json for e in bot.store.audit_log(run_id="r1")}
     assert audit["started"]["ray_job"] == sid
+
+
+@needs_cluster
+def test_a_run_with_its_artifacts_on_s3_trains_reports_and_comes_home(ray_bot, s3):
+    # TUNEBOT_ARTIFACTS=s3://…: the job's node trains in a scratch folder and syncs it with
+    # the store (moto's S3 server on 127.0.0.1); the bot reads progress and result there.
+    bot = ray_bot(artifacts=f"s3://{s3.bucket_name}/tunebot/runs")
+    runs = bot.workflow.runs
+    upload(bot, training_file(40))
+    body = request(bot, "train provider=local epochs=2")
+    assert "r1 accepted: it goes to the local GPU queue" in body["text"]
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    sid = submission_id(runs.key("r1"))
+    assert run.external_id == sid
+
+    (job,) = ray_jobs(prefix(bot))
+    assert (job.submission_id, str(job.status)) == (sid, "SUCCEEDED")
+    assert "-m trainers.artifact_sync" in job.entrypoint
+    assert job.metadata["tunebot_run_dir"] == f"s3://{s3.bucket_name}/tunebot/runs/{sid}"
+    keys = s3.keys(s3.bucket_name, f"tunebot/runs/{sid}/")
+    for name in ("spec.json", "data/train.jsonl", "progress.jsonl", "result.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):  # fmt: skip
+        assert f"tunebot/runs/{sid}/{name}" in keys, keys
+
+    # The adapter came home from the store: the evaluation and chat load it from here.
+    home = runs.run_dir("r1") / "adapter"
+    assert (home / "adapter_config.json").is_file()
+    assert run.result_json["adapter_dir"] == str(home)
+    edits = progress_edits(bot, run)
+    assert any("step" in e for e in edits[:-1]), edits  # edited while it trained
+    assert edits[-1].startswith("r1 succeeded")
+    (done,) = finals(bot, "r1", "🎉 succeeded")
+    assert "Adapter:" in done and "Final train loss" in done
+    bot.wait_idle()
+    summary = [t for t in texts(bot) if t.startswith("r1 evaluation:")]
+    assert len(summary) == 1 and "5 held-out examples" in summary[0]
+    assert not [t for t in texts(bot) if "AKIA" in t or "tunebot-run-" in t]
 
 
 @needs_cluster

@@ -73,6 +73,22 @@ def test_only_complete_checkpoints_on_the_store_count(s3):
     assert runner.checkpoints(f"s3://{root}/r2") == []
 
 
+def test_a_run_over_several_nodes_is_refused_with_an_s3_root_before_any_call(s3, tmp_path):
+    from trainers.runner import TrainingSpec
+
+    runner = RayRunner("http://127.0.0.1:9", f"s3://{s3.bucket_name}/runs")  # nothing answers
+    train = tmp_path / "train.jsonl"
+    train.write_text("{}\n")
+    hyper = {"num_workers": 2, "spread": True}
+    with pytest.raises(RunnerError) as err:
+        runner.submit(TrainingSpec("r1", "m", train, hyperparameters=hyper), "k:r1")
+    assert str(err.value) == (
+        "spread: runs over several nodes need an artifacts folder every node sees, "
+        "not an s3:// store"
+    )
+    assert s3.keys(s3.bucket_name) == []
+
+
 def test_an_s3_root_with_credentials_or_a_query_is_refused_without_repeating_them():
     pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
     for root in (
