@@ -320,7 +320,9 @@ class RayRunner:
         try:
             return artifacts.complete_checkpoints(self.fs, path)
         except OSError as exc:
-            raise RunnerError(f"cannot list the checkpoints in {where}: {exc}") from exc
+            raise RunnerError(
+                f"cannot list the checkpoints in {where}: {exc}", retryable=True
+            ) from exc
 
     def fetch(self, path: str, local_dir: str | os.PathLike[str]) -> Path:
         """Copy the folder `path` (on `fs`, e.g. ``RunState.output["adapter_dir"]``) to
@@ -461,7 +463,11 @@ class RayRunner:
                 self.fs.put_file(str(spec.eval_file), worker_spec["eval_file"])
             self.fs.pipe_file(f"{run_dir}/{SPEC}", json.dumps(worker_spec, indent=2).encode())
         except OSError as exc:
-            raise RunnerError(f"cannot stage run {spec.run_id} in {run_dir}: {exc}") from exc
+            # A store that does not answer may answer later; a local folder's error stays.
+            raise RunnerError(
+                f"cannot stage run {spec.run_id} in {run_dir}: {exc}",
+                retryable=not artifacts.is_local(self.fs),
+            ) from exc
 
     def _runtime_env(self) -> dict:
         source = os.environ if self.env is None else self.env

@@ -178,9 +178,18 @@ def test_a_run_with_its_artifacts_on_s3_trains_reports_and_comes_home(ray_bot, s
     assert not [t for t in texts(bot) if "AKIA" in t or "tunebot-run-" in t]
 
 
+@pytest.fixture(params=["folder", "s3"])
+def artifacts_root(request, tmp_path) -> str:
+    """TUNEBOT_ARTIFACTS: a folder, or a prefix on the S3 server of the `s3` fixture (the
+    worker then syncs its scratch folder with the store: checkpoints up, a resume's down)."""
+    if request.param == "s3":
+        return f"s3://{request.getfixturevalue('s3').bucket_name}/runs"
+    return (tmp_path / "artifacts").as_uri()
+
+
 @needs_cluster
-def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
-    bot = ray_bot()
+def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot, artifacts_root):
+    bot = ray_bot(artifacts=artifacts_root)
     runs = bot.workflow.runs
     runs.local_overrides.update(save_steps=2)
     upload(bot, training_file(40))
