@@ -372,6 +372,34 @@ def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_
     assert "started" not in actions and "failed" not in actions
 
 
+def test_a_resume_while_the_s3_store_does_not_answer_says_so_in_one_sentence(
+    paid_bot, tiny, monkeypatch,  # noqa: F811
+):  # fmt: skip
+    pytest.importorskip("ray", reason="the Ray runner needs the [ray] extra")
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "s",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+                        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)  # a store where nothing listens
+    bot = paid_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9", artifacts="s3://team/runs",
+    )  # fmt: skip
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    bot.workflow.runs.poll_all()
+    bot.wait_idle()
+    assert bot.store.get_run("r1").status == "queued"  # no cluster: it waits
+    bot.command("cancel r1", user_id="UR")
+    assert bot.store.get_run("r1").status == "cancelled"
+    _, body = bot.command("resume r1", user_id="UR")
+    assert body["text"] == (
+        "⚠️ The artifacts store did not answer, so r1's checkpoints cannot be listed. "
+        "Try again in a minute."
+    )
+    assert bot.store.get_run("r1").status == "cancelled"
+
+
 def test_a_ray_runs_card_says_its_gpus_and_nodes_and_no_server_path(paid_bot, tiny, tmp_path):  # noqa: F811
     bot = paid_bot(
         local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
