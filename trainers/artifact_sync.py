@@ -197,11 +197,13 @@ def run(spec_uri: str, command: Sequence[str], every: float) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="tunebot-run-"))
     sync = Sync(fs, spec_path.rsplit("/", 1)[0], scratch)
     try:
+        started = time.monotonic()
         try:
             local_spec = sync.pull()
         except (OSError, ValueError) as exc:
             _say(f"cannot copy the run from {artifacts.uri(fs, sync.remote)}: {exc}")
             return 1
+        _say(f"run copied from the store in {time.monotonic() - started:.1f} s")
         return _train(sync, [sys.executable, *command, str(local_spec)], every)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -230,11 +232,13 @@ def _train(sync: Sync, argv: list[str], every: float) -> int:
             if str(exc) != failing:  # once per new error, not every few seconds
                 _say(f"upload failed, retrying: {exc}")
             failing = str(exc)
+    ended = time.monotonic()
     for attempt in range(FINAL_TRIES):
         try:
             sync.sync()
             if not sync.push_result():
                 _say("the training command left no result.json")
+            _say(f"run uploaded to the store in {time.monotonic() - ended:.1f} s")
             return code
         except OSError as exc:
             _say(f"upload failed ({attempt + 1} of {FINAL_TRIES}): {exc}")
