@@ -36,8 +36,8 @@ the cluster's own processes (whoever ran ``ray start``), plus the job's
 ``runtime_env`` env vars: here `trainers.local.worker_env` of the bot's
 environment (no tokens or keys), less the device lists, which Ray sets from
 ``num_gpus``; with an s3 root, plus the AWS variables the store needs
-(`trainers.artifacts.STORE_ENV`: keys, region, endpoint) and no other. Keep the bot's secrets out of the environment ``ray start``
-runs in as well.
+(`trainers.artifacts.STORE_ENV`: keys, region, endpoint) and no other.
+Keep the bot's secrets out of the environment ``ray start`` runs in as well.
 
 Ray's client reads the address from ``RAY_API_SERVER_ADDRESS`` or
 ``RAY_ADDRESS`` when either is set, over the ``address`` given here.
@@ -119,7 +119,8 @@ class RayRunner:
     """Runs `trainers.lora` as Ray jobs on the cluster whose dashboard is at `address`.
 
     `artifacts`: the root of the run folders (a path or ``file://`` URI every
-    node sees, or ``s3://bucket/prefix``). `fs`: an fsspec-shaped filesystem for another kind of root.
+    node sees, or ``s3://bucket/prefix``). `fs`: an fsspec-shaped filesystem
+    for another kind of root.
     `python`: the interpreter on the cluster's nodes that has tunebot's
     ``[local]`` extra (default: this one, right for a cluster on this
     machine). `ship_code`: send the `trainers` package with each job
