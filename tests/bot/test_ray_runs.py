@@ -4,7 +4,8 @@ The bot is the real Bolt app over HTTP against the Slack fake; the cluster is
 a real one-node Ray cluster (`tests/ray_cluster` starts one for the suite;
 these tests skip, saying how, when none answers at ``TUNEBOT_RAY_ADDRESS``).
 The worker really trains the tiny Llama of tests/trainers/test_lora.py as a
-Ray job, its files under the test's artifacts folder.
+Ray job, its files under the test's artifacts folder, or with an ``s3://`` root on
+moto's S3 server on 127.0.0.1 (tests/fakes/s3_store.py), which the job reaches too.
 """
 
 from __future__ import annotations
