@@ -116,7 +116,16 @@ def run_ray(runner: RayRunner, model: Path, train: Path, name: str) -> dict:
     wall = time.monotonic() - t0
     state = runner.poll(handle)
     assert state.status == "succeeded", (state.error, state.log_tail)
-    return {"wall": wall, "submit": submitted, "running": running, "started": started}
+    got = {"wall": wall, "submit": submitted, "running": running, "started": started}
+    # With an s3 root, what the job's artifact_sync said it spent copying down and up.
+    for line in runner.logs(handle).splitlines():
+        for word, key in (
+            ("copied from the store in", "s3 down"),
+            ("uploaded to the store in", "s3 up"),
+        ):
+            if line.startswith("artifact_sync:") and word in line:
+                got[key] = float(line.rsplit(" in ", 1)[1].split()[0])
+    return got
 
 
 def ray_cli(*args: str) -> float:
