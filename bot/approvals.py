@@ -47,6 +47,16 @@ def quorum(policy: Policy, estimate_usd: float) -> int:
     return needed
 
 
+def over_budget(estimate_usd: float, left_usd: float, budget_usd: float) -> str:
+    """The one clause every budget refusal uses, whichever check catches it: the
+    request's policy check, the reservation in its transaction, or the check
+    again at the last approval. Amounts in US dollars, `left_usd` floored at 0."""
+    return (
+        f"the estimate ${estimate_usd:,.2f} is over what is left of this month's budget: "
+        f"${max(left_usd, 0):,.2f} of ${budget_usd:,.2f} (TUNEBOT_MONTHLY_BUDGET_USD)"
+    )
+
+
 def needs_approval(policy: Policy, provider: str) -> bool:
     return provider != "local" or policy.local_needs_approval
 
@@ -64,11 +74,7 @@ def refusals(
     if policy.monthly_budget_usd is not None:
         left = policy.monthly_budget_usd - committed_usd
         if estimate_usd > left:
-            reasons.append(
-                f"the estimate ${estimate_usd:,.2f} is over what is left of this month's budget: "
-                f"${max(left, 0):,.2f} of ${policy.monthly_budget_usd:,.2f} "
-                "(TUNEBOT_MONTHLY_BUDGET_USD)"
-            )
+            reasons.append(over_budget(estimate_usd, left, policy.monthly_budget_usd))
     if needs_approval(policy, provider):
         eligible = policy.approvers - {requester}
         needed = quorum(policy, estimate_usd)

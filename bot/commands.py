@@ -113,10 +113,12 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "chat",
-            'chat <run> "<prompt>"',
-            "the base and the tuned model answer the same prompt, side by side",
-            options=("prompt",),
-            max_args=2,
+            'chat <run> [local] "<prompt>" [base=…]',
+            "the base and the tuned model answer the same prompt, side by side (`local`: a "
+            "Together run's downloaded adapter answers here, on its base from TUNEBOT_MODEL_DIRS "
+            "or base=, at $0 hosted)",
+            options=("prompt", "base"),
+            max_args=3,
         ),
         Spec("runs", "runs", "training runs in this channel"),
         Spec("status", "status [run]", "where a run is (default: the latest here)", max_args=1),
@@ -135,10 +137,11 @@ SPECS: dict[str, Spec] = {
         ),
         Spec(
             "eval",
-            "eval <run> [eval=<dataset>]",
-            "evaluate a run again, base vs tuned (on another held-out set with eval=)",
-            options=("eval",),
-            max_args=1,
+            "eval <run> [local] [eval=<dataset>] [base=…]",
+            "evaluate a run again, base vs tuned (on another held-out set with eval=; `local`: "
+            "a Together run from its downloaded adapter, here, at $0 hosted)",
+            options=("eval", "base"),
+            max_args=2,
         ),
         Spec("budget", "budget", "this month's spend by run and by person, estimate vs actual"),
         Spec("providers", "providers", "where runs can train, their models and prices"),

@@ -48,7 +48,15 @@ class Busy(UserError):
 
 
 class SpendRefused(UserError):
-    """The spend gate said no: who may not spend, over budget, or already going."""
+    """The spend gate said no: who may not spend, over budget, or already going.
+
+    `reason` is the bare clause (no subject, no full stop) for a caller that puts
+    it into its own sentence, e.g. "r2 cannot be requested: <reason>."
+    """
+
+    def __init__(self, summary: str, detail: str | None = None, *, reason: str | None = None):
+        super().__init__(summary, detail)
+        self.reason = reason if reason is not None else summary.rstrip(".")
 
 
 def describe(exc: BaseException, home: object | None = None) -> str:

@@ -38,6 +38,7 @@ from bot.plans import EvalEstimate, EvalPlan
 from bot.results import RunResult
 
 if TYPE_CHECKING:
+    from bot.downloaded import LocalCopy
     from bot.run_service import RunService
     from storage import Run
 
@@ -186,6 +187,13 @@ class Evaluations:
             raise UserError(
                 f"{run.id} is {run.status}: only a succeeded training run can be evaluated."
             )
+        eval_sha, eval_dataset_id = self.held_out(run, channel, eval_ref)
+        message = self._ask(run, eval_sha, eval_dataset_id, user=user)
+        return message or render.note(f"Evaluating {run.id}; the results go to its thread.")
+
+    def held_out(self, run: Run, channel: str, eval_ref: str | None) -> tuple[str, str | None]:
+        """(sha256, dataset id or None) of what `run` is evaluated on: the dataset
+        `eval=` names, else the run's recorded held-out split. UserError if neither."""
         eval_dataset_id = None
         if eval_ref:
             dataset = self.datasets.find_dataset(channel, eval_ref)
@@ -202,8 +210,7 @@ class Evaluations:
             eval_sha = (RunResult.of(run).data or {}).get("eval_sha256")
             if not eval_sha:
                 raise UserError(f"{run.id} has no held-out data: name one with eval=<dataset>.")
-        message = self._ask(run, eval_sha, eval_dataset_id, user=user)
-        return message or render.note(f"Evaluating {run.id}; the results go to its thread.")
+        return eval_sha, eval_dataset_id
 
     def _ask(
         self, run: Run, eval_sha: str, eval_dataset_id: str | None, *, user: str | None
@@ -476,12 +483,15 @@ class Evaluations:
         cost: EvalCost | None = None,
         on_spend: Callable[[float], None] | None = None,
         stop: Callable[[], bool] | None = None,
+        local: LocalCopy | None = None,
     ) -> None:
         """Generate, score, store and post.
 
         `cost` says which paid parts were reserved (None: every part the settings
         allow); `on_spend(usd)` gets the spend so far after each paid part;
         `stop()` true between parts ends it early (cancelled), nothing posted.
+        `local`: a hosted run's downloaded adapter and base (bot/downloaded.py)
+        answer here instead of the host, and the message says so.
         """
         from trainers.evaluate import examples_from_file, score
 
@@ -501,7 +511,13 @@ class Evaluations:
             if on_spend is not None:
                 on_spend(spent[0])
 
-        base, tuned, generation_cost = self._generate(run, examples)
+        if local is not None:
+            from trainers.evaluate import generate_local
+
+            base, tuned = generate_local(str(local.base), local.adapter, examples)
+            generation_cost = 0.0
+        else:
+            base, tuned, generation_cost = self._generate(run, examples)
         paid(generation_cost)
         teacher_model, teacher = None, None
         if cost.teacher and not (stop and stop()):
@@ -522,7 +538,7 @@ class Evaluations:
         )
         paid(result.judge_cost_usd or 0.0)
         cost = spent[0]
-        prices = self._prices_per_1k(run, base, tuned, teacher_model, teacher)
+        prices = {} if local else self._prices_per_1k(run, base, tuned, teacher_model, teacher)
         summary = {
             "primary": result.primary,
             "means": {
@@ -536,6 +552,8 @@ class Evaluations:
             summary["teacher"] = {"model": teacher_model, "kept": result.kept()}
         if prices:
             summary["price_per_1k_calls"] = prices
+        if local is not None:
+            summary["local"] = {"base": local.base_name, "adapter": local.adapter_name}
         self.store.add_eval(
             run.id,
             eval_dataset_id=eval_dataset_id or run.plan_json.get("eval_dataset_id"),
@@ -560,7 +578,14 @@ class Evaluations:
         self.ctx.post(
             run.channel,
             run.thread_ts,
-            render.eval_summary(run, result, cost_usd=cost, prices_per_1k=prices),
+            render.eval_summary(
+                run,
+                result,
+                cost_usd=cost,
+                prices_per_1k=prices,
+                local=local and local.label,
+                base_name=local and local.base_name,
+            ),
         )
         self._upload(run, result)
 

@@ -251,13 +251,17 @@ class LocalQueue:
         if self.backends.on_ray and state.status == "succeeded":
             from bot import ray_runs
 
-            try:  # the evaluation and /finetune chat load the adapter from this machine
-                home = ray_runs.copy_home(
-                    self.backends.runner("local"), state, self.backends.run_dir(run.id)
-                )
-            except RunnerError as exc:
-                log.error("run %s: adapter not copied home: %s", run.id, exc.message)
-                return  # the next tick tries again
+            if state.output.get("unreachable"):  # followed from the job's log: no copy
+                home = dict.fromkeys(ray_runs.FOLDERS)
+                log.warning("run %s: the artifacts are out of reach; adapter not copied", run.id)
+            else:
+                try:  # the evaluation and /finetune chat load the adapter from this machine
+                    home = ray_runs.copy_home(
+                        self.backends.runner("local"), state, self.backends.run_dir(run.id)
+                    )
+                except RunnerError as exc:
+                    log.error("run %s: adapter not copied home: %s", run.id, exc.message)
+                    return  # the next tick tries again
             state = replace(state, output={**state.output, **home})
         data = RunResult.of(run).with_(
             adapter_dir=state.output.get("adapter_dir"),

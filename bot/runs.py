@@ -300,7 +300,7 @@ class Runs:
                         plan_hash=digest, detail=plan,
                     )  # fmt: skip
             except SpendRefused as exc:
-                reasons = [exc.summary.rstrip(".")]
+                reasons = [exc.reason]
         if reasons or run is None:
             self.store.audit(
                 user,
@@ -505,7 +505,7 @@ class Runs:
                     run_id=run.id, channel=run.channel, user=run.requested_by,
                 )  # fmt: skip
             except SpendRefused as exc:
-                return exc.summary.rstrip(".")
+                return exc.reason
             return None
         return self.gate.fits(reservation)
 

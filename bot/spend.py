@@ -30,7 +30,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-from bot.approvals import month_start
+from bot.approvals import month_start, over_budget
 from bot.config import Settings
 from bot.errors import SpendRefused
 from storage import AlreadyReserved, Ledger, OverBudget, Reservation, Store
@@ -108,10 +108,8 @@ class SpendGate:
                 user=user,
             )
         except OverBudget as exc:
-            raise SpendRefused(
-                f"{what} would cost about ${usd:,.2f}, and only ${exc.left_usd:,.2f} of this "
-                f"month's ${exc.budget_usd:,.2f} budget is left (TUNEBOT_MONTHLY_BUDGET_USD)."
-            ) from None
+            reason = over_budget(usd, exc.left_usd, exc.budget_usd)
+            raise SpendRefused(f"{what} cannot start: {reason}.", reason=reason) from None
         except AlreadyReserved:
             raise SpendRefused(f"{what} is already going; wait for its result.") from None
 
@@ -123,9 +121,8 @@ class SpendGate:
         others = self.ledger.committed(self.since(), besides=reservation.id)
         if others + reservation.estimate_usd <= budget + 1e-9:
             return None
-        return (
-            f"the budget changed since the request: ${reservation.estimate_usd:,.2f} is more than "
-            f"the ${max(budget - others, 0):,.2f} left of this month's ${budget:,.2f}"
+        return "the budget changed since the request: " + over_budget(
+            reservation.estimate_usd, budget - others, budget
         )
 
     def settle(self, kind: str, ref: str, actual_usd: float | None, *, note: str | None = None):

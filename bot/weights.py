@@ -5,10 +5,10 @@ A succeeded Together run's output lives at Together. This fetches it
 ``<TUNEBOT_HOME>/runs/<run>/together/`` — the archive as Together sent it and
 its contents unpacked beside it, in ``adapter/``, ``merged/`` or ``model/`` (a
 full fine-tune) — and records the folder in the run's result (``downloads``),
-so local evaluation, chat and serving can load it. Who may: the run's
-requester or an approver, in the run's channel (as `/finetune cancel`). One
-download per run and kind at a time; a kind already fetched is not fetched
-again.
+so local evaluation, chat and serving can load it (`/finetune eval|chat rN
+local`: bot/offline.py). Who may: the run's requester or an approver, in the
+run's channel (as `/finetune cancel`). One download per run and kind at a
+time; a kind already fetched is not fetched again.
 """
 
 from __future__ import annotations
@@ -148,5 +148,11 @@ class Downloads:
             render.note(
                 f"{run_id}'s {kind} is in tunebot's home: `{where}` ({size / 1e6:,.1f} MB, "
                 f"archive `{archive.relative_to(home)}`)."
+                + (
+                    f" `/finetune eval {run_id} local` and `/finetune chat {run_id} local "
+                    '"…"` run it on this machine, with no call to Together.'
+                    if kind == "adapter"
+                    else ""
+                )
             ),
         )

@@ -3,8 +3,9 @@
 `Workflow(settings, store, blobs, client)` builds the shared services
 (`Context`, bot/context.py) and the use-cases on them: datasets
 (bot/datasets.py), runs with their evaluations and distillations
-(bot/runs.py), App Home (bot/home.py), the admin commands (bot/admin.py)
-and the approval clicks (bot/decisions.py). It registers what each kind of
+(bot/runs.py), App Home (bot/home.py), the admin commands (bot/admin.py),
+the approval clicks (bot/decisions.py) and a downloaded adapter's local
+evaluation and chat (bot/offline.py). It registers what each kind of
 acked work runs and the success hooks, and answers a parsed /finetune from
 one dispatch table (`_commands`). Listeners and bot/serve.py reach the
 services through the attributes below, each the service's own method or
@@ -28,6 +29,7 @@ from bot.datasets import Datasets
 from bot.decisions import Decisions
 from bot.errors import UserError
 from bot.home import Home
+from bot.offline import Offline
 from bot.runs import Runs
 from storage import BlobStore, Store
 
@@ -53,6 +55,7 @@ class Workflow:
         self.runs.refresh_home = self.home_tab.refresh_home  # a run changed: its people's tabs
         self.admin = Admin(ctx, self.datasets, self.runs)  # release, forget, budget, audit
         self.decisions = Decisions(ctx, self.runs)  # Approve / Reject clicks
+        self.offline = Offline(ctx, self.runs)  # eval / chat of a downloaded adapter, here
         self.runs.on_success.append(self.runs.evals.after_success)  # evaluate what succeeded
         self.runs.on_success.append(self.runs.migrations.after_success)  # old vs new model
         # What each kind of acked work runs (Context.start_work); args from pending_work.
@@ -98,7 +101,7 @@ class Workflow:
     def _commands(self) -> dict[str, Callable[[Command, str, str], render.Message]]:
         """Each subcommand of the grammar (bot.commands.SPECS) and what answers it;
         tests hold the two to the same names."""
-        runs, admin, datasets = self.runs, self.admin, self.datasets
+        runs, admin, datasets, offline = self.runs, self.admin, self.datasets, self.offline
         return {
             "help": lambda cmd, channel, user: render.help_text(unknown=cmd.target),
             "datasets": lambda cmd, channel, user: render.datasets_list(
@@ -110,12 +113,16 @@ class Workflow:
             "status": lambda cmd, channel, user: self._status(cmd, channel),
             "train": runs.request,
             "distill": runs.request,
-            "chat": runs.distiller.chat,
+            "chat": lambda cmd, channel, user: (
+                offline.chat if offline.asked(cmd) else runs.distiller.chat
+            )(cmd, channel, user),
             "cancel": runs.cancel,
             "migrate": runs.migrations.request,
             "download": runs.downloads.request,
-            "eval": lambda cmd, channel, user: runs.evals.request(
-                cmd.target, channel, cmd.options.get("eval"), user
+            "eval": lambda cmd, channel, user: (
+                offline.evaluate(cmd, channel, user)
+                if offline.asked(cmd)
+                else runs.evals.request(cmd.target, channel, cmd.options.get("eval"), user)
             ),
             "budget": lambda cmd, channel, user: admin.budget(channel),
             "providers": lambda cmd, channel, user: render.providers_list(self.ctx.providers),

@@ -10,7 +10,9 @@ this as a Runner (trainers.runner): one folder per run under `runs_dir`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,17 @@ LOG = "worker.log"
 PIDFILE = "worker.pid"
 SPEC = "spec.json"
 LOG_TAIL_LINES = 40
+# A progress record on the worker's stdout: ``tunebot-progress <run id> <JSON object>``, the
+# object one line of progress.jsonl, or ``{"event": "result", ...result.json}`` at the end.
+# A runner that cannot read the run folder follows the run from these lines in the job's log.
+LOG_MARK = "tunebot-progress"
+LOG_LINE_CHARS = 65_536  # a longer line is no record of ours
+# Ray may put its worker's name before a line, in colour: "\x1b[36m(RayTrainWorker pid=1)\x1b[0m ".
+_LOG_LINE = re.compile(
+    r"^(?:\x1b\[[0-9;]{0,20}m|\([^()\n]{0,200}\)| ){0,8}tunebot-progress (\S{1,200}) (\{.*\})\s*$"
+)
+_LOG_KINDS = ("start", "step", "eval", "checkpoint", "result")
+_RESULT_STATUSES = ("succeeded", "cancelled", "failed")
 
 
 @dataclass(frozen=True)
@@ -307,6 +320,83 @@ def parse_result(text: str) -> dict | None:
     except ValueError:
         return None
     return result if isinstance(result, dict) else None
+
+
+def log_line(run_id: str, record: Mapping) -> str:
+    """The stdout line of one progress record (``LOG_MARK``, the run id, the JSON object)."""
+    return f"{LOG_MARK} {run_id} {json.dumps(record, separators=(',', ':'))}"
+
+
+def parse_log(text: str, run_id: str) -> tuple[list[dict], dict | None]:
+    """(progress events, the result or None) from the lines of a job's log that are
+    progress records of run `run_id` (`log_line`), oldest first.
+
+    Strict: every other line is skipped, and so is a line that looks like a record
+    but names another run, is longer than ``LOG_LINE_CHARS``, is not one JSON
+    object, has an unknown ``event``, or has a field of the wrong type (a step
+    that is not a whole number >= 0, a loss or time that is not a finite
+    number, a result whose status is not succeeded/cancelled/failed). A line
+    Ray prefixes with its worker's name (``(RayTrainWorker pid=1) ``) counts.
+    The result is the last valid one; it only says how the run ended once the
+    job has ended (the caller's rule: a line cannot end a running job).
+    """
+    events: list[dict] = []
+    result = None
+    for line in text.splitlines():
+        if LOG_MARK not in line or len(line) > LOG_LINE_CHARS:
+            continue
+        match = _LOG_LINE.match(line)
+        if match is None or match.group(1) != run_id:
+            continue
+        try:
+            record = json.loads(match.group(2))
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not _valid_record(record):
+            continue
+        if record["event"] == "result":
+            result = {k: v for k, v in record.items() if k != "event"}
+        else:
+            events.append(record)
+    return events, result
+
+
+def _valid_record(record: dict) -> bool:
+    kind = record.get("event")
+    if kind not in _LOG_KINDS:
+        return False
+    if kind == "result":
+        metrics = record.get("metrics")
+        return (
+            record.get("status") in _RESULT_STATUSES
+            and all(_is(record.get(k), str) for k in ("adapter_dir", "merged_dir", "checkpoint"))
+            and all(_is(record.get(k), str) for k in ("error", "log_tail"))
+            and (metrics is None or (isinstance(metrics, dict) and all(
+                _is_number(v) for v in metrics.values())))
+        )  # fmt: skip
+    numbers = ("time", "loss", "eval_loss", "learning_rate", "grad_norm", "epoch",
+               "eta_seconds", "tokens_per_second")  # fmt: skip
+    counts = ("step", "max_steps")
+    return (
+        all(_is_number(record.get(k)) for k in numbers)
+        and all(record.get(k) is None or _is_count(record[k]) for k in counts)
+        and (kind not in ("step", "eval", "checkpoint") or _is_count(record.get("step")))
+    )
+
+
+def _is(value: object, kind: type) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def _is_number(value: object) -> bool:
+    """None, or a finite int or float (not a bool)."""
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _events(path: Path) -> list[dict]:

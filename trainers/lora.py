@@ -8,6 +8,9 @@ files in the run's ``output_dir``:
 - ``progress.jsonl``: one JSON object a line, flushed as it is written: a
   ``start`` event, a ``step`` event per optimizer step (loss, learning rate,
   tokens per second, ETA), ``eval`` and ``checkpoint`` events.
+- stdout: each of those records, and the result at the end, also as one line
+  ``tunebot-progress <run id> <JSON>`` (`trainers.local.log_line`), for a
+  runner that reads the job's log instead of the folder.
 - ``result.json``: written once, atomically, at the end: ``succeeded`` (with
   the adapter folder and metrics), ``cancelled`` (with the checkpoint saved on
   the way out) or ``failed`` (one-line error and the tail of ``worker.log``).
@@ -17,7 +20,8 @@ files in the run's ``output_dir``:
 
 Only rank 0 writes these files. SIGTERM or SIGINT asks for a clean stop: the
 ranks agree on it at the next optimizer step, save a checkpoint and finish
-with ``cancelled``. A signal never kills the process by itself; SIGKILL does.
+with ``cancelled``; so does a stop file (``main(stop_file=…)``) for workers no
+signal reaches (Ray Train's). A signal never kills the process by itself; SIGKILL does.
 
 Data. The training file is OpenAI chat JSONL. Content given as text parts is
 joined with newlines (other part types are dropped: these are text models).
@@ -64,7 +68,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainers.local import LOG, LOG_TAIL_LINES, PROGRESS, RESULT, complete_checkpoints
+from trainers.local import (
+    LOG,
+    LOG_TAIL_LINES,
+    PROGRESS,
+    RESULT,
+    complete_checkpoints,
+    log_line,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -551,17 +562,25 @@ def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 class ProgressLog:
-    """progress.jsonl: one JSON object a line, appended and flushed at once."""
+    """progress.jsonl: one JSON object a line, appended and flushed at once.
 
-    def __init__(self, path: Path) -> None:
+    With `run_id`, each record is also printed on stdout as one line
+    (`trainers.local.log_line`: ``tunebot-progress <run id> <JSON>``), so a
+    runner that cannot read the run folder follows the run in the job's log.
+    """
+
+    def __init__(self, path: Path, run_id: str | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.run_id = run_id
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
 
     def write(self, event: str, **data: Any) -> None:
         record = {"event": event, **data, "time": round(time.time(), 3)}
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self.run_id is not None:
+            echo(self.run_id, record)
 
     def close(self) -> None:
         self._fh.close()
@@ -571,6 +590,11 @@ class ProgressLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def echo(run_id: str, record: Mapping[str, Any]) -> None:
+    """Print `record` on stdout as the progress line of run `run_id`, flushed at once."""
+    print(log_line(run_id, record), file=sys.stdout, flush=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
@@ -605,11 +629,21 @@ def _rank() -> int:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGINT; the training callback turns it into save-and-stop."""
+    """Set by SIGTERM / SIGINT, or by `stop_file` appearing; the training callback turns
+    it into save-and-stop (every rank agrees on the step through `_agreed`)."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, stop_file: str | os.PathLike[str] | None = None) -> None:
+        self._requested = False
         self.signal: int | None = None
+        self.stop_file = Path(stop_file) if stop_file else None
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for (a signal, or the stop file exists: one stat)."""
+        if not self._requested and self.stop_file is not None and self.stop_file.exists():
+            log.warning("%s appeared: saving a checkpoint and stopping", self.stop_file.name)
+            self._requested = True
+        return self._requested
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -618,9 +652,9 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if not self.requested:
+        if not self._requested:
             log.warning("signal %d: saving a checkpoint and stopping", signum)
-        self.requested = True
+        self._requested = True
         self.signal = signum
 
 
@@ -1066,7 +1100,11 @@ def _output_dir_of(spec_path: Path) -> Path:
     return spec_path.resolve().parent
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stop_file: str | None = None) -> int:
+    """Run the worker on ``argv`` (``[SPEC.json]``); 0 when the run ended (succeeded or
+    cancelled), 1 when it failed, 2 for bad arguments. `stop_file`: a path whose
+    existence asks for a stop like SIGTERM does (`StopFlag`), for workers the
+    signal does not reach (Ray Train's, started by `trainers.ray_train`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python -m trainers.lora SPEC.json", file=sys.stderr)
@@ -1078,28 +1116,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log.setLevel(logging.INFO)
-    stop = StopFlag()
+    stop = StopFlag(stop_file)
     stop.install()
     out = _output_dir_of(spec_path)
+    run_id = None
     try:
         spec = LoraSpec.from_json(spec_path)
+        run_id = spec.run_id
         out = spec.out
         out.mkdir(parents=True, exist_ok=True)
-        with ProgressLog(out / PROGRESS) if _rank() == 0 else nullcontext() as progress:
+        with ProgressLog(out / PROGRESS, run_id) if _rank() == 0 else nullcontext() as progress:
             result = run(spec, stop, progress)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         if _rank() == 0:
-            atomic_write_json(
-                out / RESULT,
-                {"status": "failed", "error": _one_line(exc), "log_tail": log_tail(out)},
-            )
+            failed = {"status": "failed", "error": _one_line(exc), "log_tail": log_tail(out)}
+            atomic_write_json(out / RESULT, failed)
+            if run_id is not None:
+                echo(run_id, {"event": "result", **failed})
         return 1
     finally:
         _close_distributed()
     if result is not None:
         atomic_write_json(out / RESULT, result)
+        echo(spec.run_id, {"event": "result", **result})
         log.info("run %s: %s", spec.run_id, result["status"])
     return 0
 

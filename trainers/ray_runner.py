@@ -10,7 +10,9 @@ imports ray inside its methods only.
 The run folder is ``<artifacts root>/<submission id>``: the runner stages
 ``spec.json`` and the data there, the worker writes ``progress.jsonl``,
 checkpoints, ``adapter/`` and ``result.json`` there, and `poll` reads them
-back (parsed by `trainers.local`, the same code as a local run). The root is
+back (parsed by `trainers.local`, the same code as a local run); where this
+machine cannot read the folder, `poll` reads the worker's progress lines from
+the tail of the job's log instead (`trainers.local.parse_log`). The root is
 a folder every node of the cluster sees (a local path or ``file://`` URI;
 a shared mount on a real cluster), or an S3 prefix (``s3://bucket/prefix``):
 then the job's entrypoint is `trainers.artifact_sync`, which trains in a
@@ -29,7 +31,8 @@ run it forgot is reported failed (or what its ``result.json`` says).
 Cancelling is Ray's ``stop_job``: SIGTERM to the worker and its children,
 then SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S`` (Ray's default: 3 s). The
 worker saves a checkpoint at its next optimizer step when it gets SIGTERM,
-so the runner sets that wait to ``stop_grace_s`` for its jobs.
+so the runner sets that wait to ``stop_grace_s`` for its jobs. A Ray Train
+job's driver passes the stop on to its workers (`trainers.ray_train`).
 
 The worker's environment: Ray starts the entrypoint with the environment of
 the cluster's own processes (whoever ran ``ray start``), plus the job's
@@ -65,6 +68,7 @@ from trainers.local import (
     SPEC,
     complete_checkpoints,
     parse_events,
+    parse_log,
     parse_result,
     progress_fields,
     worker_env,
@@ -90,6 +94,9 @@ _DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DE
 _EVENT_KINDS = ("start", "eval", "checkpoint")
 _RESULT_STATUSES = ("succeeded", "cancelled", "failed")  # what result.json can say
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# A poll that reads the job's log reads at most this much of its end.
+LOG_PROGRESS_LINES = 2000
+LOG_READ_BYTES = 4 * 1024 * 1024
 _STATUS_CODE = re.compile(r"status code (\d{3})")
 
 RAY_STATUSES = {
@@ -241,21 +248,39 @@ class RayRunner:
         return self._handle(submission_id(key))
 
     def poll(self, handle: Handle, *, cursor: str | None = None) -> RunState:
+        """Where the job is: Ray's status, and progress from the run folder's
+        progress.jsonl / result.json; when this machine cannot read the run folder
+        (not mounted here, missing, unreadable), from the worker's progress lines
+        in the last ``LOG_PROGRESS_LINES`` lines of the job's log
+        (`trainers.local.parse_log`); then ``output["unreachable"]`` is true: the
+        folders it names cannot be fetched from here. Raises `RunnerError` when Ray
+        does not answer."""
         info = self._info(handle.id)
         run_dir = (
             artifacts.path_of(self.fs, handle.where) if handle.where else self.run_dir(handle.id)
         )
-        events = parse_events(artifacts.read_text(self.fs, f"{run_dir}/{PROGRESS}") or "")
-        result = parse_result(artifacts.read_text(self.fs, f"{run_dir}/{RESULT}") or "")
+        folder = self._read_folder(run_dir)
+        if folder is not None:
+            events = parse_events(folder[0] or "")
+            result = parse_result(folder[1] or "")
+            seen = _cursor(cursor)
+            numbered = [(str(i), e) for i, e in enumerate(events)][seen:]
+            next_cursor = str(max(seen, len(events)))
+        else:  # the job's log is all there is from here
+            run_id = ((info.metadata if info is not None else None) or {}).get(META_RUN)
+            events, result = self._log_records(info, handle.id, run_id) if run_id else ([], None)
+            after = _log_cursor(cursor)
+            numbered = [(f"t{e['time']}", e) for e in events if (e.get("time") or 0) > after]
+            times = [e["time"] for e in events if e.get("time") is not None]
+            next_cursor = f"t{max([after, *times])}"
         common = progress_fields(events)
-        seen = _cursor(cursor)
         state: dict[str, Any] = {
             "step": common["step"],
             "total_steps": common["total_steps"],
             "train_loss": common["train_loss"],
             "metrics": common["metrics"],
-            "events": tuple(_run_events(events, seen)),
-            "cursor": str(max(seen, len(events))),
+            "events": tuple(_run_events(numbered)),
+            "cursor": next_cursor,
         }
         ray_status = str(info.status) if info is not None else None
         status = RAY_STATUSES.get(ray_status or "", "running")
@@ -274,14 +299,18 @@ class RayRunner:
                 state["error"] = (result or {}).get("error") or (
                     f"the worker exited without a result in {handle.where or run_dir}"
                 )
-                state["log_tail"] = self._log_tail(handle.id)
+                state["log_tail"] = self._log_tail(handle.id, info=info)
         elif ray_status == "STOPPED":
             status = "succeeded" if done == "succeeded" else "cancelled"
         elif ray_status == "FAILED":
             state["error"] = _failure(info.message, (result or {}).get("error"))
-            state["log_tail"] = (result or {}).get("log_tail") or self._log_tail(handle.id)
+            state["log_tail"] = (result or {}).get("log_tail") or self._log_tail(
+                handle.id, info=info
+            )
         if result is not None:
             state["output"] = _output(result, handle.where)
+            if folder is None:  # its folders are on the cluster, out of this machine's reach
+                state["output"]["unreachable"] = True
             total = (result.get("metrics") or {}).get("steps")
             if status == "succeeded" and total is not None:
                 state["step"] = total
@@ -484,12 +513,59 @@ class RayRunner:
             runtime_env["excludes"] = ["__pycache__", "*.pyc"]
         return runtime_env
 
-    def _log_tail(self, sid: str, lines: int = LOG_TAIL_LINES) -> str | None:
-        try:
-            text = self._connect().get_job_logs(sid)
-        except Exception:
+    def _log_tail(self, sid: str, lines: int = LOG_TAIL_LINES, info: Any = None) -> str | None:
+        text = self._tail(sid, lines, info)
+        return "\n".join(text.splitlines()[-lines:]) or None if text else None
+
+    def _tail(self, sid: str, lines: int, info: Any = None) -> str | None:
+        """The last `lines` lines of the job's log (at most ``LOG_READ_BYTES``), from the
+        dashboard's log API (``/api/v0/logs/file?node_id=…&filename=job-driver-<id>.log
+        &lines=…``, the driver's node from `info`, Ray's JobDetails): the cluster cuts
+        the tail, so a log of many MB never comes whole. None when the dashboard does
+        not give it (or the job has no driver yet). Ray 2.60 answers 500 for the
+        ``submission_id=`` form of the same query, hence the node and file name."""
+        import urllib.parse
+        import urllib.request
+
+        if info is None:
+            try:
+                info = self._info(sid)
+            except RunnerError:
+                return None
+        node = getattr(info, "driver_node_id", None)
+        if not node:
             return None
-        return "\n".join(text.splitlines()[-lines:]) or None
+        query = urllib.parse.urlencode(
+            {"node_id": node, "filename": f"job-driver-{sid}.log", "lines": lines}
+        )
+        request = urllib.request.Request(
+            f"{self.address.rstrip('/')}/api/v0/logs/file?{query}", headers=self.headers or {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                raw = resp.read(LOG_READ_BYTES + 1)
+        except (OSError, ValueError):
+            return None
+        if len(raw) > LOG_READ_BYTES:  # keep whole lines from the end
+            raw = raw[-LOG_READ_BYTES:].split(b"\n", 1)[-1]
+        return raw.decode("utf-8", errors="replace")
+
+    def _log_records(self, info: Any, sid: str, run_id: str) -> tuple[list[dict], dict | None]:
+        """(progress events, result) from the progress lines in the job log's tail."""
+        return parse_log(self._tail(sid, LOG_PROGRESS_LINES, info) or "", run_id)
+
+    def _read_folder(self, run_dir: str) -> tuple[str | None, str | None] | None:
+        """(progress.jsonl, result.json) texts (None: not there yet), or None when the run
+        folder cannot be read from this machine."""
+        try:
+            if not self.fs.exists(run_dir):
+                return None
+            return (
+                artifacts.read_text(self.fs, f"{run_dir}/{PROGRESS}"),
+                artifacts.read_text(self.fs, f"{run_dir}/{RESULT}"),
+            )
+        except OSError:
+            return None
 
 
 def _check_resources(resources: Mapping[str, Any]) -> None:
@@ -529,6 +605,14 @@ def _output(result: Mapping[str, Any], where: str | None) -> dict[str, Any]:
     return out
 
 
+def _log_cursor(cursor: str | None) -> float:
+    """The time of the newest event a log-read poll returned (cursor ``t<time>``)."""
+    try:
+        return float(cursor[1:]) if cursor and cursor.startswith("t") else 0.0
+    except ValueError:
+        return 0.0
+
+
 def _cursor(cursor: str | None) -> int:
     try:
         return max(0, int(cursor)) if cursor else 0
@@ -536,9 +620,9 @@ def _cursor(cursor: str | None) -> int:
         return 0
 
 
-def _run_events(events: list[dict], seen: int) -> list[RunEvent]:
+def _run_events(events: list[tuple[str, dict]]) -> list[RunEvent]:
     found = []
-    for index, event in enumerate(events[seen:], seen):
+    for event_id, event in events:
         kind = event.get("event")
         if kind not in _EVENT_KINDS:
             continue
@@ -553,7 +637,7 @@ def _run_events(events: list[dict], seen: int) -> list[RunEvent]:
         created = event.get("time")
         found.append(
             RunEvent(
-                id=str(index),
+                id=event_id,
                 created_at=int(created) if isinstance(created, int | float) else int(time.time()),
                 message=message,
             )

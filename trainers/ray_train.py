@@ -20,25 +20,35 @@ Exit status: 0 when every worker's run ended (succeeded or cancelled: the
 result says which), 1 when one failed (rank 0's result.json says why), 2 for
 bad arguments.
 
-Not done yet: a cancel (SIGTERM to this driver) stops the workers without
-the checkpoint a one-process run saves; the newest per-epoch or ``save_steps``
-checkpoint is what a resume continues from.
+Cancel: Ray's ``stop_job`` sends SIGTERM to this driver only; the workers
+are Ray actors it does not reach. On SIGTERM the driver writes ``STOP_FILE``
+in the run folder and keeps waiting; each worker's `trainers.lora.StopFlag`
+sees the file at its next optimizer step, the ranks agree on that step (an
+all_reduce of the flag every step, so no rank is left in a collective),
+rank 0 saves the checkpoint and writes ``cancelled``, and all return; then
+the driver exits 0. Ray kills whatever is left after the job's stop wait
+(``RAY_JOB_STOP_WAIT_TIME_S``, the runner's ``stop_grace_s``). A stop file
+left by an earlier attempt is removed when the driver starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+STOP_FILE = "stop.request"  # in the run folder: its existence asks the workers to stop
 
 
 def _train_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the one-process worker's main, in the worker's process group."""
     from trainers import lora
 
-    code = lora.main([config["spec"]])
+    code = lora.main([config["spec"]], stop_file=config["stop_file"])
     if code != 0:
         raise RuntimeError(f"rank {lora._rank()}: the LoRA worker exited with status {code}")
 
@@ -56,6 +66,19 @@ def scaling(workers: int, gpus_per_worker: float, spread: bool) -> Any:
         resources_per_worker=resources,
         placement_strategy="SPREAD" if spread else "PACK",
     )
+
+
+def _stop_on_sigterm(stop_file: Path) -> None:
+    """SIGTERM / SIGINT write `stop_file` (the workers stop at their next step) and
+    leave this driver waiting for them, instead of ending it."""
+
+    def handle(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):  # nothing to do but wait for Ray's SIGKILL
+            stop_file.touch()
+        print(f"signal {signum}: asked the workers to save a checkpoint and stop", flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,11 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(log_to_driver=True)
     run_dir = Path(spec).parent
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # an earlier attempt's cancel: this one is wanted
+    ray.init(log_to_driver=True)
+    _stop_on_sigterm(stop_file)  # after ray.init, which sets its own handler
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "stop_file": str(stop_file)},
         scaling_config=scaling(args.workers, args.gpus_per_worker, args.spread),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir)),
     )

@@ -9,21 +9,33 @@ from bot.render.text import Message, clip, escape, money, section, short_paths
 
 
 def eval_summary(
-    run, result, *, cost_usd: float, prices_per_1k: Mapping[str, Mapping] | None = None
+    run,
+    result,
+    *,
+    cost_usd: float,
+    prices_per_1k: Mapping[str, Mapping] | None = None,
+    local: str | None = None,
+    base_name: str | None = None,
 ) -> Message:
     """Base vs tuned on held-out data: scores, win/tie/loss, the five worst examples.
 
     With a teacher (a distilled dataset's), its column, the share of its
     score the tuned student kept, and the price of 1,000 calls to each model.
+    `local`: a hosted run evaluated here from its downloaded adapter; the line
+    that says so (bot/downloaded.py `LocalCopy.label`); `base_name` the base
+    model that answered when it is not the run's `model`.
     """
     n = len(result.rows)
     teacher = result.teacher_model
+    base = escape(short_paths(base_name or run.model))
     contenders = (
-        f"teacher `{escape(teacher)}` vs base `{escape(short_paths(run.model))}` vs tuned student"
+        f"teacher `{escape(teacher)}` vs base `{base}` vs tuned student"
         if teacher
-        else f"base `{escape(short_paths(run.model))}` vs tuned"
+        else f"base `{base}` vs tuned"
     )
     lines = [f"{run.id} evaluation: {contenders} on {n:,} held-out examples"]
+    if local:
+        lines[0] += " (run locally)"
     header = f"{'scorer':<10} {'base':>6} {'tuned':>6} {'delta':>7}"
     table = [header + (f" {'teacher':>7}" if teacher else "")]
     for s in result.summaries:
@@ -42,7 +54,7 @@ def eval_summary(
         else f"{result.outcome_source}, ties within 0.02"
     )
     verdict = f"Tuned vs base: {result.wins} wins · {result.ties} ties · {result.losses} losses ({source})"
-    extras = []
+    extras = [escape(local)] if local else []
     kept = result.kept()
     if kept is not None:
         primary = result.summary()
@@ -109,10 +121,20 @@ def _prices_line(prices: Mapping[str, Mapping]) -> str:
     return " · ".join(parts)
 
 
-def side_by_side(run, prompt: str, base: str, tuned: str) -> Message:
+def side_by_side(
+    run,
+    prompt: str,
+    base: str,
+    tuned: str,
+    *,
+    base_name: str | None = None,
+    local: str | None = None,
+) -> Message:
+    """Base and tuned answers to one prompt; `local` says where they ran when not
+    where the run trained (a downloaded adapter: bot/downloaded.py)."""
     text = (
         f"{run.id} — prompt: {escape(clip(prompt, 300))}\n"
-        f"*Base* ({escape(short_paths(run.model))}):\n{escape(clip(base, 1200))}\n"
-        f"*Tuned*:\n{escape(clip(tuned, 1200))}"
+        f"*Base* ({escape(short_paths(base_name or run.model))}):\n{escape(clip(base, 1200))}\n"
+        f"*Tuned*:\n{escape(clip(tuned, 1200))}" + (f"\n_{escape(local)}_" if local else "")
     )
     return Message(text, [section(text)])

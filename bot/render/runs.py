@@ -329,7 +329,15 @@ def local_result(run, state) -> Message:
     lines = [head]
     metrics = state.output.get("metrics") or {}
     if run.status == "succeeded":
-        lines.append(f"Adapter: `{home_path(run, state.output.get('adapter_dir'))}`")
+        if state.output.get("unreachable"):  # followed from the Ray job's log
+            folder = short_paths(str(state.output.get("run_dir") or "").rstrip("/"))
+            lines.append(
+                f"Adapter: in `{folder}/adapter` under the Ray cluster's TUNEBOT_ARTIFACTS, "
+                "which this machine cannot read: it is not copied home, so evaluation and "
+                "chat cannot load it here."
+            )
+        else:
+            lines.append(f"Adapter: `{home_path(run, state.output.get('adapter_dir'))}`")
         if state.output.get("merged_dir"):
             lines.append(f"Merged model: `{home_path(run, state.output['merged_dir'])}`")
         facts = []

@@ -323,8 +323,9 @@ def test_a_train_ack_records_the_request_and_the_job_checks_the_budget_again(pai
     refusals = [t for t in thread_texts(bot2, file) if "cannot be requested" in t]
     assert len(refusals) == 1 and refusals[0].startswith(f"⚠️ {refused} cannot be requested")
     # Refused by the job's policy check or, when both jobs pass it at once, by the
-    # reservation in its transaction: either way a budget refusal naming the setting.
-    assert "this month's" in refusals[0] and "TUNEBOT_MONTHLY_BUDGET_USD" in refusals[0]
+    # reservation in its transaction: either way the same budget sentence.
+    assert "is over what is left of this month's budget" in refusals[0]
+    assert "TUNEBOT_MONTHLY_BUDGET_USD" in refusals[0]
     assert bot2.workflow.runs.gate.ledger.open("run", run.id) is not None
     assert bot2.workflow.runs.gate.ledger.open("run", refused) is None
     assert bot2.store.pending_work() == []

@@ -198,8 +198,8 @@ def test_a_student_of_a_distillation_is_compared_with_its_teacher(paid_bot):
     set_budget(runs.committed_usd())
     calls_before = len(bot.openai.chat_calls())
     body = request(bot, "eval r2")
-    assert "An evaluation of r2 would cost about $" in body["text"]
-    assert "only $0.00 of this month's" in body["text"]
+    assert "An evaluation of r2 cannot start: the estimate $" in body["text"]
+    assert "is over what is left of this month's budget: $0.00 of $" in body["text"]
     assert len(bot.openai.chat_calls()) == calls_before
 
 

@@ -374,7 +374,7 @@ def test_a_run_that_costs_more_than_its_estimate_is_settled_at_its_cost(paid_bot
     before = len(bot.openai.chat_calls())
     for text in ("train", "eval r1", 'chat r1 "hello"'):
         _, body = bot.command(text, user_id="UR")
-        assert "is left" in body["text"], body
+        assert "is over what is left of this month's budget" in body["text"], body
     bot.wait_idle()
     assert len(bot.openai.chat_calls()) == before
 

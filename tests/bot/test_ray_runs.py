@@ -428,3 +428,45 @@ def test_a_ray_runs_folder_uri_in_an_error_shows_no_server_path(tmp_path):
     shown = render.failure_line(f"the worker exited without a result in {where}")
     assert shown == f"the worker exited without a result in {submission_id('installation:r1')}"
     assert str(tmp_path) not in shown
+
+
+@needs_cluster
+def test_a_run_whose_artifacts_this_machine_cannot_read_is_followed_in_the_jobs_log(
+    ray_bot, tmp_path
+):
+    """The bot's view of TUNEBOT_ARTIFACTS lacks the run folder (not mounted here): the
+    progress edits and the finish come from the worker's progress lines in the job's log."""
+    bot = ray_bot()
+    runs = bot.workflow.runs
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=2")
+    tick_until(bot, "r1", ("running",), timeout=60)
+    deadline = time.monotonic() + 60
+    while bot.store.get_run("r1").external_id is None:
+        assert time.monotonic() < deadline, "r1 was never submitted"
+        time.sleep(0.2)
+    runner = runs.backends.runner("local")
+    folder = Path(runner.run_dir(submission_id(runs.key("r1"))))
+    assert (folder / "spec.json").is_file()  # the job trains there
+    runner.root = str(tmp_path / "not-mounted")  # … and from now on the bot looks here
+    assert not Path(runner.run_dir(submission_id(runs.key("r1")))).exists()
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    assert (folder / "result.json").is_file() and not (tmp_path / "not-mounted").exists()
+    edits = progress_edits(bot, run)
+    assert any("step" in e for e in edits[:-1]), edits  # edited while it trained, from the log
+    assert edits[-1].startswith("r1 succeeded")
+    (done,) = finals(bot, "r1", "🎉 succeeded")
+    sid = submission_id(runs.key("r1"))
+    assert f"Adapter: in `{sid}/adapter` under the Ray cluster's TUNEBOT_ARTIFACTS" in done
+    assert "Final train loss" in done and str(tmp_path) not in done
+    assert run.result_json.get("adapter_dir") is None
+    assert not (runs.run_dir("r1") / "adapter").exists()  # nothing copied from out of reach
+    assert any(u.filename == "loss-r1.png" for u in bot.slack.uploads)
+    tick_until(bot, "r1", ("succeeded",))  # more ticks: no second message
+    assert len(finals(bot, "r1", "🎉 succeeded")) == 1
+    bot.wait_idle()
+    assert not [t for t in texts(bot) if str(tmp_path) in t or "Traceback" in t]
+    assert [t for t in texts(bot) if "evaluat" in t and t.startswith("⚠️ r1")] == [
+        "⚠️ r1 has no adapter to evaluate."
+    ]

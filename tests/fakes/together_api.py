@@ -30,6 +30,8 @@ GET    /v1/fine-tunes/<id>/events           fine_tuning.list_events -> ``{"data"
 GET    /v1/fine-tunes/<id>/metrics          fine_tuning.list_metrics -> ``{"metrics": [...]}``
 GET    /v1/finetune/download                fine_tuning.content(ft_id=, checkpoint=):
                                             302 to ``/blobs/<name>``, a tar.gz archive
+                                            (an adapter's files: ``fake.adapter_files``
+                                            when a test sets it)
 POST   /v1/chat/completions                 Together's OpenAI-compatible chat (the openai
                                             SDK at ``<base_url>/v1``): a base model the
                                             fake knows, or a completed job's
@@ -296,6 +298,9 @@ class FakeTogether(LocalHTTPServer):
         self.fail_next_job: str | None = None  # a job_error message for the next job
         self.upload_delay = 0.0  # seconds each PUT is held after its bytes are stored
         self.download_delay = 0.0  # seconds each archive (``/blobs/<name>``) is held
+        # What an adapter archive holds (name -> bytes, e.g. a real PEFT adapter's files);
+        # None: a stand-in config and an empty safetensors file.
+        self.adapter_files: dict[str, bytes] | None = None
         self.credit_limit_usd = 100.0  # estimate-price's user_limit
         self.calls: list[Call] = []
         self.files: dict[str, dict[str, Any]] = {}
@@ -403,7 +408,7 @@ class FakeTogether(LocalHTTPServer):
     def adapter_archive(self, job_id: str, kind: str = "adapter") -> bytes:
         """The tar.gz a download of the job's ``kind`` checkpoint answers."""
         with self._lock:
-            return _archive(self._get_job(job_id).obj, kind)
+            return _archive(self._get_job(job_id).obj, kind, self.adapter_files)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -798,7 +803,7 @@ class FakeTogether(LocalHTTPServer):
         if kind not in allowed:
             raise ApiError(400, f"checkpoint must be one of {', '.join(allowed)} for this job")
         name = f"{obj['id']}-{kind}.tar.gz"
-        self._blobs[name] = (_archive(obj, kind), "application/x-tar")
+        self._blobs[name] = (_archive(obj, kind, self.adapter_files), "application/x-tar")
         return _Reply(302, b"", "text/plain", {"Location": f"{self._root()}/blobs/{name}"})
 
     def _chat(self, params: Any) -> dict[str, Any]:
@@ -999,13 +1004,16 @@ def _fault_reply(fault: _Fault) -> _Reply:
     return reply
 
 
-def _archive(job: dict[str, Any], kind: str) -> bytes:
-    """A small tar.gz standing in for the job's adapter or merged weights."""
+def _archive(job: dict[str, Any], kind: str, adapter: Mapping[str, bytes] | None = None) -> bytes:
+    """A small tar.gz standing in for the job's adapter or merged weights; `adapter`
+    (name -> bytes) is what an adapter archive holds instead, when given."""
     ttype = job["training_type"]
     files: dict[str, bytes] = {}
     header = json.dumps({"__metadata__": {"format": "pt", "fake": "together"}}).encode()
     weights = len(header).to_bytes(8, "little") + header  # a valid, empty safetensors file
-    if kind == "adapter":
+    if kind == "adapter" and adapter is not None:
+        files.update(adapter)
+    elif kind == "adapter":
         config = {
             "base_model_name_or_path": job["model"],
             "peft_type": "LORA",

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from trainers import artifacts
+from trainers.local import log_line, parse_log
 from trainers.ray_runner import DEFAULT_ADDRESS, RayRunner, submission_id
 from trainers.runner import Handle, RunnerError, RunState, TrainingSpec
 
@@ -201,6 +202,41 @@ def test_with_an_s3_root_the_job_gets_the_stores_aws_variables_and_no_other_secr
     assert not [v for v in store.values() if v in str(local._runtime_env())]
 
 
+def test_progress_lines_in_a_log_are_read_strictly():
+    """Only well-formed records of this run count; look-alikes neither crash nor finish."""
+    good = [
+        log_line("r1", {"event": "start", "max_steps": 6, "step": 0, "time": 1.0}),
+        "\x1b[36m(RayTrainWorker pid=7, ip=127.0.0.1)\x1b[0m "
+        + log_line("r1", {"event": "step", "step": 1, "max_steps": 6, "loss": 2.5, "time": 2.0}),
+        log_line("r1", {"event": "checkpoint", "step": 1, "path": "c", "time": 3.0}),
+    ]
+    fakes = [
+        "tunebot-progress r1 {not json",
+        'tunebot-progress r1 {"event": "result", "status": "succeeded"} [repeated 2x]',
+        'print: tunebot-progress r1 {"event": "result", "status": "succeeded"}',
+        log_line("r2", {"event": "result", "status": "succeeded"}),  # another run
+        log_line("r1", {"event": "result", "status": "done"}),  # no such status
+        log_line("r1", {"event": "result", "status": "succeeded", "metrics": {"steps": "6"}}),
+        log_line("r1", {"event": "step", "step": True, "loss": 1.0}),  # a bool is no step
+        log_line("r1", {"event": "step", "step": -1, "loss": 1.0}),
+        log_line("r1", {"event": "step", "step": 2}).replace("}", ',"loss":NaN}'),
+        log_line("r1", {"event": "step", "step": 2, "loss": [1]}),
+        log_line("r1", {"event": "shutdown", "step": 2}),
+        "tunebot-progress r1 [1, 2]",
+        "tunebot-progress r1 " + '{"event": "step", "step": 2, "x": "' + "a" * 70_000 + '"}',
+        "tunebot-progress  r1 {}",
+        "\x00\xff tunebot-progress",
+    ]
+    text = "\n".join([good[0], *fakes[:7], good[1], *fakes[7:], good[2], "Traceback ..."])
+    events, result = parse_log(text, "r1")
+    assert [e["event"] for e in events] == ["start", "step", "checkpoint"]
+    assert events[1]["loss"] == 2.5 and result is None
+    done = {"status": "succeeded", "adapter_dir": "/x/adapter", "metrics": {"steps": 6}}
+    events, result = parse_log(text + "\n" + log_line("r1", {"event": "result", **done}), "r1")
+    assert result == done and len(events) == 3
+    assert parse_log("", "r1") == ([], None)
+
+
 def test_no_cluster_is_a_retryable_error(tmp_path):
     if find_spec("ray") is None:
         pytest.skip("ray is not installed")
@@ -368,3 +404,86 @@ def test_two_ray_train_workers_each_train_on_half_the_batches(runner, tiny):
     assert Path(state.output["adapter_dir"]) == run_dir / "adapter"
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert not (run_dir / "shards" / "rank-2.json").exists()
+
+
+@needs_cluster
+def test_a_run_whose_folder_this_machine_cannot_see_is_followed_in_the_jobs_log(
+    runner, tiny, tmp_path
+):
+    """The bot's view of the artifacts lacks the run folder: progress and the finish
+    come from the worker's progress lines in the job's log."""
+    r = runner()
+    handle = r.submit(spec(tiny, "r7", epochs=1), key("r7"))
+    runner.handles.append(handle)
+    run_dir = Path(handle.where.removeprefix("file://"))
+    # Another machine's view: the same job, a root where the folder is not mounted.
+    elsewhere = RayRunner(ADDRESS, tmp_path / "not-mounted")
+    blind = Handle(runner="ray", id=handle.id, where=(tmp_path / "not-mounted" / "x").as_uri())
+    seen: list = []
+    steps: set = set()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    cursor = None
+    while time.monotonic() < deadline:
+        state = elsewhere.poll(blind, cursor=cursor)
+        cursor = state.cursor
+        seen.extend(state.events)
+        if state.step is not None and not state.terminal:
+            steps.add(state.step)
+        if state.terminal:
+            break
+        time.sleep(0.5)
+    assert state.status == "succeeded", (state.error, state.log_tail)
+    assert state.step == state.total_steps == 6 and len(state.metrics) == 6
+    assert state.output["adapter_dir"] == str(run_dir / "adapter")
+    assert steps and max(steps) <= 6  # progress while it ran, from the log
+    assert [e.message for e in seen][:1] == ["training started: 6 steps"]
+    assert len({e.id for e in seen}) == len(seen)
+    assert any(e.message.startswith("eval loss") for e in seen)
+    # The same numbers as the folder gives.
+    direct = r.poll(handle)
+    assert direct.metrics == state.metrics and direct.status == "succeeded"
+    assert not (tmp_path / "not-mounted").exists()
+
+
+@needs_cluster
+def test_cancel_of_two_ray_train_workers_keeps_a_checkpoint_and_resume_finishes(runner, tiny):
+    """SIGTERM reaches only the driver: it asks the workers through the stop file, they
+    stop at the same step, rank 0 saves the checkpoint; a new job resumes from it."""
+    r = runner(stop_grace_s=60)
+    two = spec(tiny, "r8", epochs=100, num_workers=2, save_steps=1000)
+    handle = r.submit(two, key("r8"))
+    runner.handles.append(handle)
+    run_dir = Path(handle.where.removeprefix("file://"))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        state = r.poll(handle)
+        assert not state.terminal, (state.error, state.log_tail)
+        if (state.step or 0) >= 2:
+            break
+        time.sleep(0.5)
+    assert state.status == "running" and r.checkpoints(handle.where) == []
+    r.cancel(handle)
+    state = poll_until(r, handle, ("succeeded", "failed", "cancelled"), timeout=120)
+    assert state.status == "cancelled", (state.error, state.log_tail)
+    assert str(ray_jobs(handle.id)[0].status) == "STOPPED"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "cancelled", result
+    saved = Path(result["checkpoint"])
+    assert saved.parent == run_dir / "checkpoints"
+    assert saved.name == f"checkpoint-{result['step']}" and 2 <= result["step"] < 300
+    assert r.checkpoints(handle.where) == [saved.name]  # complete: weights and trainer state
+    assert (run_dir / "stop.request").exists()
+
+    # Resume: a new job in the same folder continues from that step to the end.
+    shorter = spec(tiny, "r8", epochs=100, num_workers=2, save_steps=1000,
+                   max_steps=result["step"] + 2)  # fmt: skip
+    again = r.submit(shorter, key("r8") + ":attempt-2", folder_key=key("r8"))
+    runner.handles.append(again)
+    assert not again.reused and again.where == handle.where
+    state = poll_until(r, again, ("succeeded", "failed", "cancelled"))
+    assert state.status == "succeeded", (state.error, state.log_tail)
+    assert state.step == result["step"] + 2
+    starts = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
+    resumed = [e for e in starts if e["event"] == "start"][-1]
+    assert resumed["resumed_from"] == str(saved) and resumed["world_size"] == 2
+    assert not (run_dir / "stop.request").exists()
