@@ -77,6 +77,7 @@ from trainers.runner import Handle, RunEvent, RunnerError, RunState, Step, Train
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_STOP_GRACE_S = 120
+DEFAULT_SYNC_SECONDS = 5.0  # trainers.artifact_sync's upload period (s3 roots)
 ID_PREFIX = "tunebot-"
 ID_SLUG_CHARS = 60
 # Job metadata (Ray keeps it with the job; `find` reads the run folder back from it).
@@ -172,6 +173,8 @@ class RayRunner:
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.stop_grace_s = stop_grace_s
+        # With an object store: how often the worker uploads its progress and checkpoints.
+        self.sync_seconds = DEFAULT_SYNC_SECONDS
         self.headers = dict(headers) if headers else None
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -218,7 +221,8 @@ class RayRunner:
             command.append(f"{run_dir}/{SPEC}")
         else:  # an object store: the node trains in a scratch folder it syncs with the store
             spec_uri = artifacts.uri(self.fs, f"{run_dir}/{SPEC}")
-            command = [self.python, "-m", "trainers.artifact_sync", spec_uri, "--", *command[1:]]
+            command = [self.python, "-m", "trainers.artifact_sync",
+                       "--every", f"{self.sync_seconds:g}", spec_uri, "--", *command[1:]]  # fmt: skip
         try:
             client.submit_job(
                 entrypoint=shlex.join(command),
