@@ -16,6 +16,12 @@ Prints each run's wall time and the medians, and for Ray where the time
 goes: the submit call, PENDING (runtime env and the job's supervisor
 actor), the worker's start (imports) and the tail after ``result.json``.
 
+With ``--s3`` a third arm, ``ray-s3``, runs the same job with its artifacts
+on S3 (moto's S3 server from tests/fakes/s3_store.py, on 127.0.0.1 in this
+process): the job is ``trainers.artifact_sync``, which copies the run down
+to a scratch folder, trains, and uploads progress (every 5 s), checkpoints,
+adapter and result.
+
 With ``--start-cluster`` it also times ``ray start --head`` (and ``ray
 stop --force`` at the end, which stops every Ray process it can see: run it
 inside a PID and network namespace of its own, as the tests do)::
@@ -110,7 +116,16 @@ def run_ray(runner: RayRunner, model: Path, train: Path, name: str) -> dict:
     wall = time.monotonic() - t0
     state = runner.poll(handle)
     assert state.status == "succeeded", (state.error, state.log_tail)
-    return {"wall": wall, "submit": submitted, "running": running, "started": started}
+    got = {"wall": wall, "submit": submitted, "running": running, "started": started}
+    # With an s3 root, what the job's artifact_sync said it spent copying down and up.
+    for line in runner.logs(handle).splitlines():
+        for word, key in (
+            ("copied from the store in", "s3 down"),
+            ("uploaded to the store in", "s3 up"),
+        ):
+            if line.startswith("artifact_sync:") and word in line:
+                got[key] = float(line.rsplit(" in ", 1)[1].split()[0])
+    return got
 
 
 def ray_cli(*args: str) -> float:
@@ -126,6 +141,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both arms")
     parser.add_argument("--address", default=os.environ.get("TUNEBOT_RAY_ADDRESS", DEFAULT_ADDRESS))
     parser.add_argument("--start-cluster", action="store_true", help="time ray start / stop too")
+    parser.add_argument("--s3", action="store_true", help="a ray-s3 arm: artifacts on S3 (moto)")
     args = parser.parse_args()
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -135,14 +151,26 @@ def main() -> int:
             "start", "--head", "--num-cpus", "2", "--include-dashboard", "true",
             "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
         )  # fmt: skip
+    store = None
     try:
         with tempfile.TemporaryDirectory(prefix="tunebot-ray-bench-") as tmp:
             root = Path(tmp)
             model, train = tiny_model(root)
-            runner = RayRunner(args.address, root / "ray", env=env)
-            arms: dict[str, list[dict]] = {"local": [], "ray": []}
-            order = ["local", "ray", "ray", "local"] * ((args.repeat + 1) // 2)
-            counts = {"local": 0, "ray": 0}
+            runners = {"ray": RayRunner(args.address, root / "ray", env=env)}
+            names = ["local", "ray"]
+            if args.s3:
+                from tests.fakes.s3_store import S3Server
+
+                store = S3Server().start()
+                os.environ.update(store.env)  # the bench's own reads of the store
+                s3_env = {**env, **store.env}
+                runners["ray-s3"] = RayRunner(
+                    args.address, f"s3://{store.bucket()}/bench", env=s3_env
+                )
+                names.append("ray-s3")
+            arms: dict[str, list[dict]] = {name: [] for name in names}
+            order = (names + names[::-1]) * ((args.repeat + 1) // 2)
+            counts = dict.fromkeys(names, 0)
             for arm in order:
                 if counts[arm] >= args.repeat:
                     continue
@@ -151,21 +179,28 @@ def main() -> int:
                 if arm == "local":
                     got = run_local(root, model, train, name, env)
                 else:
-                    got = run_ray(runner, model, train, name)
+                    got = run_ray(runners[arm], model, train, name)
                 arms[arm].append(got)
                 detail = ", ".join(f"{k} {v:.1f}s" for k, v in got.items() if v is not None)
                 print(f"{name}: {detail}", flush=True)
     finally:
+        if store is not None:
+            store.close()
         if args.start_cluster:
             timings["ray stop --force"] = ray_cli("stop", "--force")
     local_wall = statistics.median(r["wall"] for r in arms["local"])
     ray_wall = statistics.median(r["wall"] for r in arms["ray"])
     print(f"median wall: local {local_wall:.1f}s, ray {ray_wall:.1f}s, "
           f"Ray adds {ray_wall - local_wall:+.1f}s ({ray_wall / local_wall:.2f}x)")  # fmt: skip
-    for phase in ("submit", "running", "started"):
-        values = [r[phase] for r in arms["ray"] if r.get(phase) is not None]
-        if values:
-            print(f"ray, median time to {phase}: {statistics.median(values):.1f}s")
+    if "ray-s3" in arms:
+        s3_wall = statistics.median(r["wall"] for r in arms["ray-s3"])
+        print(f"median wall: ray with s3 artifacts {s3_wall:.1f}s, "
+              f"S3 adds {s3_wall - ray_wall:+.1f}s to ray ({s3_wall / ray_wall:.2f}x)")  # fmt: skip
+    for arm in names[1:]:
+        for phase in ("submit", "running", "started"):
+            values = [r[phase] for r in arms[arm] if r.get(phase) is not None]
+            if values:
+                print(f"{arm}, median time to {phase}: {statistics.median(values):.1f}s")
     for what, seconds in timings.items():
         print(f"{what}: {seconds:.1f}s")
     return 0

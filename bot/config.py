@@ -255,7 +255,8 @@ class Settings:
         metadata=_meta(
             "TUNEBOT_ARTIFACTS",
             "Where Ray runs keep their data, checkpoints, progress and adapter: a folder or "
-            "file:/// URI every node sees; empty: TUNEBOT_HOME/artifacts",
+            "file:/// URI every node sees, or s3://bucket/prefix (the [s3] extra; keys and "
+            "endpoint from the AWS_* variables); empty: TUNEBOT_HOME/artifacts",
         ),
     )
 
@@ -345,10 +346,10 @@ def _parse(name: str, env: str, raw: str) -> object:
         from trainers.artifacts import resolve
 
         scheme = urlparse(raw).scheme
-        if scheme not in ("", "file"):
+        if scheme not in ("", "file", "s3"):
             raise ConfigError(
                 f"{env}: {scheme}:// is not supported; give a folder or file:/// URI that "
-                "every node of the Ray cluster sees (a shared mount)"
+                "every node of the Ray cluster sees (a shared mount), or an s3://bucket/prefix"
             )
         if not scheme and not raw.startswith("/"):  # ~ and relative: another folder per machine
             raise ConfigError(

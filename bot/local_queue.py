@@ -328,7 +328,14 @@ class LocalQueue:
                         f"{run.id}'s last Ray job is still waiting or stopping on the cluster; "
                         f"`/finetune resume {run.id}` once it has stopped."
                     )
-            names = ray_runs.checkpoints(runner, self.backends.key(run.id))
+            try:
+                names = ray_runs.checkpoints(runner, self.backends.key(run.id))
+            except RunnerError as exc:  # an s3 root whose store does not answer
+                log.warning("run %s: checkpoints not listed: %s", run.id, exc.message)
+                raise UserError(
+                    f"The artifacts store did not answer, so {run.id}'s checkpoints cannot be "
+                    "listed. Try again in a minute."
+                ) from None
             data = data.with_(attempt=data.attempt + 1)
         else:
             names = [p.name for p in local.complete_checkpoints(self.backends.run_dir(run.id))]

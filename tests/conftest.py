@@ -79,6 +79,29 @@ def validation_pool() -> Iterator[ProcessPoolExecutor]:
     pool.shutdown(cancel_futures=True)
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator:
+    """One S3 API (moto's server) on 127.0.0.1 for the session; skips without moto."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the [dev] extra)")
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    from tests.fakes.s3_store import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server, its AWS variables in this process's environment (as a
+    deployment sets them), and a fresh bucket: `s3.bucket_name`."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    s3_server.bucket_name = s3_server.bucket()
+    return s3_server
+
+
 @pytest.fixture
 def slack() -> Iterator[FakeSlack]:
     with FakeSlack() as fake:

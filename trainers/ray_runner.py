@@ -14,8 +14,10 @@ back (parsed by `trainers.local`, the same code as a local run); where this
 machine cannot read the folder, `poll` reads the worker's progress lines from
 the tail of the job's log instead (`trainers.local.parse_log`). The root is
 a folder every node of the cluster sees (a local path or ``file://`` URI;
-a shared mount on a real cluster). See `trainers.artifacts` for the seam an
-object store goes through later.
+a shared mount on a real cluster), or an S3 prefix (``s3://bucket/prefix``):
+then the job's entrypoint is `trainers.artifact_sync`, which trains in a
+scratch folder on its node and copies the files to and from the store, and
+`poll`, `checkpoints` and `fetch` read the store (`trainers.artifacts`).
 
 Idempotency: the Ray submission id is the run's idempotency key, made safe
 for Ray (`submission_id`). Ray refuses a second job with an id it already
@@ -36,8 +38,9 @@ The worker's environment: Ray starts the entrypoint with the environment of
 the cluster's own processes (whoever ran ``ray start``), plus the job's
 ``runtime_env`` env vars: here `trainers.local.worker_env` of the bot's
 environment (no tokens or keys), less the device lists, which Ray sets from
-``num_gpus``. Keep the bot's secrets out of the environment ``ray start``
-runs in as well.
+``num_gpus``; with an s3 root, plus the AWS variables the store needs
+(`trainers.artifacts.STORE_ENV`: keys, region, endpoint) and no other.
+Keep the bot's secrets out of the environment ``ray start`` runs in as well.
 
 Ray's client reads the address from ``RAY_API_SERVER_ADDRESS`` or
 ``RAY_ADDRESS`` when either is set, over the ``address`` given here.
@@ -74,6 +77,7 @@ from trainers.runner import Handle, RunEvent, RunnerError, RunState, Step, Train
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_STOP_GRACE_S = 120
+DEFAULT_SYNC_SECONDS = 5.0  # trainers.artifact_sync's upload period (s3 roots)
 ID_PREFIX = "tunebot-"
 ID_SLUG_CHARS = 60
 # Job metadata (Ray keeps it with the job; `find` reads the run folder back from it).
@@ -123,7 +127,8 @@ class RayRunner:
     """Runs `trainers.lora` as Ray jobs on the cluster whose dashboard is at `address`.
 
     `artifacts`: the root of the run folders (a path or ``file://`` URI every
-    node sees). `fs`: an fsspec-shaped filesystem for another kind of root.
+    node sees, or ``s3://bucket/prefix``). `fs`: an fsspec-shaped filesystem
+    for another kind of root.
     `python`: the interpreter on the cluster's nodes that has tunebot's
     ``[local]`` extra (default: this one, right for a cluster on this
     machine). `ship_code`: send the `trainers` package with each job
@@ -168,6 +173,8 @@ class RayRunner:
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.stop_grace_s = stop_grace_s
+        # With an object store: how often the worker uploads its progress and checkpoints.
+        self.sync_seconds = DEFAULT_SYNC_SECONDS
         self.headers = dict(headers) if headers else None
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -210,9 +217,15 @@ class RayRunner:
         else:
             command = [self.python, "-m", "trainers.lora"]
             num_cpus, num_gpus = resources["num_cpus"], resources["num_gpus"]
+        if artifacts.is_local(self.fs):
+            command.append(f"{run_dir}/{SPEC}")
+        else:  # an object store: the node trains in a scratch folder it syncs with the store
+            spec_uri = artifacts.uri(self.fs, f"{run_dir}/{SPEC}")
+            command = [self.python, "-m", "trainers.artifact_sync",
+                       "--every", f"{self.sync_seconds:g}", spec_uri, "--", *command[1:]]  # fmt: skip
         try:
             client.submit_job(
-                entrypoint=shlex.join([*command, f"{run_dir}/{SPEC}"]),
+                entrypoint=shlex.join(command),
                 submission_id=sid,
                 runtime_env=self._runtime_env(),
                 entrypoint_num_cpus=num_cpus,
@@ -333,10 +346,17 @@ class RayRunner:
 
     def checkpoints(self, where: str) -> list[str]:
         """Names of the complete checkpoints in the run folder at `where`, oldest first
-        (``checkpoint-<step>``); empty when there are none or the folder is not local."""
-        if not isinstance(self.fs, artifacts.LocalFileSystem):
-            return []
-        return [p.name for p in complete_checkpoints(Path(artifacts.path_of(self.fs, where)))]
+        (``checkpoint-<step>``); empty when there are none. Raises `RunnerError` when the
+        artifacts store cannot be read."""
+        path = artifacts.path_of(self.fs, where)
+        if artifacts.is_local(self.fs):
+            return [p.name for p in complete_checkpoints(Path(path))]
+        try:
+            return artifacts.complete_checkpoints(self.fs, path)
+        except OSError as exc:
+            raise RunnerError(
+                f"cannot list the checkpoints in {where}: {exc}", retryable=True
+            ) from exc
 
     def fetch(self, path: str, local_dir: str | os.PathLike[str]) -> Path:
         """Copy the folder `path` (on `fs`, e.g. ``RunState.output["adapter_dir"]``) to
@@ -430,6 +450,12 @@ class RayRunner:
             raise RunnerError(f"num_workers: a whole number >= 1, not {workers!r}")
         if not isinstance(spread, bool):
             raise RunnerError(f"spread: true or false, not {spread!r}")
+        if spread and not artifacts.is_local(self.fs):
+            # The Ray Train workers share the driver's scratch folder: one node only.
+            raise RunnerError(
+                "spread: runs over several nodes need an artifacts folder every node sees, "
+                f"not an {self.fs.protocol}:// store"
+            )
         try:
             _check_resources({k: resources[k] for k in ("num_cpus", "num_gpus")})
         except ValueError as exc:
@@ -471,12 +497,18 @@ class RayRunner:
                 self.fs.put_file(str(spec.eval_file), worker_spec["eval_file"])
             self.fs.pipe_file(f"{run_dir}/{SPEC}", json.dumps(worker_spec, indent=2).encode())
         except OSError as exc:
-            raise RunnerError(f"cannot stage run {spec.run_id} in {run_dir}: {exc}") from exc
+            # A store that does not answer may answer later; a local folder's error stays.
+            raise RunnerError(
+                f"cannot stage run {spec.run_id} in {run_dir}: {exc}",
+                retryable=not artifacts.is_local(self.fs),
+            ) from exc
 
     def _runtime_env(self) -> dict:
-        env_vars = worker_env(os.environ if self.env is None else self.env)
+        source = os.environ if self.env is None else self.env
+        env_vars = worker_env(source)
         for name in _DEVICE_LISTS:
             env_vars.pop(name, None)
+        env_vars.update(artifacts.store_env(self.fs, source))  # an s3 root: the AWS_* it needs
         env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(self.stop_grace_s)  # read by Ray's supervisor
         env_vars.setdefault("PYTHONUNBUFFERED", "1")
         runtime_env: dict[str, Any] = {"env_vars": env_vars}

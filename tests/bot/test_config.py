@@ -50,7 +50,7 @@ def test_bad_numbers_name_the_variable(value):
     [
         ("artifacts", "must be an absolute folder"),
         ("~/artifacts", "must be an absolute folder"),
-        ("s3://bucket/runs", "s3:// is not supported; give a folder or file:/// URI"),
+        ("gs://bucket/runs", "gs:// is not supported; give a folder or file:/// URI"),
         ("file://otherhost/runs", "names another host"),
     ],
 )
@@ -63,6 +63,30 @@ def test_an_artifacts_root_other_nodes_cannot_see_is_refused_at_start(value, say
 def test_an_artifacts_root_with_a_space_is_kept_as_given():
     for value in ("/srv/shared tunebot", "file:///srv/shared%20tunebot"):
         assert Settings.from_env({"TUNEBOT_ARTIFACTS": value}).artifacts == value
+
+
+def test_an_s3_artifacts_root_is_taken_with_s3fs_and_refused_with_credentials_in_it():
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    value = "s3://team-bucket/tunebot/runs"
+    assert Settings.from_env({"TUNEBOT_ARTIFACTS": value}).artifacts == value
+    for value in ("s3://AKIAXYZ:hunter2@team-bucket/runs", "s3://team-bucket/runs?sig=hunter2"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"TUNEBOT_ARTIFACTS": value})
+        said = str(info.value)
+        assert said.startswith("TUNEBOT_ARTIFACTS: an s3:// root is s3://bucket/prefix alone")
+        assert "AWS_ACCESS_KEY_ID" in said
+        assert "hunter2" not in said and "AKIAXYZ" not in said
+
+
+def test_an_s3_artifacts_root_without_s3fs_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if the [s3] extra were not installed
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"TUNEBOT_ARTIFACTS": "s3://team-bucket/runs"})
+    assert str(info.value) == (
+        "TUNEBOT_ARTIFACTS: s3:// roots need the [s3] extra: pip install 'tunebot[s3]'"
+    )
 
 
 def test_a_ray_address_with_credentials_is_refused_and_not_repeated():

@@ -4,7 +4,8 @@ The bot is the real Bolt app over HTTP against the Slack fake; the cluster is
 a real one-node Ray cluster (`tests/ray_cluster` starts one for the suite;
 these tests skip, saying how, when none answers at ``TUNEBOT_RAY_ADDRESS``).
 The worker really trains the tiny Llama of tests/trainers/test_lora.py as a
-Ray job, its files under the test's artifacts folder.
+Ray job, its files under the test's artifacts folder, or with an ``s3://`` root on
+moto's S3 server on 127.0.0.1 (tests/fakes/s3_store.py), which the job reaches too.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def ray_bot(paid_bot, tiny, tmp_path):  # noqa: F811 (tiny)
             default_provider="local",
             local_runner="ray",
             ray_address=ADDRESS,
-            artifacts=(tmp_path / "artifacts").as_uri(),
+            artifacts=overrides.pop("artifacts", (tmp_path / "artifacts").as_uri()),
             progress_seconds=0.0,
             **overrides,
         )
@@ -141,12 +142,63 @@ def test_a_run_trains_as_a_ray_job_reports_once_and_is_evaluated(ray_bot):
 
 
 @needs_cluster
-def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot):
-    bot = ray_bot()
+def test_a_run_with_its_artifacts_on_s3_trains_reports_and_comes_home(ray_bot, s3):
+    # TUNEBOT_ARTIFACTS=s3://…: the job's node trains in a scratch folder and syncs it with
+    # the store (moto's S3 server on 127.0.0.1); the bot reads progress and result there.
+    bot = ray_bot(artifacts=f"s3://{s3.bucket_name}/tunebot/runs")
+    runs = bot.workflow.runs
+    upload(bot, training_file(40))
+    body = request(bot, "train provider=local epochs=2")
+    assert "r1 accepted: it goes to the local GPU queue" in body["text"]
+    run = tick_until(bot, "r1", DONE)
+    assert run.status == "succeeded", run.error
+    sid = submission_id(runs.key("r1"))
+    assert run.external_id == sid
+
+    (job,) = ray_jobs(prefix(bot))
+    assert (job.submission_id, str(job.status)) == (sid, "SUCCEEDED")
+    assert "-m trainers.artifact_sync" in job.entrypoint
+    assert job.metadata["tunebot_run_dir"] == f"s3://{s3.bucket_name}/tunebot/runs/{sid}"
+    keys = s3.keys(s3.bucket_name, f"tunebot/runs/{sid}/")
+    for name in ("spec.json", "data/train.jsonl", "progress.jsonl", "result.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):  # fmt: skip
+        assert f"tunebot/runs/{sid}/{name}" in keys, keys
+
+    # The adapter came home from the store: the evaluation and chat load it from here.
+    home = runs.run_dir("r1") / "adapter"
+    assert (home / "adapter_config.json").is_file()
+    assert run.result_json["adapter_dir"] == str(home)
+    edits = progress_edits(bot, run)
+    assert any("step" in e for e in edits[:-1]), edits  # edited while it trained
+    assert edits[-1].startswith("r1 succeeded")
+    (done,) = finals(bot, "r1", "🎉 succeeded")
+    assert "Adapter:" in done and "Final train loss" in done
+    bot.wait_idle()
+    summary = [t for t in texts(bot) if t.startswith("r1 evaluation:")]
+    assert len(summary) == 1 and "5 held-out examples" in summary[0]
+    assert not [t for t in texts(bot) if "AKIA" in t or "tunebot-run-" in t]
+
+
+@pytest.fixture(params=["folder", "s3"])
+def artifacts_root(request, tmp_path) -> str:
+    """TUNEBOT_ARTIFACTS: a folder, or a prefix on the S3 server of the `s3` fixture (the
+    worker then syncs its scratch folder with the store: checkpoints up, a resume's down)."""
+    if request.param == "s3":
+        return f"s3://{request.getfixturevalue('s3').bucket_name}/runs"
+    return (tmp_path / "artifacts").as_uri()
+
+
+@needs_cluster
+def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot, artifacts_root):
+    bot = ray_bot(artifacts=artifacts_root)
     runs = bot.workflow.runs
     runs.local_overrides.update(save_steps=2)
+    # On S3 a checkpoint shows once uploaded: upload often, and train longer, so the
+    # cancel still comes mid-way on a quiet machine.
+    runs.backends.runner("local").sync_seconds = 0.5
+    epochs = 20 if artifacts_root.startswith("s3://") else 8
     upload(bot, training_file(40))
-    request(bot, "train provider=local epochs=8")  # long enough to cancel mid-way
+    request(bot, f"train provider=local epochs={epochs}")  # long enough to cancel mid-way
     tick_until(bot, "r1", ("running",), timeout=60)
     key = runs.key("r1")
     deadline = time.monotonic() + 240
@@ -323,6 +375,34 @@ def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_
     assert "tried again in 30 s" in waits[0]
     actions = [e.action for e in bot.store.audit_log(run_id="r1")]
     assert "started" not in actions and "failed" not in actions
+
+
+def test_a_resume_while_the_s3_store_does_not_answer_says_so_in_one_sentence(
+    paid_bot, tiny, monkeypatch,  # noqa: F811
+):  # fmt: skip
+    pytest.importorskip("ray", reason="the Ray runner needs the [ray] extra")
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "s",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+                        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)  # a store where nothing listens
+    bot = paid_bot(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9", artifacts="s3://team/runs",
+    )  # fmt: skip
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    bot.workflow.runs.poll_all()
+    bot.wait_idle()
+    assert bot.store.get_run("r1").status == "queued"  # no cluster: it waits
+    bot.command("cancel r1", user_id="UR")
+    assert bot.store.get_run("r1").status == "cancelled"
+    _, body = bot.command("resume r1", user_id="UR")
+    assert body["text"] == (
+        "⚠️ The artifacts store did not answer, so r1's checkpoints cannot be listed. "
+        "Try again in a minute."
+    )
+    assert bot.store.get_run("r1").status == "cancelled"
 
 
 def test_a_ray_runs_card_says_its_gpus_and_nodes_and_no_server_path(paid_bot, tiny, tmp_path):  # noqa: F811

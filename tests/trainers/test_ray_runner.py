@@ -154,7 +154,7 @@ def test_an_artifacts_root_is_a_folder_or_a_file_uri(tmp_path):
     assert artifacts.read_text(fs, f"{root}/run/spec.json") == "{}"
     assert artifacts.read_text(fs, f"{root}/run/result.json") is None
     assert [p.name for p in (tmp_path / "a b" / "run").iterdir()] == ["spec.json"]
-    for bad in ("s3://bucket/runs", "file://otherhost/runs", ""):
+    for bad in ("gs://bucket/runs", "file://otherhost/runs", ""):
         with pytest.raises(ValueError, match="artifacts"):
             artifacts.resolve(bad)
 
@@ -173,6 +173,33 @@ def test_the_jobs_environment_holds_none_of_the_bots_secrets(tmp_path):
     env_vars = r._runtime_env()["env_vars"]
     assert env_vars == {**kept, "RAY_JOB_STOP_WAIT_TIME_S": "120", "PYTHONUNBUFFERED": "1"}
     assert not [v for v in secrets.values() if v in str(r._runtime_env())]
+
+
+def test_with_an_s3_root_the_job_gets_the_stores_aws_variables_and_no_other_secret(tmp_path):
+    """An s3 root: the worker reaches the store with the AWS variables botocore reads, and
+    still with none of the bot's tokens (nor an AWS profile, which names a file it lacks)."""
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    secrets = {
+        "SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "SLACK_SIGNING_SECRET": "sig-1",
+        "OPENAI_API_KEY": "sk-1", "TOGETHER_API_KEY": "tg-1", "HF_TOKEN": "hf_1",
+        "TUNEBOT_ARTIFACTS": "s3://team/runs", "HTTPS_PROXY": "http://user:pw@proxy:3128",
+        "AWS_PROFILE": "admin", "AWS_SHARED_CREDENTIALS_FILE": "/root/.aws/credentials",
+    }  # fmt: skip
+    store = {
+        "AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "aws-1",
+        "AWS_SESSION_TOKEN": "sess-1", "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL_S3": "http://minio:9000",
+    }  # fmt: skip
+    kept = {"PATH": "/usr/bin"}
+    r = RayRunner("http://127.0.0.1:9", "s3://team/runs", env={**secrets, **store, **kept})
+    env_vars = r._runtime_env()["env_vars"]
+    assert env_vars == {
+        **kept, **store, "RAY_JOB_STOP_WAIT_TIME_S": "120", "PYTHONUNBUFFERED": "1"
+    }  # fmt: skip
+    assert not [v for v in secrets.values() if v in str(r._runtime_env())]
+    # A local root gets none of them.
+    local = RayRunner("http://127.0.0.1:9", tmp_path, env={**secrets, **store, **kept})
+    assert not [v for v in store.values() if v in str(local._runtime_env())]
 
 
 def test_progress_lines_in_a_log_are_read_strictly():
