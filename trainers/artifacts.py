@@ -20,6 +20,7 @@ the same names and meanings (``cat_file``, ``pipe_file``, ``put_file``,
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -329,6 +330,22 @@ def path_of(fs: FileSystem, where: str) -> str:
     if parsed.scheme:
         return f"{parsed.netloc}{parsed.path}"
     return where
+
+
+def within(fs: FileSystem, where: str, folder: str) -> bool:
+    """Whether `where` (a path or URI, as a result.json names it) lies inside `folder` (a
+    path on `fs`): the same scheme as `fs` (or none), and once ``..`` is resolved, under
+    ``folder/``. A relative path, another bucket or host, or ``file://`` on an object
+    store is not."""
+    parsed = urlparse(where)
+    protocol = getattr(fs, "protocol", "file")
+    if parsed.scheme and parsed.scheme != protocol:
+        return False
+    path = posixpath.normpath(path_of(fs, where))
+    base = posixpath.normpath(folder)
+    if is_local(fs) and not posixpath.isabs(path):
+        return False
+    return path.startswith(base.rstrip("/") + "/")
 
 
 def read_text(fs: FileSystem, path: str) -> str | None:

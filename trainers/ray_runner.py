@@ -94,6 +94,7 @@ _DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DE
 # Progress events shown as RunEvents (steps are in `metrics`).
 _EVENT_KINDS = ("start", "eval", "checkpoint")
 _RESULT_STATUSES = ("succeeded", "cancelled", "failed")  # what result.json can say
+_OUTPUT_PATHS = ("adapter_dir", "merged_dir", "checkpoint")  # each inside the run folder
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # A poll that reads the job's log reads at most this much of its end.
 LOG_PROGRESS_LINES = 2000
@@ -257,8 +258,10 @@ class RayRunner:
         (not mounted here, missing, unreadable), from the worker's progress lines
         in the last ``LOG_PROGRESS_LINES`` lines of the job's log
         (`trainers.local.parse_log`); then ``output["unreachable"]`` is true: the
-        folders it names cannot be fetched from here. Raises `RunnerError` when Ray
-        does not answer."""
+        folders it names cannot be fetched from here. A result.json that names an
+        adapter, merged model or checkpoint outside the run's own folder (another
+        bucket, ``file://`` on a store, ``..``) makes the run failed and its output
+        names none of them. Raises `RunnerError` when Ray does not answer."""
         info = self._info(handle.id)
         run_dir = (
             artifacts.path_of(self.fs, handle.where) if handle.where else self.run_dir(handle.id)
@@ -310,6 +313,19 @@ class RayRunner:
             state["error"] = _failure(info.message, (result or {}).get("error"))
             state["log_tail"] = (result or {}).get("log_tail") or self._log_tail(
                 handle.id, info=info
+            )
+        outside = [
+            name
+            for name in _OUTPUT_PATHS
+            if folder is not None
+            and isinstance((result or {}).get(name), str)
+            and not artifacts.within(self.fs, result[name], run_dir)
+        ]
+        if outside:  # written by someone else: nothing outside the run's folder is fetched
+            result = {k: v for k, v in result.items() if k not in _OUTPUT_PATHS}
+            status = "failed"
+            state["error"] = (
+                f"the run's result.json names files outside its run folder ({outside[0]})"
             )
         if result is not None:
             state["output"] = _output(result, handle.where)
@@ -603,7 +619,7 @@ def _failure(message: str | None, worker_error: str | None) -> str:
 
 def _output(result: Mapping[str, Any], where: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"run_dir": where} if where else {}
-    for name in ("adapter_dir", "merged_dir", "checkpoint", "metrics"):
+    for name in (*_OUTPUT_PATHS, "metrics"):
         if result.get(name) is not None:
             out[name] = result[name]
     return out

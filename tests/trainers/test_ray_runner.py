@@ -372,9 +372,10 @@ def test_a_job_ray_forgot_is_judged_by_its_files(runner, tmp_path):
     ghost = Handle(runner="ray", id=submission_id(key("ghost")), where=folder.as_uri())
     state = r.poll(ghost)  # a cluster started afresh has no record of the job
     assert state.status == "failed" and "no longer knows job" in state.error
-    (folder / "result.json").write_text(json.dumps({"status": "succeeded", "adapter_dir": "a"}))
+    adapter = str(folder / "adapter")
+    (folder / "result.json").write_text(json.dumps({"status": "succeeded", "adapter_dir": adapter}))
     state = r.poll(ghost)
-    assert state.status == "succeeded" and state.output["adapter_dir"] == "a"
+    assert state.status == "succeeded" and state.output["adapter_dir"] == adapter
     with pytest.raises(RunnerError, match="no job"):
         r.cancel(ghost)
 
@@ -487,3 +488,56 @@ def test_cancel_of_two_ray_train_workers_keeps_a_checkpoint_and_resume_finishes(
     resumed = [e for e in starts if e["event"] == "start"][-1]
     assert resumed["resumed_from"] == str(saved) and resumed["world_size"] == 2
     assert not (run_dir / "stop.request").exists()
+
+
+@needs_cluster
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_result_naming_files_outside_its_run_folder_fails_and_nothing_is_fetched(
+    runner, tmp_path, request, where
+):
+    """Whoever can write the run folder (a cluster node, another tenant of the bucket)
+    writes a result.json whose adapter lies elsewhere: another bucket, this machine's
+    own files, a sibling run. The run fails, nothing outside its folder is named in
+    its output, and copying it home fetches nothing."""
+    from bot import ray_runs
+
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        r = RayRunner(ADDRESS, f"s3://{s3.bucket_name}/runs")
+        other = s3.bucket()
+        s3.client().put_object(Bucket=other, Key="secret/adapter_config.json", Body=b"{}")
+        elsewhere = [f"s3://{other}/secret", "file:///etc", f"{other}/secret"]
+    else:
+        r = runner()
+        secret = tmp_path / "secret"
+        secret.mkdir()
+        (secret / "adapter_config.json").write_text("{}")
+        elsewhere = [str(secret), secret.as_uri(), "secret"]
+    sid = submission_id(key(f"outside-{where}"))
+    run_dir = r.run_dir(sid)
+    ghost = Handle(runner="ray", id=sid, where=artifacts.uri(r.fs, run_dir))
+    inside = f"{run_dir}/adapter"
+    r.fs.pipe_file(f"{inside}/adapter_config.json", b"{}")
+    sibling = f"{run_dir}/../{submission_id(key('sibling'))}/adapter"
+    for name in ("adapter_dir", "merged_dir", "checkpoint"):
+        for bad in [*elsewhere, sibling, artifacts.uri(r.fs, sibling)]:
+            result = {"status": "succeeded", "adapter_dir": inside, name: bad}
+            r.fs.pipe_file(f"{run_dir}/result.json", json.dumps(result).encode())
+            state = r.poll(ghost)  # Ray has no such job: the files are all there is
+            assert state.status == "failed", (name, bad, state)
+            assert state.error == (
+                f"the run's result.json names files outside its run folder ({name})"
+            )
+            assert bad not in str(state.output) and "secret" not in str(state)
+            home = tmp_path / f"home-{name}"
+            copied = ray_runs.copy_home(r, state, home)  # what it names is its own alone
+            assert set(copied.values()) <= {str(home / "adapter")}, copied
+            assert not (home / "secret").exists() and not (home / "etc").exists()
+    # Its own folder, as a URI or a path, is fetched as before.
+    for own in (inside, artifacts.uri(r.fs, inside)):
+        result = {"status": "succeeded", "adapter_dir": own}
+        r.fs.pipe_file(f"{run_dir}/result.json", json.dumps(result).encode())
+        state = r.poll(ghost)
+        assert state.status == "succeeded" and state.output["adapter_dir"] == own
+        copied = ray_runs.copy_home(r, state, tmp_path / "home")
+        assert (Path(copied["adapter_dir"]) / "adapter_config.json").read_text() == "{}"
