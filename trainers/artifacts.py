@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -63,6 +64,7 @@ STORE_ENV = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_CA_BUNDLE",
 )
+_URL = re.compile(r"""[:\s]*["']?\b[a-z][a-z0-9+.-]*://[^\s"']*["']?""", re.I)
 S3_EXTRA = "pip install 'tunebot[s3]'"
 # A checkpoint a run can resume from has its trainer state and its adapter weights.
 CHECKPOINT_STATE = "trainer_state.json"
@@ -167,7 +169,9 @@ class ObjectStore:
         except OSError:
             raise
         except Exception as exc:  # botocore's connection and endpoint errors are not OSErrors
-            raise OSError(f"{self.protocol} store: {type(exc).__name__}: {exc}") from exc
+            # Without the URL botocore puts in (the endpoint, the bucket, a query).
+            text = _URL.sub("", str(exc)).strip()
+            raise OSError(f"{self.protocol} store: {type(exc).__name__}: {text}") from exc
 
     def cat_file(self, path: str) -> bytes:
         return self._call("cat_file", path)

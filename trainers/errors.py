@@ -10,6 +10,7 @@ person, with no server path.
     ├── RetiredModel (ValueError)          trainers.pricing: the provider no longer trains it
     ├── TokenizerUnavailable (RuntimeError) trainers.tokens: BPE files could not be loaded
     ├── RunnerError                        trainers.runner: a training backend refused or failed
+    │   ├── StoreError                     trainers.ray_runner: the artifacts store did not answer
     │   ├── OpenAIError (RuntimeError)     trainers.openai_ft: a refused or failed API call
     │   └── TogetherAPIError               trainers.together_ft: a refused or failed API call
     ├── ModelFetchError (RuntimeError)     trainers.models: download or conversion failed
@@ -41,3 +42,20 @@ class RunnerError(TrainerError):
     @property
     def summary(self) -> str:
         return self.message
+
+
+class StoreError(RunnerError):
+    """The artifacts store (an object store under a Ray runner) refused or did not answer.
+
+    `message` names the run folder for the log; `summary`, shown to a person,
+    names neither the bucket, the prefix nor the store's endpoint: only the
+    kind of error (`kind`, e.g. ``EndpointConnectionError``). Retryable.
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, retryable=True)
+        self.kind = kind
+
+    @property
+    def summary(self) -> str:
+        return f"the artifacts store did not answer: {self.kind}"

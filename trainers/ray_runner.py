@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from trainers import artifacts
+from trainers.errors import StoreError
 from trainers.local import (
     LOG_TAIL_LINES,
     PROGRESS,
@@ -370,9 +371,7 @@ class RayRunner:
         try:
             return artifacts.complete_checkpoints(self.fs, path)
         except OSError as exc:
-            raise RunnerError(
-                f"cannot list the checkpoints in {where}: {exc}", retryable=True
-            ) from exc
+            raise StoreError(f"cannot list the checkpoints in {where}: {exc}", _kind(exc)) from exc
 
     def fetch(self, path: str, local_dir: str | os.PathLike[str]) -> Path:
         """Copy the folder `path` (on `fs`, e.g. ``RunState.output["adapter_dir"]``) to
@@ -514,9 +513,11 @@ class RayRunner:
             self.fs.pipe_file(f"{run_dir}/{SPEC}", json.dumps(worker_spec, indent=2).encode())
         except OSError as exc:
             # A store that does not answer may answer later; a local folder's error stays.
-            raise RunnerError(
-                f"cannot stage run {spec.run_id} in {run_dir}: {exc}",
-                retryable=not artifacts.is_local(self.fs),
+            if artifacts.is_local(self.fs):
+                raise RunnerError(f"cannot stage run {spec.run_id} in {run_dir}: {exc}") from exc
+            where = artifacts.uri(self.fs, run_dir)
+            raise StoreError(
+                f"cannot stage run {spec.run_id} in {where}: {exc}", _kind(exc)
             ) from exc
 
     def _runtime_env(self) -> dict:
@@ -592,6 +593,12 @@ def _check_resources(resources: Mapping[str, Any]) -> None:
     for name, value in resources.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(f"{name}: a number >= 0, not {value!r}")
+
+
+def _kind(exc: BaseException) -> str:
+    """The store error's class name (botocore's, under `artifacts.ObjectStore`'s OSError)."""
+    cause = exc.__cause__ if type(exc) is OSError and exc.__cause__ is not None else exc
+    return type(cause).__name__
 
 
 def _status_code(exc: BaseException) -> int | None:

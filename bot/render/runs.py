@@ -311,7 +311,7 @@ def local_progress(run, state, *, waiting: str | None = None) -> Message:
 def ray_unavailable(run, why: str, retry_seconds: float) -> Message:
     """A local run the Ray cluster could not take: it keeps its place in the queue."""
     text = (
-        f"{run.id} is waiting for the Ray cluster ({escape(clip(why, 200))}); "
+        f"{run.id} is waiting for the Ray cluster ({escape(clip(short_paths(why), 200))}); "
         f"it is tried again in {retry_seconds:.0f} s and keeps its place in the queue."
     )
     return Message(text, [section(text)])

@@ -28,6 +28,8 @@ _OWN_MENTION = re.compile(r"<[@#][A-Z0-9]+>")
 # An absolute (or ~/) path of two parts or more; a URL's slashes never start one.
 _SERVER_PATH = re.compile(r"(?<![\w:/.~\\-])~?(?:/[\w.+@-]+)+/([\w.+@-]+)")
 _FILE_URI = re.compile(r"\bfile://(?=/)")  # file:///srv/x: its path is a server path
+# s3://bucket/prefix/x (a Ray run's folder on a store): the bucket and prefix are the server's.
+_STORE_URI = re.compile(r"\bs3://(?:[\w.+@-]+/)+([\w.+@-]+)")
 _TRACEBACK = "Traceback (most recent call last)"
 
 
@@ -54,8 +56,8 @@ def _inert(text: str) -> str:
 
 def short_paths(text: str) -> str:
     """Server paths cut to their last part: `/srv/tunebot/runs/r1/spec.json` -> `spec.json`;
-    a ``file:///`` URI (a Ray run's folder) too."""
-    return _SERVER_PATH.sub(r"\1", _FILE_URI.sub("", text))
+    a ``file:///`` or ``s3://bucket/…`` URI (a Ray run's folder) too."""
+    return _SERVER_PATH.sub(r"\1", _FILE_URI.sub("", _STORE_URI.sub(r"\1", text)))
 
 
 def failure_line(error: str | None, log: str | None = None) -> str:

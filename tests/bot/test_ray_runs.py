@@ -474,3 +474,45 @@ def test_a_run_whose_artifacts_this_machine_cannot_read_is_followed_in_the_jobs_
     assert [t for t in texts(bot) if "evaluat" in t and t.startswith("⚠️ r1")] == [
         "⚠️ r1 has no adapter to evaluate."
     ]
+
+
+@needs_cluster
+def test_a_store_that_does_not_answer_at_launch_names_no_bucket_endpoint_or_key(
+    ray_bot, monkeypatch
+):
+    """TUNEBOT_ARTIFACTS=s3://… on a store that does not answer when the run starts: the
+    run keeps its place and says so, without the bucket, the prefix, the store's
+    endpoint URL or the access key in Slack."""
+    pytest.importorskip("s3fs", reason="s3:// artifacts need the [s3] extra")
+    for name, value in {"AWS_ACCESS_KEY_ID": "AKIAQUIETKEY", "AWS_SECRET_ACCESS_KEY": "sekret",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+                        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)  # a store where nothing listens
+    bot = ray_bot(artifacts="s3://team-bucket/private-prefix")
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    tick_until(bot, "r1", ("queued",))
+    deadline = time.monotonic() + 60
+    while not [t for t in texts(bot) if t.startswith("r1 is waiting")]:
+        assert time.monotonic() < deadline, texts(bot)
+        bot.workflow.runs.poll_all()
+        bot.wait_idle()
+        time.sleep(0.2)
+    run = bot.store.get_run("r1")
+    assert run.status == "queued" and run.external_id is None
+    (wait,) = [t for t in texts(bot) if t.startswith("r1 is waiting")]
+    assert "(the artifacts store did not answer: EndpointConnectionError)" in wait, wait
+    for secret in ("team-bucket", "private-prefix", "127.0.0.1:9", "AKIAQUIETKEY", "sekret"):
+        assert not [t for t in texts(bot) if secret in t], secret
+    assert not ray_jobs(prefix(bot))
+
+
+def test_an_s3_run_folder_in_an_error_or_the_result_shows_no_bucket():
+    """What RayRunner.poll says when the job ended without a result, and the finish of a run
+    followed from its job's log, name an s3 run folder by its last part alone."""
+    from bot import render
+
+    where = "s3://team-bucket/private-prefix/tunebot-installation-r1-0123456789ab"
+    shown = render.failure_line(f"the worker exited without a result in {where}")
+    assert shown == "the worker exited without a result in tunebot-installation-r1-0123456789ab"
+    assert render.short_paths(f"in `{where}/adapter` under") == "in `adapter` under"
