@@ -95,6 +95,7 @@ _DEVICE_LISTS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DE
 # Progress events shown as RunEvents (steps are in `metrics`).
 _EVENT_KINDS = ("start", "eval", "checkpoint")
 _RESULT_STATUSES = ("succeeded", "cancelled", "failed")  # what result.json can say
+_RAY_ENDED = ("SUCCEEDED", "STOPPED", "FAILED")
 _OUTPUT_PATHS = ("adapter_dir", "merged_dir", "checkpoint")  # each inside the run folder
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # A poll that reads the job's log reads at most this much of its end.
@@ -262,12 +263,21 @@ class RayRunner:
         folders it names cannot be fetched from here. A result.json that names an
         adapter, merged model or checkpoint outside the run's own folder (another
         bucket, ``file://`` on a store, ``..``) makes the run failed and its output
-        names none of them. Raises `RunnerError` when Ray does not answer."""
+        names none of them. Raises `RunnerError` when Ray does not answer, and
+        `StoreError` (retryable) when an object store does not answer once the job
+        has ended (while it runs, the log stands in)."""
         info = self._info(handle.id)
         run_dir = (
             artifacts.path_of(self.fs, handle.where) if handle.where else self.run_dir(handle.id)
         )
-        folder = self._read_folder(run_dir)
+        try:
+            folder, blinked = self._read_folder(run_dir), None
+        except StoreError as exc:  # the store may answer at the next poll
+            folder, blinked = None, exc
+        if blinked is not None and (info is None or str(info.status) in _RAY_ENDED):
+            # Ended: its end comes from its files, never from the log, where its
+            # adapter would count as out of reach and never be copied home.
+            raise blinked
         if folder is not None:
             events = parse_events(folder[0] or "")
             result = parse_result(folder[1] or "")
@@ -577,7 +587,8 @@ class RayRunner:
 
     def _read_folder(self, run_dir: str) -> tuple[str | None, str | None] | None:
         """(progress.jsonl, result.json) texts (None: not there yet), or None when the run
-        folder cannot be read from this machine."""
+        folder cannot be read from this machine. Raises `StoreError` when an object store
+        does not answer (or refuses): that may pass."""
         try:
             if not self.fs.exists(run_dir):
                 return None
@@ -585,8 +596,11 @@ class RayRunner:
                 artifacts.read_text(self.fs, f"{run_dir}/{PROGRESS}"),
                 artifacts.read_text(self.fs, f"{run_dir}/{RESULT}"),
             )
-        except OSError:
-            return None
+        except OSError as exc:
+            if artifacts.is_local(self.fs):
+                return None
+            where = artifacts.uri(self.fs, run_dir)
+            raise StoreError(f"cannot read {where}: {exc}", _kind(exc)) from exc
 
 
 def _check_resources(resources: Mapping[str, Any]) -> None:

@@ -541,3 +541,42 @@ def test_a_result_naming_files_outside_its_run_folder_fails_and_nothing_is_fetch
         assert state.status == "succeeded" and state.output["adapter_dir"] == own
         copied = ray_runs.copy_home(r, state, tmp_path / "home")
         assert (Path(copied["adapter_dir"]) / "adapter_config.json").read_text() == "{}"
+
+
+@needs_cluster
+def test_a_store_that_blinks_when_the_job_ends_does_not_end_the_run_from_the_log(s3, monkeypatch):
+    """An s3 root that does not answer for a moment just as the job has ended: the poll
+    says so (a retryable error) instead of ending the run from the job's log, where
+    its adapter would count as out of reach and never come home. Once the store
+    answers, the run ends from its files."""
+    from ray.job_submission import JobSubmissionClient
+
+    root = f"s3://{s3.bucket_name}/runs"
+    live = RayRunner(ADDRESS, root)
+    sid = submission_id(key("blink"))
+    run_dir = live.run_dir(sid)
+    adapter = f"{run_dir}/adapter"
+    live.fs.pipe_file(f"{adapter}/adapter_config.json", b"{}")
+    result = {"status": "succeeded", "adapter_dir": artifacts.uri(live.fs, adapter)}
+    live.fs.pipe_file(f"{run_dir}/result.json", json.dumps(result).encode())
+    line = log_line("r9", {"event": "result", "status": "succeeded", "adapter_dir": "/x/adapter"})
+    client = JobSubmissionClient(ADDRESS)
+    client.submit_job(
+        entrypoint=f"echo {json.dumps(line)}", submission_id=sid, metadata={"tunebot_run": "r9"}
+    )
+    handle = Handle(runner="ray", id=sid, where=artifacts.uri(live.fs, run_dir))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while str(client.get_job_status(sid)) != "SUCCEEDED":
+        assert time.monotonic() < deadline, client.get_job_status(sid)
+        time.sleep(0.5)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    down = RayRunner(ADDRESS, root)
+    with pytest.raises(RunnerError) as caught:
+        down.poll(handle)
+    assert caught.value.retryable and caught.value.summary.startswith(
+        "the artifacts store did not answer"
+    )
+    state = live.poll(handle)  # it answers again
+    assert state.status == "succeeded" and "unreachable" not in state.output
+    assert state.output["adapter_dir"] == result["adapter_dir"]
