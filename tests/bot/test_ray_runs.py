@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -218,8 +219,13 @@ def test_cancel_stops_the_job_keeps_its_checkpoint_and_resume_finishes(ray_bot, 
     assert len(finals(bot, "r1", "✋ cancelled")) == 1
     assert any("A checkpoint was saved: `/finetune resume r1`" in t for t in texts(bot))
 
-    _, body = bot.command("resume r1", user_id="UR")
-    assert f"r1 resumes from {kept[-1]}" in body["text"]
+    # Twenty resumes at once (a double click, a retried request): one wins, one new job.
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: bot.command("resume r1", user_id="UR")[1], range(20)))
+    won = [a["text"] for a in answers if f"r1 resumes from {kept[-1]}" in a["text"]]
+    assert len(won) == 1, [a["text"] for a in answers]
+    asked = [e for e in bot.store.audit_log(run_id="r1") if e.action == "resume_requested"]
+    assert len(asked) == 1
     run = tick_until(bot, "r1", DONE)
     assert run.status == "succeeded", run.error
     # A second Ray job (the first id is Ray's for good) in the same run folder.
