@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlparse
 class FileSystem(Protocol):
     """The part of fsspec's ``AbstractFileSystem`` a runner uses (paths without the scheme)."""
 
-    def cat_file(self, path: str) -> bytes: ...
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes: ...
 
     def pipe_file(self, path: str, value: bytes) -> None: ...
 
@@ -76,8 +76,14 @@ class LocalFileSystem:
 
     protocol = "file"
 
-    def cat_file(self, path: str) -> bytes:
-        return Path(path).read_bytes()
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The file's bytes, or those from `start` (from the end when < 0) up to `end`."""
+        with open(path, "rb") as fh:
+            if start is not None and start < 0:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) + start))
+            elif start:
+                fh.seek(start)
+            return fh.read() if end is None else fh.read(max(0, end - fh.tell()))
 
     def pipe_file(self, path: str, value: bytes) -> None:
         target = Path(path)
@@ -173,8 +179,8 @@ class ObjectStore:
             text = _URL.sub("", str(exc)).strip()
             raise OSError(f"{self.protocol} store: {type(exc).__name__}: {text}") from exc
 
-    def cat_file(self, path: str) -> bytes:
-        return self._call("cat_file", path)
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self._call("cat_file", path, start=start, end=end)
 
     def pipe_file(self, path: str, value: bytes) -> None:
         self._call("pipe_file", path, value)
@@ -350,6 +356,18 @@ def within(fs: FileSystem, where: str, folder: str) -> bool:
     if is_local(fs) and not posixpath.isabs(path):
         return False
     return path.startswith(base.rstrip("/") + "/")
+
+
+def read_tail(fs: FileSystem, path: str, limit: int) -> str | None:
+    """The last `limit` bytes at most of a text file, from its first whole line in them
+    (one ranged read: a file of any size costs `limit`); None when it is not there."""
+    try:
+        data = fs.cat_file(path, start=-(limit + 1))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if len(data) > limit:  # longer than the limit: its first line in the window is cut
+        data = data[-limit:].split(b"\n", 1)[-1]
+    return data.decode("utf-8", errors="replace")
 
 
 def read_text(fs: FileSystem, path: str) -> str | None:

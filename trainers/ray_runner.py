@@ -101,6 +101,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # A poll that reads the job's log reads at most this much of its end.
 LOG_PROGRESS_LINES = 2000
 LOG_READ_BYTES = 4 * 1024 * 1024
+# A poll reads at most this much of the end of progress.jsonl (about 50,000 steps' records).
+PROGRESS_READ_BYTES = 16 * 1024 * 1024
 _STATUS_CODE = re.compile(r"status code (\d{3})")
 
 RAY_STATUSES = {
@@ -593,7 +595,7 @@ class RayRunner:
             if not self.fs.exists(run_dir):
                 return None
             return (
-                artifacts.read_text(self.fs, f"{run_dir}/{PROGRESS}"),
+                artifacts.read_tail(self.fs, f"{run_dir}/{PROGRESS}", PROGRESS_READ_BYTES),
                 artifacts.read_text(self.fs, f"{run_dir}/{RESULT}"),
             )
         except OSError as exc:

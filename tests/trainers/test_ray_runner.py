@@ -580,3 +580,26 @@ def test_a_store_that_blinks_when_the_job_ends_does_not_end_the_run_from_the_log
     state = live.poll(handle)  # it answers again
     assert state.status == "succeeded" and "unreachable" not in state.output
     assert state.output["adapter_dir"] == result["adapter_dir"]
+
+
+@needs_cluster
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_poll_reads_only_the_end_of_a_huge_progress_log(runner, request, monkeypatch, where):
+    """A progress.jsonl far longer than a run writes (a runaway or hostile writer): a poll
+    reads its last PROGRESS_READ_BYTES alone (one ranged read), from a whole line."""
+    from trainers import ray_runner
+
+    monkeypatch.setattr(ray_runner, "PROGRESS_READ_BYTES", 64 * 1024)
+    if where == "s3":
+        r = RayRunner(ADDRESS, f"s3://{request.getfixturevalue('s3').bucket_name}/runs")
+    else:
+        r = runner()
+    sid = submission_id(key(f"huge-{where}"))
+    run_dir = r.run_dir(sid)
+    lines = [json.dumps({"event": "step", "step": n, "loss": 1.0 / (n + 1)}) for n in range(20_000)]
+    r.fs.pipe_file(f"{run_dir}/progress.jsonl", ("\n".join(lines) + "\n").encode())
+    r.fs.pipe_file(f"{run_dir}/result.json", json.dumps({"status": "failed"}).encode())
+    state = r.poll(Handle(runner="ray", id=sid, where=artifacts.uri(r.fs, run_dir)))
+    steps = [step for step, _ in state.metrics]
+    assert 0 < len(steps) < 2_000 and state.step == 19_999
+    assert steps == list(range(20_000 - len(steps), 20_000))  # whole lines, the last ones
