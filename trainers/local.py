@@ -337,8 +337,9 @@ def parse_log(text: str, run_id: str) -> tuple[list[dict], dict | None]:
     that is not a whole number >= 0, a loss or time that is not a finite
     number, a result whose status is not succeeded/cancelled/failed). A line
     Ray prefixes with its worker's name (``(RayTrainWorker pid=1) ``) counts.
-    The result is the last valid one; it only says how the run ended once the
-    job has ended (the caller's rule: a line cannot end a running job).
+    The result is the last valid one, and only when no record of the run follows
+    it (the worker prints its own result last); it only says how the run ended
+    once the job has ended (the caller's rule: a line cannot end a running job).
     """
     events: list[dict] = []
     result = None
@@ -358,6 +359,7 @@ def parse_log(text: str, run_id: str) -> tuple[list[dict], dict | None]:
             result = {k: v for k, v in record.items() if k != "event"}
         else:
             events.append(record)
+            result = None  # the worker prints its result last: one the run went on after is none
     return events, result
 
 

@@ -237,6 +237,29 @@ def test_progress_lines_in_a_log_are_read_strictly():
     assert parse_log("", "r1") == ([], None)
 
 
+def test_a_result_line_the_run_goes_on_after_is_not_its_end():
+    """A well-formed result line printed mid-run (by whatever prints the run's id and a
+    record: a library echoing a training example) is not the run's end: the worker prints
+    its own result last, so a result with the run's records after it counts for nothing.
+    Else a job stopped before its own result would read as succeeded."""
+    fake = {"status": "succeeded", "adapter_dir": "/x/adapter", "metrics": {"train_loss": 0.01}}
+    own = {"status": "cancelled", "checkpoint": "/x/checkpoints/checkpoint-4"}
+    text = "\n".join([
+        log_line("r1", {"event": "start", "max_steps": 6, "step": 0, "time": 1.0}),
+        log_line("r1", {"event": "result", **fake}),
+        log_line("r1", {"event": "step", "step": 1, "loss": 2.5, "time": 2.0}),
+        log_line("r1", {"event": "step", "step": 2, "loss": 2.4, "time": 3.0}),
+    ])  # fmt: skip
+    events, result = parse_log(text, "r1")
+    assert result is None and [e["step"] for e in events] == [0, 1, 2]
+    events, result = parse_log(text + "\n" + log_line("r1", {"event": "result", **own}), "r1")
+    assert result == own and len(events) == 3
+    # Another run's records and other lines after the result leave it the end.
+    tail = "\n".join([log_line("r2", {"event": "step", "step": 9, "loss": 1.0}), "done."])
+    assert parse_log(text + "\n" + log_line("r1", {"event": "result", **own}) + "\n" + tail,
+                     "r1")[1] == own  # fmt: skip
+
+
 def test_no_cluster_is_a_retryable_error(tmp_path):
     if find_spec("ray") is None:
         pytest.skip("ray is not installed")
