@@ -218,6 +218,8 @@ class RayRunner:
             command = [self.python, "-m", "trainers.ray_train", "--workers", str(workers),
                        "--gpus-per-worker", f"{resources['num_gpus']:g}"]  # fmt: skip
             command += ["--spread"] if resources["spread"] else []
+            if not artifacts.is_local(self.fs):  # the workers share the driver's scratch folder
+                command += ["--same-node"]
             num_cpus, num_gpus = 0, 0
         else:
             command = [self.python, "-m", "trainers.lora"]

@@ -1,6 +1,6 @@
 """A LoRA run over several workers: `trainers.lora` under Ray Train, data-parallel.
 
-``python -m trainers.ray_train --workers N [--gpus-per-worker G] [--spread] SPEC.json``
+``python -m trainers.ray_train --workers N [--gpus-per-worker G] [--spread | --same-node] SPEC.json``
 is the entrypoint `trainers.ray_runner.RayRunner` gives a Ray job whose
 hyperparameters ask for ``num_workers`` > 1. It runs inside the job (so
 ``ray.init()`` joins the job's cluster) and starts a Ray Train
@@ -14,7 +14,10 @@ distributed sampler (each of N workers trains on 1/N of each epoch's
 batches). Rank 0 alone writes progress.jsonl, checkpoints, the adapter and
 result.json, in the same run folder and layout as a one-process run.
 ``--spread`` spreads the workers over the nodes (``SPREAD``: on as many
-nodes as can take them), for ``nodes=M`` runs.
+nodes as can take them), for ``nodes=M`` runs. ``--same-node`` keeps every
+worker on the driver's node (Ray's ``node:<ip>`` resource, ``STRICT_PACK``):
+with an object-store root (`trainers.artifact_sync`) the run folder is a
+scratch folder on that node alone.
 
 Exit status: 0 when every worker's run ended (succeeded or cancelled: the
 result says which), 1 when one failed (rank 0's result.json says why), 2 for
@@ -53,18 +56,28 @@ def _train_loop(config: dict[str, Any]) -> None:
         raise RuntimeError(f"rank {lora._rank()}: the LoRA worker exited with status {code}")
 
 
-def scaling(workers: int, gpus_per_worker: float, spread: bool) -> Any:
-    """The ScalingConfig for `workers` workers of `gpus_per_worker` GPUs and 1 CPU each."""
+NODE_SHARE = 0.001  # of Ray's per-node `node:<ip>` resource (1.0 a node): pins, takes nothing
+
+
+def scaling(workers: int, gpus_per_worker: float, spread: bool, node: str | None = None) -> Any:
+    """The ScalingConfig for `workers` workers of `gpus_per_worker` GPUs and 1 CPU each:
+    spread over the nodes, packed (Ray's default), or all on the node at IP `node`."""
     from ray.train import ScalingConfig
 
+    if spread and node:
+        raise ValueError("spread and one node exclude each other")
     resources: dict[str, float] = {"CPU": 1}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
+    strategy = "SPREAD" if spread else "PACK"
+    if node:
+        resources[f"node:{node}"] = NODE_SHARE
+        strategy = "STRICT_PACK"
     return ScalingConfig(
         num_workers=workers,
         use_gpu=bool(gpus_per_worker),
         resources_per_worker=resources,
-        placement_strategy="SPREAD" if spread else "PACK",
+        placement_strategy=strategy,
     )
 
 
@@ -85,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.ray_train", description=__doc__)
     parser.add_argument("--workers", type=int, required=True, help="data-parallel workers (>= 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: train on CPU")
-    parser.add_argument("--spread", action="store_true", help="spread workers over nodes")
+    place = parser.add_mutually_exclusive_group()
+    place.add_argument("--spread", action="store_true", help="spread workers over nodes")
+    place.add_argument("--same-node", action="store_true", help="every worker on this node")
     parser.add_argument("spec", help="the run's spec.json (trainers.lora.LoraSpec)")
     try:
         args = parser.parse_args(argv)
@@ -105,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop_file.unlink(missing_ok=True)  # an earlier attempt's cancel: this one is wanted
     ray.init(log_to_driver=True)
     _stop_on_sigterm(stop_file)  # after ray.init, which sets its own handler
+    node = ray.util.get_node_ip_address() if args.same_node else None
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec, "stop_file": str(stop_file)},
-        scaling_config=scaling(args.workers, args.gpus_per_worker, args.spread),
+        scaling_config=scaling(args.workers, args.gpus_per_worker, args.spread, node),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir)),
     )
     try:

@@ -626,3 +626,39 @@ def test_a_poll_reads_only_the_end_of_a_huge_progress_log(runner, request, monke
     steps = [step for step, _ in state.metrics]
     assert 0 < len(steps) < 2_000 and state.step == 19_999
     assert steps == list(range(20_000 - len(steps), 20_000))  # whole lines, the last ones
+
+
+def test_an_s3_runs_workers_are_kept_on_the_drivers_node():
+    """With an object-store root the workers share the driver's scratch folder: its
+    ScalingConfig pins them to the driver's node; spread and one node exclude each other."""
+    pytest.importorskip("ray.train", reason="the [ray] extra")
+    from trainers.ray_train import main, scaling
+
+    pinned = scaling(2, 1, False, "10.0.0.5")
+    assert pinned.placement_strategy == "STRICT_PACK"
+    assert pinned.resources_per_worker == {"CPU": 1, "GPU": 1, "node:10.0.0.5": 0.001}
+    packed = scaling(2, 0, False)
+    assert packed.placement_strategy == "PACK" and packed.resources_per_worker == {"CPU": 1}
+    assert scaling(2, 0, True).placement_strategy == "SPREAD"
+    with pytest.raises(ValueError):
+        scaling(2, 0, True, "10.0.0.5")
+    assert main(["--workers", "2", "--spread", "--same-node", "spec.json"]) == 2
+
+
+@needs_cluster
+def test_two_workers_with_an_s3_root_train_on_the_drivers_node(tiny, s3):
+    """The pin is a resource the cluster really has (a wrong name would wait forever)."""
+    r = RayRunner(ADDRESS, f"s3://{s3.bucket_name}/runs")
+    r.sync_seconds = 0.5
+    handle = r.submit(spec(tiny, "r7", epochs=1, num_workers=2), key("r7"))
+    try:
+        (job,) = ray_jobs(handle.id)
+        assert "trainers.ray_train --workers 2 --gpus-per-worker 0 --same-node" in job.entrypoint
+        state = poll_until(r, handle, ("succeeded", "failed", "cancelled"))
+        assert state.status == "succeeded", (state.error, state.log_tail)
+        assert state.total_steps == 3 and state.step == 3  # 6 batches over two workers
+        adapter = artifacts.path_of(r.fs, state.output["adapter_dir"])
+        assert r.fs.exists(f"{adapter}/adapter_config.json")
+    finally:
+        with contextlib.suppress(RunnerError):
+            r.cancel(handle)
