@@ -265,10 +265,14 @@ DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # a LoRA's weights are 
 
 
 def _fits(header: dict, tensors: list[str], data_bytes: int) -> bool:
-    """Every tensor of a safetensors header (name -> dtype, shape, data_offsets) a float
-    dtype whose shape's bytes are its offsets' span, the spans back to back covering
-    exactly the `data_bytes` after the header: a header claiming more than the file
-    holds (a 16 GiB tensor in a few bytes) never reaches the loader."""
+    """``__metadata__`` text to text, and every tensor of a safetensors header (name ->
+    dtype, shape, data_offsets) of a float dtype whose shape's bytes are its offsets'
+    span, the spans back to back covering exactly the `data_bytes` after the header:
+    a header claiming more than the file holds (a 16 GiB tensor in a few bytes) never
+    reaches the loader."""
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return False  # the loader takes text to text only
     spans = []
     for name in tensors:
         info = header[name]

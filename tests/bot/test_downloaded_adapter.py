@@ -347,7 +347,9 @@ def test_a_safetensors_header_that_does_not_fit_its_file_is_refused_in_the_ack(
     small_shape = {name: {"dtype": "F32", "shape": [65536, 65536], "data_offsets": [0, 16]}}
     bad_dtype = {name: {"dtype": "EVIL", "shape": [2, 2], "data_offsets": [0, 16]}}
     negative = {name: {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}
-    for header in (giant, small_shape, bad_dtype, negative):
+    fine = {name: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    bad_metadata = {"__metadata__": {"format": 1}, **fine}
+    for header in (giant, small_shape, bad_dtype, negative, bad_metadata):
         weights.write_bytes(_safetensors(header, b"\0" * 16))
         for command in ("eval r1 local", 'chat r1 local "hi"'):
             text = ask(bot, command)
