@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bot import render
-from bot.errors import SpendRefused, UserError
+from bot.errors import Busy, SpendRefused, UserError
 from bot.results import RunResult
 
 if TYPE_CHECKING:
@@ -332,11 +332,14 @@ class Migrations:
             source = (run.plan_json or {}).get("migrated_from")
             redo = bool(source) and run.status == "succeeded"
             redo = redo and not RunResult.of(run).migration
-            after = (
-                f"comparing it with {source} again now"
-                if redo
-                else f"`/finetune eval {run.id}` asks again"
-            )
+            after = f"`/finetune eval {run.id}` asks again"
+            if redo:
+                try:
+                    self.after_success(run)  # on a long job
+                    after = f"comparing it with {source} again now"
+                except Busy:  # the start goes on
+                    log.warning("run %s: comparison not restarted: tunebot is busy", run.id)
+                    after = f"its comparison with {source} could not start (tunebot is busy)"
             self.ctx.post(
                 run.channel,
                 run.thread_ts,
@@ -345,8 +348,6 @@ class Migrations:
                     f"may have spent counts at its estimate); {after}."
                 ),
             )
-            if redo:
-                self.after_success(run)
 
     def compare(self, run_id: str) -> None:
         """Old vs new on the new run's held-out set; the result is stored in the new run's
