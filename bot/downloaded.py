@@ -17,7 +17,9 @@ The archive came from a provider, so the folder is untrusted input:
   valid; its ``base_model_name_or_path`` may not be an absolute path,
   contain ``..``, or be a URL.
 - Weights are read from ``adapter_model.safetensors`` only (its header is
-  checked: a JSON object of LoRA tensors); an ``adapter_model.bin`` (a pickle,
+  checked: a JSON object of LoRA tensors, each of a float dtype whose shape
+  fills its byte range, the ranges back to back covering the file's data
+  exactly, so no claim of a giant tensor reaches the loader); an ``adapter_model.bin`` (a pickle,
   which can run code when loaded) is refused outright.
 - Nothing else in the folder is loaded: a checked copy holds a rewritten
   config (only the LoRA fields below, its base set to the resolved folder)
@@ -254,7 +256,49 @@ def _weights(folder: Path, run_id: str) -> Path:
     tensors = [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
     if not tensors or not all("lora_" in k for k in tensors):
         raise refuse(f"its {WEIGHTS} holds no LoRA weights")
+    if not _fits(header, tensors, path.stat().st_size - 8 - size):
+        raise refuse(f"its {WEIGHTS} header does not match its tensors' data")
     return path
+
+
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # a LoRA's weights are floats
+
+
+def _fits(header: dict, tensors: list[str], data_bytes: int) -> bool:
+    """``__metadata__`` text to text, and every tensor of a safetensors header (name ->
+    dtype, shape, data_offsets) of a float dtype whose shape's bytes are its offsets'
+    span, the spans back to back covering exactly the `data_bytes` after the header:
+    a header claiming more than the file holds (a 16 GiB tensor in a few bytes) never
+    reaches the loader."""
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return False  # the loader takes text to text only
+    spans = []
+    for name in tensors:
+        info = header[name]
+        if not isinstance(info, dict) or info.get("dtype") not in DTYPE_BYTES:
+            return False
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_whole(d, 1 << 40) for d in shape)):
+            return False
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return False
+        begin, end = offsets
+        if not (_whole(begin, data_bytes) and _whole(end, data_bytes) and begin <= end):
+            return False
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPE_BYTES[info["dtype"]] != end - begin:
+            return False
+        spans.append((begin, end))
+    spans.sort()
+    at = 0
+    for begin, end in spans:
+        if begin != at:
+            return False
+        at = end
+    return at == data_bytes
 
 
 def _base_folder(models: LocalModels, name: str, run_id: str, *, from_option: bool) -> Path:

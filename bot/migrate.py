@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bot import render
-from bot.errors import SpendRefused, UserError
+from bot.errors import Busy, SpendRefused, UserError
 from bot.results import RunResult
 
 if TYPE_CHECKING:
@@ -313,6 +313,41 @@ class Migrations:
             run.thread_ts,
             long=True,
         )
+
+    def after_restart(self, interrupted) -> None:
+        """At start-up, for the evaluation reservations (storage.ledger.Reservation, kind
+        "eval": ref ``rN`` for a run's evaluation, ``rN:compare`` for a comparison) a dead
+        process left open and `SpendGate.recover` closed: the run's thread is told its
+        evaluation or comparison was cut short, and a migrated run with no comparison
+        recorded is compared now (through the gate again: what the dead process asked
+        is counted at its estimate)."""
+        seen: set[str] = set()
+        for entry in interrupted:
+            run_id, _, part = entry.ref.partition(":")
+            run = self.store.find_run(run_id) if entry.kind == "eval" else None
+            if run is None or run.id in seen or part not in ("", "compare"):
+                continue
+            seen.add(run.id)
+            what = "comparison" if part else "evaluation"
+            source = (run.plan_json or {}).get("migrated_from")
+            redo = bool(source) and run.status == "succeeded"
+            redo = redo and not RunResult.of(run).migration
+            after = f"`/finetune eval {run.id}` asks again"
+            if redo:
+                try:
+                    self.after_success(run)  # on a long job
+                    after = f"comparing it with {source} again now"
+                except Busy:  # the start goes on
+                    log.warning("run %s: comparison not restarted: tunebot is busy", run.id)
+                    after = f"its comparison with {source} could not start (tunebot is busy)"
+            self.ctx.post(
+                run.channel,
+                run.thread_ts,
+                render.note(
+                    f"{run.id}: its {what} was interrupted by a restart of the bot (what it "
+                    f"may have spent counts at its estimate); {after}."
+                ),
+            )
 
     def compare(self, run_id: str) -> None:
         """Old vs new on the new run's held-out set; the result is stored in the new run's

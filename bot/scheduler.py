@@ -46,8 +46,9 @@ def start_scheduler(runs: Runs, settings: Settings) -> BackgroundScheduler:
         import logging
 
         logging.getLogger("tunebot").info(
-            "%d open evaluation/chat reservation(s) closed", recovered
+            "%d open evaluation/chat reservation(s) closed", len(recovered)
         )
+    runs.migrations.after_restart(recovered)  # the threads told; lost comparisons made
     now = dt.datetime.now(dt.UTC)
     scheduler.add_job(
         runs.poll_all, "interval", seconds=settings.poll_seconds, id="poll_runs", next_run_time=now

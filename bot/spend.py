@@ -132,16 +132,19 @@ class SpendGate:
         elif actual_usd is not None:  # closed early (a poller thought it dead): true it up
             self.ledger.raise_actual(kind, ref, actual_usd)
 
-    def recover(self) -> int:
+    def recover(self) -> list:
         """At start-up: evaluations and chats a dead process left open count at their estimate.
 
         What they spent before the crash is unknown past what they recorded,
         so the estimate (the most they could have spent) is kept. Runs are
-        settled by the run service, which knows their state.
+        settled by the run service, which knows their state. Returns the
+        reservations (storage.ledger.Reservation) this closed, for the threads
+        to be told (bot/migrate.py `Migrations.after_restart`).
         """
-        closed = 0
+        closed = []
         for entry in self.ledger.open_entries():
             if entry.kind in ("eval", "chat"):
                 spent = max(entry.estimate_usd, entry.actual_usd or 0.0)
-                closed += self.ledger.settle(entry.id, spent, note="interrupted by a restart")
+                if self.ledger.settle(entry.id, spent, note="interrupted by a restart"):
+                    closed.append(entry)
         return closed

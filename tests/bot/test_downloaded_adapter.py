@@ -326,3 +326,46 @@ def test_a_full_fine_tune_is_told_local_takes_an_adapter(together_bot):
             "weights."
         )
     assert together_chats(bot) == 0
+
+
+def _safetensors(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def test_a_safetensors_header_that_does_not_fit_its_file_is_refused_in_the_ack(
+    finished, adapter_files
+):
+    """A header naming LoRA tensors larger than the file holds (a 16 GiB claim in a
+    few bytes), overlapping or with an unknown dtype is refused when asked, in one
+    sentence: nothing is queued, no model is loaded, no generic failure later."""
+    bot = finished()
+    download(bot)
+    weights = bot.settings.home / ADAPTER / "adapter_model.safetensors"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    giant = {name: {"dtype": "F32", "shape": [65536, 65536], "data_offsets": [0, 1 << 34]}}
+    small_shape = {name: {"dtype": "F32", "shape": [65536, 65536], "data_offsets": [0, 16]}}
+    bad_dtype = {name: {"dtype": "EVIL", "shape": [2, 2], "data_offsets": [0, 16]}}
+    negative = {name: {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}
+    fine = {name: {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    bad_metadata = {"__metadata__": {"format": 1}, **fine}
+    for header in (giant, small_shape, bad_dtype, negative, bad_metadata):
+        weights.write_bytes(_safetensors(header, b"\0" * 16))
+        for command in ("eval r1 local", 'chat r1 local "hi"'):
+            text = ask(bot, command)
+            assert text == (
+                "r1's downloaded adapter is refused: its adapter_model.safetensors header "
+                "does not match its tensors' data."
+            ), (header, text)
+    weights.write_bytes(b"")  # a 0-byte file
+    assert ask(bot, "eval r1 local") == (
+        "r1's downloaded adapter is refused: its adapter_model.safetensors is not a "
+        "safetensors file."
+    )
+    bot.wait_idle()
+    assert not posted(bot, "r1 evaluation:") and not posted(bot, "r1 — prompt")
+    assert not posted(bot, "Something went wrong")
+    assert bot.store.evals("r1") == [] and together_chats(bot) == 0
+    assert not (bot.settings.home / "runs" / "r1" / "together" / "checked").exists()
+    for text in texts(bot):
+        clean(text, bot)

@@ -453,3 +453,50 @@ def test_failed_answers_in_its_evaluation_are_asked_again_and_said(together_paid
     assert posted.endswith(
         "Note: 1 of r2's answers in its own evaluation failed, so its model was asked again."
     )
+
+
+def test_a_restart_during_the_evaluation_the_comparison_waits_on_still_compares(
+    together_paid_bot,
+):
+    """The bot dies after r2 succeeded, in the evaluation its comparison waits on (its
+    reservation open, the comparison not made). The new process on the same home tells
+    the thread and makes the comparison, once; a second restart makes nothing more."""
+    from tests.bot.test_paid_guarantees import polling, wait_for
+
+    bot = together_paid_bot()
+    fake = bot.together
+    old = together_r1(bot)
+    _, body = bot.command(f"migrate r1 provider=together model={LLAMA}", user_id="UR")
+    assert body["text"].startswith("Migrating r1 to together: r2 needs approval"), body
+    bot.wait_idle()
+    assert click(bot, "UA", "approve_run", "r2") == 200
+    bot.wait_idle()
+    bot.workflow.runs.on_success.clear()  # the process dies in r2's hooks: none ends
+    new = tick_until(bot, "r2", ("succeeded", "failed"), timeout=120)
+    assert new.status == "succeeded", new.error
+    bot.wait_idle()
+    gate = bot.workflow.runs.gate
+    gate.reserve("eval", "r2", 0.01, what="An evaluation of r2", run_id="r2", channel="C1")
+    asked_before = len(chats(fake))
+
+    again = together_paid_bot()  # the same home, a new process: recover() at start
+    with polling(again, 0.2):
+        wait_for(lambda: [t for t in texts(again) if t.startswith("r2 vs r1")], what="compare")
+    assert again.store.get_run("r2").result_json["migration"]["from"] == "r1"
+    (told,) = [t for t in texts(again) if "interrupted by a restart" in t]
+    assert told == (
+        "r2: its evaluation was interrupted by a restart of the bot (what it may have spent "
+        "counts at its estimate); comparing it with r1 again now."
+    ), told
+    n = new.result_json["data"]["split"]["eval"]
+    asked = chats(fake)[asked_before:]
+    assert len(asked) == 2 * n  # each model asked each held-out prompt once
+    assert sum(a["model"] == old.result_json["fine_tuned_model"] for a in asked) == n
+    assert again.workflow.runs.gate.ledger.open_entries() == []
+
+    third = together_paid_bot()  # nothing left open: nothing said or asked again
+    with polling(third, 0.2):
+        pass
+    assert len([t for t in texts(third) if t.startswith("r2 vs r1")]) == 1
+    assert len([t for t in texts(third) if "interrupted by a restart" in t]) == 1
+    assert len(chats(fake)) == asked_before + 2 * n
