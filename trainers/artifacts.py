@@ -62,7 +62,7 @@ STORE_ENV = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_CA_BUNDLE",
 )
-S3_EXTRA = "pip install 'tunebot[s3]'"
+S3_EXTRA = "pip install -e '.[s3]' in tunebot's folder"
 # A checkpoint a run can resume from has its trainer state and its adapter weights.
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
