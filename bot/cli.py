@@ -28,6 +28,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def _positive_int(raw: str) -> int:
+    """A count of at least 1, checked before anything is downloaded or trained."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tunebot", description="Fine-tune LLMs from Slack, or from here.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,7 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
     dem = sub.add_parser(
         "demo", help="the whole loop offline: validate, train a LoRA on CPU, evaluate"
     )
-    dem.add_argument("--epochs", type=int, default=1, help="passes over the 100 conversations")
+    dem.add_argument(
+        "--epochs", type=_positive_int, default=1, help="passes over the 100 conversations"
+    )
     serve = sub.add_parser("serve", help="run the Slack bot")
     serve.add_argument("--http", action="store_true", help="serve HTTP instead of Socket Mode")
     serve.add_argument("--host", default="127.0.0.1")

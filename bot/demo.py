@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bot import render
 from bot.config import Settings
+from bot.render.text import plural
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -64,7 +65,7 @@ def demo(settings: Settings, *, out: Path | None = None, epochs: int = 1) -> int
     model_dir = models.fetch("smollm2", settings.home / "models", log=lambda m: print(f"  {m}"))
     print(f"  {model_dir}")
 
-    _step(f"3/4 Training a LoRA on the CPU ({epochs} epochs, r=16, alpha=32, lr 1e-3)")
+    _step(f"3/4 Training a LoRA on the CPU ({plural(epochs, 'epoch')}, r=16, alpha=32, lr 1e-3)")
     run_dir = out / "run"
     if run_dir.exists():
         import shutil

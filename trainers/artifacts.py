@@ -65,7 +65,7 @@ STORE_ENV = (
     "AWS_CA_BUNDLE",
 )
 _URL = re.compile(r"""[:\s]*["']?\b[a-z][a-z0-9+.-]*://[^\s"']*["']?""", re.I)
-S3_EXTRA = "pip install 'tunebot[s3]'"
+S3_EXTRA = "pip install -e '.[s3]' in tunebot's folder"
 # A checkpoint a run can resume from has its trainer state and its adapter weights.
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

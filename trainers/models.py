@@ -166,7 +166,7 @@ def _require_local_stack() -> None:
     missing = [m for m in ("torch", "transformers", "gguf") if find_spec(m) is None]
     if missing:
         raise ModelFetchError(
-            f"converting a GGUF model needs {', '.join(missing)}: pip install 'tunebot[local]'"
+            f"converting a GGUF model needs {', '.join(missing)}: pip install -e '.[local]' in tunebot's folder"
         )
 
 

@@ -439,7 +439,7 @@ class RayRunner:
                     from ray.job_submission import JobSubmissionClient
                 except ImportError as exc:
                     raise RunnerError(
-                        "the Ray runner needs Ray's job client: pip install 'tunebot[ray]'"
+                        "the Ray runner needs Ray's job client: pip install -e '.[ray]' in tunebot's folder"
                     ) from exc
                 try:
                     self._client = JobSubmissionClient(self.address, headers=self.headers)

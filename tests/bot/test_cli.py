@@ -112,6 +112,18 @@ def test_usage_errors_exit_2_with_one_line(good_file, args, needle):
     assert needle in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(("epochs", "needle"), [("0", "at least 1"), ("two", "whole number")])
+def test_demo_refuses_bad_epochs_before_fetching_a_model(tmp_path, epochs, needle):
+    import os
+
+    home = tmp_path / "home"
+    out = run("demo", "--epochs", epochs, env={**os.environ, "TUNEBOT_HOME": str(home)})
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "--epochs" in out.stderr and needle in out.stderr
+    assert not home.exists()  # no model fetched, no run started
+
+
 def test_bad_settings_exit_2(good_file):
     import os
 

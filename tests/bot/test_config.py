@@ -85,7 +85,7 @@ def test_an_s3_artifacts_root_without_s3fs_names_the_extra(monkeypatch):
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"TUNEBOT_ARTIFACTS": "s3://team-bucket/runs"})
     assert str(info.value) == (
-        "TUNEBOT_ARTIFACTS: s3:// roots need the [s3] extra: pip install 'tunebot[s3]'"
+        "TUNEBOT_ARTIFACTS: s3:// roots need the [s3] extra: pip install -e '.[s3]' in tunebot's folder"
     )
 
 

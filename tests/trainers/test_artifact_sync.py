@@ -112,7 +112,7 @@ def test_without_s3fs_an_s3_root_names_the_extra(monkeypatch):
     with pytest.raises(ValueError) as err:
         artifacts.resolve("s3://bucket/runs")
     assert str(err.value) == (
-        "artifacts: s3:// roots need the [s3] extra: pip install 'tunebot[s3]'"
+        "artifacts: s3:// roots need the [s3] extra: pip install -e '.[s3]' in tunebot's folder"
     )
 
 

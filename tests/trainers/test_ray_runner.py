@@ -43,7 +43,7 @@ FAST = {"lr": 1e-2, "batch": 4, "grad_accum": 1, "max_length": 128, "num_cpus": 
 
 def _no_cluster() -> str | None:
     if find_spec("ray") is None:
-        return "ray is not installed (pip install 'tunebot[ray]')"
+        return "ray is not installed (pip install -e '.[ray]' in tunebot's folder)"
     try:
         with urllib.request.urlopen(f"{ADDRESS}/api/version", timeout=5) as resp:
             json.load(resp)
