@@ -22,10 +22,9 @@ pytest.importorskip("torch", reason="local training needs the [local] extra")
 pytest.importorskip("trl", reason="local training needs the [local] extra")
 
 from storage import Store
-from tests.bot.test_restart import TUNEBOT, Bot, _env, _posted, _wait
-from tests.conftest import training_file
+from tests.bot.test_restart import TUNEBOT, Bot, _env, _posted, _wait, drop_training_file
 from tests.fakes.openai_api import FakeOpenAI
-from tests.fakes.signing import event_body, file_share_message_event, slash_command_body
+from tests.fakes.signing import slash_command_body
 from tests.fakes.slack_api import FakeSlack
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
 from tests.trainers.test_ray_runner import ADDRESS, needs_cluster
@@ -74,19 +73,7 @@ def test_sigkill_of_the_bot_while_its_ray_job_trains_then_restart(tiny, tmp_path
             first = Bot(env, tmp_path / "bot-1.log")
             bots.append(first)
             first.wait_healthy()
-            file = slack.add_file(training_file(40), name="support.jsonl")
-            status, _ = first.post(event_body(file_share_message_event(file), event_id="EvDrop1"))
-            assert status == 200
-            share_ts = file["shares"]["public"]["C1"][0]["ts"]
-            _wait(
-                "the validation report of support.jsonl",
-                lambda: [
-                    m
-                    for m in slack.messages(channel="C1", thread_ts=share_ts)
-                    if "support.jsonl (d" in m["text"] and "40 valid" in m["text"]
-                ],
-                timeout=60,
-            )
+            drop_training_file(first, slack)
             status, ack = first.post(
                 slash_command_body("train provider=local epochs=4", user_id="UR")
             )

@@ -168,6 +168,23 @@ def _has_approve_button(slack: FakeSlack) -> bool:
     return False
 
 
+def drop_training_file(bot: Bot, slack: FakeSlack, examples: int = 40) -> None:
+    """Drop support.jsonl in #C1 through `bot` and wait for its validation report."""
+    file = slack.add_file(training_file(examples), name="support.jsonl")
+    status, _ = bot.post(event_body(file_share_message_event(file), event_id="EvDrop1"))
+    assert status == 200
+    share_ts = file["shares"]["public"]["C1"][0]["ts"]
+    _wait(
+        "the validation report of support.jsonl",
+        lambda: [
+            m
+            for m in slack.messages(channel="C1", thread_ts=share_ts)
+            if "support.jsonl (d" in m["text"] and f"{examples} valid" in m["text"]
+        ],
+        timeout=60,
+    )
+
+
 def test_sigkill_during_the_upload_then_restart_makes_exactly_one_job(fakes, tmp_path):
     slack, openai = fakes
     home = tmp_path / "home"
@@ -179,20 +196,7 @@ def test_sigkill_during_the_upload_then_restart_makes_exactly_one_job(fakes, tmp
         bots.append(first)
         first.wait_healthy()
 
-        # A training file is dropped in #C1; wait for its validation report in the thread.
-        file = slack.add_file(training_file(40), name="support.jsonl")
-        status, _ = first.post(event_body(file_share_message_event(file), event_id="EvDrop1"))
-        assert status == 200
-        share_ts = file["shares"]["public"]["C1"][0]["ts"]
-        _wait(
-            "the validation report of support.jsonl",
-            lambda: [
-                m
-                for m in slack.messages(channel="C1", thread_ts=share_ts)
-                if "support.jsonl (d" in m["text"] and "40 valid" in m["text"]
-            ],
-            timeout=60,
-        )
+        drop_training_file(first, slack)
 
         # UR asks for a paid run; UA approves it while OpenAI holds every upload 3 s.
         status, ack = first.post(slash_command_body("train", user_id="UR"))
