@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunebot")
 
+UNREACHABLE_NOTICE_SECONDS = 600.0  # a running job unanswered this long: its thread is told once
 RAY_RETRY_SECONDS = 30.0  # a local run whose Ray cluster did not answer is tried again after
 
 
@@ -227,7 +228,9 @@ class LocalQueue:
             state = self.backends.runner("local").poll(self.backends.handle(run))
         except RunnerError as exc:  # the cluster did not answer: the next tick asks again
             log.info("run %s: poll failed (%s); next time", run.id, exc.message)
+            self._unanswered(run, exc)
             return
+        run = self._answered(run)
         if state.terminal:
             self._finish_local(run, state)
             self.dispatch()  # a slot is free
@@ -246,6 +249,32 @@ class LocalQueue:
                 waiting = ray_runs.waiting_for(self.backends.runner("local"), gpus)
             self._update(run, run.progress_ts, render.local_progress(run, state, waiting=waiting))
             self.store.update_run(run.id, result_json=data.to_json())
+
+    def _unanswered(self, run: Run, exc: RunnerError) -> None:
+        """A poll failed: record since when; after UNREACHABLE_NOTICE_SECONDS of failures,
+        tell the run's thread once (the job may still train; tunebot keeps asking)."""
+        data = RunResult.of(run)
+        now = time.time()
+        if data.unreachable_since is None:
+            self.store.update_run(run.id, result_json=data.with_(unreachable_since=now).to_json())
+            return
+        if data.unreachable_said or now - data.unreachable_since < UNREACHABLE_NOTICE_SECONDS:
+            return
+        # Recorded before the post: a second poller reads it and stays quiet.
+        self.store.update_run(run.id, result_json=data.with_(unreachable_said=True).to_json())
+        minutes = int((now - data.unreachable_since) // 60)
+        self.ctx.post(run.channel, run.thread_ts, render.unanswered(run, minutes, exc.summary))
+
+    def _answered(self, run: Run) -> Run:
+        """A poll answered: forget the failures; a thread told of them hears it is back."""
+        data = RunResult.of(run)
+        if data.unreachable_since is None:
+            return run
+        cleared = data.with_(unreachable_since=None, unreachable_said=False)
+        self.store.update_run(run.id, result_json=cleared.to_json())
+        if data.unreachable_said:
+            self.ctx.post(run.channel, run.thread_ts, render.answered_again(run))
+        return self.store.get_run(run.id)
 
     def _finish_local(self, run: Run, state: RunState) -> None:
         if self.backends.on_ray and state.status == "succeeded":

@@ -72,6 +72,17 @@ class RunResult:
         default=False,
         metadata={"help": "The result message was not taken by Slack: the poller posts it."},
     )
+    unreachable_since: float | None = field(
+        default=None,
+        metadata={
+            "help": "Local runs on a Ray cluster: since when (Unix seconds) every poll of its "
+            "job has failed; null once one answers."
+        },
+    )
+    unreachable_said: bool = field(
+        default=False,
+        metadata={"help": "The run's thread was told its job has not answered for a while."},
+    )
     # The evaluation's data (bot/evaluation.py, Evaluations.prepare).
     data: Mapping[str, Any] | None = field(
         default=None,
@@ -169,8 +180,16 @@ class RunResult:
             or not math.isfinite(value)
         ):
             raise _bad("progress_edited_at", "must be a finite number", value)
-        if not isinstance(self.unposted, bool):
-            raise _bad("unposted", "must be true or false", self.unposted)
+        for name in ("unposted", "unreachable_said"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "must be true or false", getattr(self, name))
+        since = self.unreachable_since
+        if since is not None and (
+            isinstance(since, bool)
+            or not isinstance(since, int | float)
+            or not math.isfinite(since)
+        ):
+            raise _bad("unreachable_since", "must be a finite number or null", since)
         if self.failed is not None and not isinstance(self.failed, list | tuple):
             raise _bad("failed", "must be a list or null", self.failed)
         for name in ("data", "metrics", "migration", "together_quote", "downloads", "extra"):
@@ -191,7 +210,13 @@ class RunResult:
         record.pop("version", None)
         known = {f.name for f in fields(cls)} - {"extra"}
         given = {k: record.pop(k) for k in list(record) if k in known}
-        for name in ("submit_attempts", "progress_edited_at", "unposted", "attempt"):
+        for name in (
+            "submit_attempts",
+            "progress_edited_at",
+            "unposted",
+            "unreachable_said",
+            "attempt",
+        ):
             if given.get(name, 0) is None:  # never stored as null, but read as the default
                 given.pop(name)
         return cls(**given, extra=record)

@@ -47,6 +47,7 @@ from bot.render.reports import (
 )
 from bot.render.runs import (
     PROVIDER_NAMES,
+    answered_again,
     approval_card,
     cancelled_before_start,
     distilled,
@@ -62,6 +63,7 @@ from bot.render.runs import (
     retirement_notice,
     run_result,
     run_status,
+    unanswered,
 )
 from bot.render.text import (
     SECTION_LIMIT,
@@ -84,6 +86,7 @@ __all__ = [
     "Message",
     "advice",
     "advise_modal",
+    "answered_again",
     "approval_card",
     "audit_log",
     "budget_report",
@@ -123,6 +126,7 @@ __all__ = [
     "short_paths",
     "side_by_side",
     "tokens_line",
+    "unanswered",
     "validation_report",
     "with_caveat",
 ]

@@ -317,6 +317,21 @@ def ray_unavailable(run, why: str, retry_seconds: float) -> Message:
     return Message(text, [section(text)])
 
 
+def unanswered(run, minutes: int, why: str) -> Message:
+    """A running local job whose cluster or artifacts have not answered for `minutes`."""
+    text = (
+        f"⚠️ {run.id}: no answer about its job for {minutes} minutes ({escape(clip(short_paths(why)))}). "
+        f"It may still be training; tunebot keeps asking. `/finetune cancel {run.id}` gives up."
+    )
+    return Message(text=text, blocks=[section(text)])
+
+
+def answered_again(run) -> Message:
+    """The job of a run whose thread was told of its silence answers again."""
+    text = f"{run.id}: its job answers again; progress resumes in the message above."
+    return Message(text=text, blocks=[section(text)])
+
+
 def cancelled_before_start(run) -> Message:
     """A local run cancelled while the Ray cluster still held its job back (no GPUs free)."""
     text = f"{run.id} cancelled before the Ray cluster started it."

@@ -22,6 +22,7 @@ pytest.importorskip("trl", reason="local training needs the [local] extra")
 
 from bot import ray_runs
 from bot.plans import TrainingPlan
+from bot.results import RunResult
 from tests.bot.test_runs import request, texts, upload
 from tests.conftest import training_file
 from tests.trainers.test_lora import tiny  # noqa: F401 (the session fixture)
@@ -381,6 +382,45 @@ def test_a_run_keeps_its_place_while_no_ray_cluster_answers(paid_bot, tiny, tmp_
     assert "tried again in 30 s" in waits[0]
     actions = [e.action for e in bot.store.audit_log(run_id="r1")]
     assert "started" not in actions and "failed" not in actions
+
+
+def test_a_running_job_that_stops_answering_is_said_once_in_its_thread(paid_bot, tiny, tmp_path):  # noqa: F811
+    """A job submitted to a cluster that has since gone: the run stays running (the job
+    may still train) and its thread is told once, after ten minutes, never again."""
+    pytest.importorskip("ray", reason="the Ray runner needs the [ray] extra")
+    settings = dict(
+        local_base_model=str(tiny.model), model_dirs=(str(tiny.root),), default_provider="local",
+        local_runner="ray", ray_address="http://127.0.0.1:9",  # nothing listens there
+        artifacts=(tmp_path / "artifacts").as_uri(),
+    )  # fmt: skip
+    bot = paid_bot(**settings)
+    upload(bot, training_file(40))
+    request(bot, "train provider=local epochs=1")
+    key = bot.workflow.runs.key("r1")
+    # As the bot records a job it submitted, before the cluster went away.
+    assert bot.store.transition_run("r1", ["queued"], "running", external_id=submission_id(key))
+    notice = "r1: no answer about its job for"
+
+    def poll(times: int = 3) -> None:
+        for _ in range(times):
+            bot.workflow.runs.poll_all()
+            bot.wait_idle()
+
+    poll()
+    data = RunResult.of(bot.store.get_run("r1"))
+    assert data.unreachable_since is not None and not data.unreachable_said
+    assert not [t for t in texts(bot) if notice in t]  # a short silence is not news
+    eleven_minutes_ago = data.with_(unreachable_since=time.time() - 660)
+    bot.store.update_run("r1", result_json=eleven_minutes_ago.to_json())
+    poll()
+    said = [t for t in texts(bot) if notice in t]
+    assert len(said) == 1 and said[0].startswith("⚠️ r1: no answer about its job for 11 minutes")
+    assert "no Ray cluster answers at http://127.0.0.1:9" in said[0]
+    assert "`/finetune cancel r1` gives up" in said[0] and str(tmp_path) not in said[0]
+    run = bot.store.get_run("r1")
+    assert run.status == "running" and RunResult.of(run).unreachable_said
+    poll()
+    assert len([t for t in texts(bot) if notice in t]) == 1
 
 
 def test_a_resume_while_the_s3_store_does_not_answer_says_so_in_one_sentence(
