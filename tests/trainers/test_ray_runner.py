@@ -650,7 +650,7 @@ def test_two_workers_with_an_s3_root_train_on_the_drivers_node(tiny, s3):
     """The pin is a resource the cluster really has (a wrong name would wait forever)."""
     r = RayRunner(ADDRESS, f"s3://{s3.bucket_name}/runs")
     r.sync_seconds = 0.5
-    handle = r.submit(spec(tiny, "r7", epochs=1, num_workers=2), key("r7"))
+    handle = r.submit(spec(tiny, "r9", epochs=1, num_workers=2), key("s3-two-workers"))
     try:
         (job,) = ray_jobs(handle.id)
         assert "trainers.ray_train --workers 2 --gpus-per-worker 0 --same-node" in job.entrypoint
